@@ -1,0 +1,357 @@
+"""REBEL: REinforcement learning via regressing relative rewards (Gao et al. 2024, arXiv 2404.16767).
+
+Online, on-policy: every update samples two responses y, y' per prompt x from the current policy pi_t and
+regresses the difference of their log-ratios onto the difference of their rewards,
+
+    theta_{t+1} = argmin_theta  sum_{(x, y, y')} ( [ln pi(y|x)/pi_t(y|x) - ln pi(y'|x)/pi_t(y'|x)] - eta (R(x,y) - R(x,y')) )^2
+
+which approximates the natural-policy-gradient step pi_{t+1} ∝ pi_t exp(eta R) without a value network:
+the partition function cancels in the difference.  R is the reward-model score minus kl_coef times the
+sequence KL to the frozen reference, with a fixed penalty for a response that never ends (official code).
+
+Run:
+    python rebel.py                                   # one process, embedded SmolLM2 + brevity reward, CPU
+    torchrun --nproc_per_node 2 rebel.py              # FSDP2 over 2 ranks, one colocated vLLM engine per rank
+    torchrun --nproc_per_node 8 rebel.py \\
+        --model meta-llama/Meta-Llama-3-8B-Instruct --reward_model sfairXC/FsfairX-LLaMA3-RM-v0.1 \\
+        --dataset HuggingFaceH4/ultrafeedback_binarized --dataset_split train_prefs --prompt_column prompt \\
+        --lr 1e-7 --adam_eps 1e-8 --eta 1.0 --temperature 0.5 --max_new_tokens 1024 --max_prompt_tokens 1024 \\
+        --kl_coef 0.05 --penalty_reward -4 --prompts_per_rank 4 --num_updates 2000 --kv_cache_gib 20
+                                                      # the paper's UltraFeedback setting (8 GPUs)
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import tyro
+
+import utils
+
+
+@dataclasses.dataclass
+class Args:
+    # experiment
+    exp_name: str = "rebel"
+    """name of this experiment, part of the run name"""
+    seed: int = 1
+    """seed of the experiment (data order, sampling, dropout)"""
+    run_name: str | None = None
+    """folder name under `output_dir`; default `<exp_name>__<seed>__<unix time>`. Give it to `--resume`"""
+    output_dir: str = "runs"
+    """where run folders (args, metrics, checkpoints) are written"""
+    resume: bool = False
+    """continue `runs/<run_name>` from its last checkpoint, with the same schedule"""
+    track: bool = False
+    """log to Weights & Biases as well"""
+    wandb_project: str = "multiturn-rlhf"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team)"""
+
+    # models
+    model: str = utils.EMBEDDED_SMOLLM2
+    """policy: a hub id, a local folder, or the embedded SmolLM2-135M-Instruct (paper: Llama-3-8B-Instruct)"""
+    bf16: bool = torch.cuda.is_available()
+    """bf16 forward/backward with fp32 master weights (on by default with a GPU)"""
+    rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
+    """`auto`: vLLM if installed, else transformers `generate`"""
+    kv_cache_gib: float = 0.25
+    """vLLM KV cache per rank in GiB"""
+    sync_tolerance: float | None = None
+    """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
+
+    # data
+    dataset: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prompts.jsonl")
+    """prompts: a .json/.jsonl/.parquet/.csv file, a saved dataset folder, or a hub id"""
+    dataset_split: str = "train"
+    """split, for hub datasets"""
+    prompt_column: str = "prompt"
+    """column with the first user message (a string) or a list of chat messages ending with a user turn"""
+    max_prompt_tokens: int = 256
+    """prompts longer than this (templated) are skipped and counted (paper: 1024 for chat)"""
+    num_eval_prompts: int = 16
+    """prompts held out from training for the greedy evaluation"""
+
+    # reward
+    reward_model: str | None = None
+    """a sequence-classification reward model (e.g. sfairXC/FsfairX-LLaMA3-RM-v0.1); unset: `reward_function`"""
+    reward_function: str = "utils:brevity_reward"
+    """`module:function` or `file.py:function` scoring a dialogue (list of messages) with a float"""
+    trust_remote_code: bool = False
+    """allow the reward model's own code (needed by ArmoRM)"""
+    reward_max_length: int = 2048
+    """reward-model input is cut to its last this-many tokens"""
+    kl_coef: float = 0.05
+    """R = score - kl_coef * sum over response tokens of (log pi_t - log pi_ref) (paper: 0.05)"""
+    penalty_reward: float = -1.0
+    """score given to a response that hits `max_new_tokens` without ending (paper: -1 TL;DR, -4 chat)"""
+
+    # REBEL
+    eta: float = 1.0
+    """regression scale: the log-ratio difference is regressed onto eta * reward difference (paper: 1.0)"""
+    temperature: float = 0.7
+    """sampling temperature; log-probs are taken from logits / temperature too (paper: 0.7 TL;DR, 0.5 chat)"""
+    max_new_tokens: int = 32
+    """response length cap (paper: 53 TL;DR, 1024 chat)"""
+    num_updates: int = 8
+    """updates; each samples a fresh batch from the current policy"""
+    prompts_per_rank: int = 4
+    """prompts per update per rank; each gets 2 responses (paper chat: 4 per GPU with grad accumulation)"""
+    num_epochs: int = 2
+    """passes over each batch (paper: 4; 2 keeps the CPU default run to a few minutes)"""
+    num_minibatches: int = 1
+    """optimizer steps per pass (paper: 1)"""
+    micro_batch_pairs: int = 4
+    """pairs per forward/backward; gradients accumulate over a minibatch"""
+    lr: float = 1e-5
+    """learning rate (paper: 3e-6 TL;DR, 1e-7 chat)"""
+    lr_schedule: Literal["linear", "cosine"] = "linear"
+    """linear decay to 0 (paper's online REBEL) or cosine"""
+    warmup_ratio: float = 0.0
+    """fraction of optimizer steps with linear warmup"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (paper: 1e-5 TL;DR, 1e-8 chat)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+
+    # bookkeeping
+    eval_every: int = 4
+    """greedy evaluation on the held-out prompts every this many updates (and at the first and last)"""
+    save_every: int = 4
+    """checkpoint every this many updates (and at the last)"""
+
+
+def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor, eta: float,
+               weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """REBEL's squared regression loss over pairs; tensors are [pairs, 2] (y in column 0, y' in column 1).
+
+    Returns the weighted mean loss and the per-pair residual. A pair of weight 0 (a NaN reward) contributes
+    nothing but still runs through the forward, so that every rank does the same FSDP collectives.
+    """
+    log_ratio = new_lp - old_lp
+    residual = (log_ratio[:, 0] - log_ratio[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])
+    return (weights * residual**2).sum() / weights.sum().clamp(min=1), residual
+
+
+def sample_seed(*parts) -> int:
+    """A sampling seed fixed by (seed, update, rank, index): a resumed run draws the same responses."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+def prompt_indices(num_prompts: int, update: int, per_update: int, seed: int) -> np.ndarray:
+    """The prompts of one update across all ranks: consecutive slices of per-epoch permutations.
+
+    A pure function of the update number, so the data order survives a resume without saved state.
+    """
+    start = (update - 1) * per_update
+    out = []
+    for position in range(start, start + per_update):
+        epoch, offset = divmod(position, num_prompts)
+        out.append(np.random.default_rng([seed, epoch]).permutation(num_prompts)[offset])
+    return np.array(out)
+
+
+def logprobs_in_chunks(model, input_ids, attention_mask, response_mask, temperature, chunk) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([
+            utils.sequence_logprobs(model, input_ids[i : i + chunk], attention_mask[i : i + chunk],
+                                    response_mask[i : i + chunk], temperature)
+            for i in range(0, len(input_ids), chunk)
+        ])
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+
+    # TRY NOT TO MODIFY: processes, run folder, seeding
+    rank, world_size, device = utils.init_distributed()
+    if args.resume and args.run_name is None:
+        raise SystemExit("--resume needs --run_name of the run to continue")
+    run_name = args.run_name or utils.broadcast_object(f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir = os.path.join(args.output_dir, run_name)
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+    utils.seed_everything(args.seed + rank)
+    sync_tolerance = args.sync_tolerance or (0.5 if args.bf16 else 1e-3)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+
+    policy_path = utils.resolve_model_path(args.model)
+    tokenizer = utils.load_tokenizer(policy_path)
+    # data (before the models, so that bad data fails fast): prompts that fit, minus a held-out evaluation set
+    dialogues, skipped = utils.load_prompts(args.dataset, args.prompt_column, args.dataset_split)
+    prompts = [utils.chat_token_ids(tokenizer, d, add_generation_prompt=True) for d in dialogues]
+    keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_tokens]
+    skipped["too_long"] = len(prompts) - len(keep)
+    dialogues, prompts = [dialogues[i] for i in keep], [prompts[i] for i in keep]
+    if len(prompts) <= args.num_eval_prompts:
+        raise SystemExit(f"{args.dataset}: {len(prompts)} usable prompts, fewer than num_eval_prompts + 1 "
+                         f"(skipped: {skipped})")
+    eval_dialogues, eval_prompts = dialogues[: args.num_eval_prompts], prompts[: args.num_eval_prompts]
+    dialogues, prompts = dialogues[args.num_eval_prompts :], prompts[args.num_eval_prompts :]
+    utils.print0(f"{len(prompts)} training prompts, {len(eval_prompts)} held out; skipped rows: {skipped}")
+
+    # models: the policy and the frozen reference, both sharded with FSDP2
+    policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16)
+    reference = None
+    if args.kl_coef > 0:
+        reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
+        reference.requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay)
+    total_steps = args.num_updates * args.num_epochs * args.num_minibatches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, utils.lr_lambda(args.lr_schedule, total_steps, args.warmup_ratio))
+
+    # reward: a reward model, or a function written in code
+    if args.reward_model is not None:
+        score_dialogues = utils.RewardModel(args.reward_model, device, dtype, args.reward_max_length,
+                                            args.trust_remote_code)
+    else:
+        reward_function = utils.import_function(args.reward_function)
+        score_dialogues = lambda ds: [float(reward_function(d)) for d in ds]  # noqa: E731
+
+    # rollout engine, colocated on this rank; a fixed probe sequence checks every weight sync
+    engine = utils.make_engine(policy_path, device, args.max_prompt_tokens + args.max_new_tokens, args.seed, args.bf16,
+                               0.3, int(args.kv_cache_gib * 2**30), args.rollout_backend)
+    probe_ids = prompts[0] + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+    logger = utils.MetricsLogger(run_dir, dataclasses.asdict(args), args.track, args.wandb_project,
+                                 args.wandb_entity, run_name, args.resume)
+    start_update = 1
+    if args.resume:
+        checkpoint = utils.latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise SystemExit(f"--resume: no checkpoint in {run_dir}")
+        state = utils.load_checkpoint(checkpoint, policy, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        start_update = state["update"] + 1
+        logger.truncate_after(state["update"])
+        utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance)
+        utils.print0(f"resumed from {checkpoint}")
+    else:
+        utils.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
+
+    def evaluate() -> float:
+        """Mean reward of greedy responses to the held-out prompts (temperature 0), over all ranks."""
+        mine = list(range(rank, len(eval_prompts), world_size))
+        outs = engine.generate([eval_prompts[i] for i in mine], args.max_new_tokens, 0.0, [0] * len(mine))
+        scores = score_dialogues([eval_dialogues[i] + [{"role": "assistant", "content": o.text}]
+                                  for i, o in zip(mine, outs)])
+        scores = [s if o.finished else args.penalty_reward for s, o in zip(scores, outs)]
+        total = torch.tensor([sum(scores), len(scores)], dtype=torch.float64)
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    started = time.time()
+    if start_update == 1:
+        logger.log({"eval/reward": evaluate()}, step=0)
+    for update in range(start_update, args.num_updates + 1):
+        timings = {}
+
+        # 1. sample two responses per prompt from pi_t (this rank's slice of the update's prompts)
+        t0 = time.time()
+        indices = prompt_indices(len(prompts), update, world_size * args.prompts_per_rank, args.seed)
+        indices = indices[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
+        pair_prompts = [prompts[i] for i in indices for _ in range(2)]
+        seeds = [sample_seed(args.seed, update, rank, j) for j in range(len(pair_prompts))]
+        completions = engine.generate(pair_prompts, args.max_new_tokens, args.temperature, seeds)
+        timings["gen"] = time.time() - t0
+
+        # 2. score: the reward of each response; a response that never ends gets the fixed penalty
+        t0 = time.time()
+        scores = torch.tensor(score_dialogues([
+            dialogues[i] + [{"role": "assistant", "content": c.text}]
+            for i, c in zip(np.repeat(indices, 2), completions)
+        ]), dtype=torch.float32)
+        finished = torch.tensor([c.finished for c in completions])
+        scores = torch.where(finished, scores, torch.full_like(scores, args.penalty_reward))
+        timings["score"] = time.time() - t0
+
+        # 3. log-probs under pi_t from the training forward (never from vLLM) and under the reference
+        t0 = time.time()
+        input_ids, attention_mask, response_mask = (
+            t.to(device) for t in utils.batch_for_logprobs(pair_prompts, [c.token_ids for c in completions],
+                                                           tokenizer.pad_token_id))
+        chunk = 2 * args.micro_batch_pairs
+        old_lp = logprobs_in_chunks(policy, input_ids, attention_mask, response_mask, args.temperature, chunk).cpu()
+        kl = torch.zeros_like(old_lp)
+        if reference is not None:
+            ref_lp = logprobs_in_chunks(reference, input_ids, attention_mask, response_mask, args.temperature, chunk)
+            kl = old_lp - ref_lp.cpu()
+        rewards = (scores - args.kl_coef * kl).view(-1, 2)
+        # a NaN reward (a broken reward function or model) drops its pair from the loss, counted in the logs
+        valid = torch.isfinite(rewards).all(1)
+        rewards = torch.nan_to_num(rewards, nan=0.0, posinf=0.0, neginf=0.0)
+        old_lp = old_lp.view(-1, 2)
+        timings["old_logprobs"] = time.time() - t0
+
+        # 4. regress: num_epochs passes, num_minibatches optimizer steps each, micro-batches accumulate
+        t0 = time.time()
+        num_pairs = args.prompts_per_rank
+        minibatch = num_pairs // args.num_minibatches
+        losses, residuals = [], []
+        for epoch in range(args.num_epochs):
+            order = torch.randperm(num_pairs)
+            for mb_start in range(0, num_pairs, minibatch):
+                mb = order[mb_start : mb_start + minibatch]
+                mb_weight = valid[mb].float().sum().clamp(min=1)
+                for micro_start in range(0, len(mb), args.micro_batch_pairs):
+                    pairs = mb[micro_start : micro_start + args.micro_batch_pairs]
+                    rows = torch.stack([2 * pairs, 2 * pairs + 1], 1).flatten().to(device)
+                    new_lp = utils.sequence_logprobs(policy, input_ids[rows], attention_mask[rows],
+                                                     response_mask[rows], args.temperature).view(-1, 2)
+                    weights = valid[pairs].float().to(device)
+                    loss, residual = rebel_loss(new_lp, old_lp[pairs].to(device), rewards[pairs].to(device),
+                                                args.eta, weights)
+                    # scale the micro-batch mean to its share of the minibatch mean
+                    (loss * weights.sum().clamp(min=1) / mb_weight).backward()
+                    losses.append(loss.item())
+                    residuals.append(residual.detach().cpu())
+                grad_norm = utils.clip_grad_norm(policy, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        timings["train"] = time.time() - t0
+
+        # 5. push the new weights into this rank's engine, and check that they arrived
+        t0 = time.time()
+        sync_gap = utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance)
+        timings["sync"] = time.time() - t0
+
+        # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
+        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+        local = {
+            "reward/score": scores.mean(), "reward/kl": kl.mean(), "reward/total": rewards[valid].mean()
+            if valid.any() else torch.tensor(0.0), "loss/rebel": torch.tensor(losses).mean(),
+            "loss/residual_abs": torch.cat(residuals).abs().mean(), "policy/response_tokens": lengths.mean(),
+            "policy/finished": finished.float().mean(), "policy/grad_norm": torch.tensor(grad_norm),
+            "skipped/nan_reward_pairs": (~valid).float().sum(),
+            "skipped/identical_pairs": torch.tensor(float(sum(
+                completions[2 * i].token_ids == completions[2 * i + 1].token_ids for i in range(num_pairs)))),
+        }
+        stacked = torch.stack([v.float() for v in local.values()]).to(torch.float64)
+        dist.all_reduce(stacked)
+        metrics = {k: v.item() / (1 if k.startswith("skipped/") else world_size) for k, v in zip(local, stacked)}
+        metrics.update({"policy/lr": scheduler.get_last_lr()[0], "sync/logprob_gap": sync_gap,
+                        **{f"time/{k}": v for k, v in timings.items()}})
+        if update % args.eval_every == 0 or update == args.num_updates:
+            metrics["eval/reward"] = evaluate()
+        logger.log(metrics, step=update)
+        utils.print0(utils.progress_line(update, args.num_updates, started, start_update - 1,
+                                         {"reward": metrics["reward/score"], "loss": metrics["loss/rebel"]}, timings))
+        if update % args.save_every == 0 or update == args.num_updates:
+            utils.save_checkpoint(run_dir, update, policy, optimizer,
+                                  {"update": update, "scheduler": scheduler.state_dict()}, tokenizer)
+
+    logger.close()
+    utils.shutdown(engine)

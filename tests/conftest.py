@@ -1,0 +1,67 @@
+"""Session-wide fixtures: tiny random models (built here, never downloaded), the embedded SmolLM2, one process
+group and one vLLM engine shared by the tests (an engine start costs seconds on a 2-core machine)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import utils  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A Llama-3-Instruct style chat template, written for these tests (headers, <|eot_id|> ends each turn).
+LLAMA3_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    return utils.embedded_smollm2_folder()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, smollm2_path):
+    return utils.make_tiny_model(str(tmp_path_factory.mktemp("tiny_policy")), smollm2_path, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory, smollm2_path):
+    return utils.make_tiny_model(str(tmp_path_factory.mktemp("tiny_rm")), smollm2_path, seed=1, reward_model=True)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(tmp_path_factory, smollm2_path):
+    """SmolLM2's vocabulary with Llama-3's special tokens and chat template, saved and reloaded like a real one."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    # Llama-3's tokenizer always reads "\n\n" as one token (id 271); SmolLM2's BPE does not at the end of a
+    # text, so it is added as a token here to behave like the real one
+    tokenizer.add_tokens(["\n\n"])
+    tokenizer.eos_token = "<|eot_id|>"
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    folder = str(tmp_path_factory.mktemp("llama3_tokenizer"))
+    tokenizer.save_pretrained(folder)
+    return utils.load_tokenizer(folder)
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """This pytest process as rank 0 of a one-process group (FSDP2 and vLLM's external launcher need one)."""
+    return utils.init_distributed()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(process_group, tiny_model):
+    engine = utils.make_engine(tiny_model, process_group[2], 512, 0, False, 0.05, 64 * 2**20, "vllm")
+    yield engine
+    engine.close()

@@ -1,0 +1,72 @@
+import pytest
+
+import utils
+
+
+def dialogue(turns: int) -> list[dict]:
+    messages = []
+    for t in range(turns):
+        messages.append({"role": "user", "content": f"Question {t}: what is {t} plus {t}?"})
+        messages.append({"role": "assistant", "content": f"It is {2 * t}. Anything else about number {t}?"})
+    return messages
+
+
+@pytest.fixture(params=["smollm2", "llama3"])
+def tokenizer(request, smollm2_path, llama3_tokenizer):
+    return utils.load_tokenizer(smollm2_path) if request.param == "smollm2" else llama3_tokenizer
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3, 4, 5])
+def test_turn_masks_cover_each_assistant_turn_exactly(tokenizer, turns):
+    messages = dialogue(turns)
+    ids, masks = utils.tokenize_dialogue(tokenizer, messages)
+    # piecewise tokenization equals tokenizing the whole rendered chat at once
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert ids == tokenizer(rendered, add_special_tokens=False).input_ids
+    assert len(masks) == turns
+    for t, mask in enumerate(masks):
+        covered = [i for i, m in zip(ids, mask) if m]
+        # contiguous, and exactly the content plus the end-of-turn token
+        positions = [i for i, m in enumerate(mask) if m]
+        assert positions == list(range(positions[0], positions[-1] + 1))
+        assert covered[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(covered[:-1]) == messages[2 * t + 1]["content"]
+        # what precedes a turn is exactly the generation prompt the policy sampled it from
+        prompt = utils.chat_token_ids(tokenizer, messages[: 2 * t + 1], add_generation_prompt=True)
+        assert ids[: positions[0]] == prompt
+    assert sum(map(sum, masks)) < len(ids)  # user turns and headers are never masked in
+
+
+def test_masks_do_not_overlap(tokenizer):
+    _, masks = utils.tokenize_dialogue(tokenizer, dialogue(3))
+    assert max(sum(column) for column in zip(*masks)) == 1
+
+
+def test_a_template_that_rewrites_history_is_refused(smollm2_path, tmp_path):
+    tokenizer = utils.load_tokenizer(smollm2_path)
+    # renders only the last two messages: earlier turns vanish, so prefixes are not prefixes
+    tokenizer.chat_template = (
+        "{% for m in messages[-2:] %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(ValueError, match="prefix"):
+        utils.tokenize_dialogue(tokenizer, dialogue(3))
+
+
+def test_tokenizer_without_chat_template_is_a_clear_error(smollm2_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path)
+    for name in ("chat_template.jinja",):
+        if (tmp_path / name).exists():
+            (tmp_path / name).unlink()
+    with pytest.raises(ValueError, match="no chat template"):
+        utils.load_tokenizer(str(tmp_path))
+
+
+def test_batch_for_logprobs_masks_only_responses():
+    input_ids, attention, response = utils.batch_for_logprobs([[5, 6, 7], [5]], [[8, 9], [8, 9, 10]], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 8, 9, 10, 0]]
+    assert attention.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert response.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]

