@@ -90,8 +90,9 @@ class Args:
     """reward-model input is cut to its last this-many tokens"""
     kl_coef: float = 0.05
     """R = score - kl_coef * sum over response tokens of (log pi_t - log pi_ref) (paper: 0.05)"""
-    penalty_reward: float = -1.0
-    """score given to a response that hits `max_new_tokens` without ending (paper: -1 TL;DR, -4 chat)"""
+    penalty_reward: float | None = -1.0
+    """score given to a response that hits `max_new_tokens` without ending (paper: -1 TL;DR, -4 chat);
+    None keeps its score"""
 
     # REBEL
     eta: float = 1.0
@@ -247,7 +248,8 @@ if __name__ == "__main__":
         outs = engine.generate([eval_prompts[i] for i in mine], args.max_new_tokens, 0.0, [0] * len(mine))
         scores = score_dialogues([eval_dialogues[i] + [{"role": "assistant", "content": o.text}]
                                   for i, o in zip(mine, outs)])
-        scores = [s if o.finished else args.penalty_reward for s, o in zip(scores, outs)]
+        if args.penalty_reward is not None:
+            scores = [s if o.finished else args.penalty_reward for s, o in zip(scores, outs)]
         total = torch.tensor([sum(scores), len(scores)], dtype=torch.float64)
         dist.all_reduce(total)
         return (total[0] / total[1]).item()
@@ -274,7 +276,8 @@ if __name__ == "__main__":
             for i, c in zip(np.repeat(indices, 2), completions)
         ]), dtype=torch.float32)
         finished = torch.tensor([c.finished for c in completions])
-        scores = torch.where(finished, scores, torch.full_like(scores, args.penalty_reward))
+        if args.penalty_reward is not None:
+            scores = torch.where(finished, scores, torch.full_like(scores, args.penalty_reward))
         timings["score"] = time.time() - t0
 
         # 3. log-probs under pi_t from the training forward (never from vLLM) and under the reference
@@ -331,7 +334,7 @@ if __name__ == "__main__":
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
         lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
         local = {
-            "reward/score": scores.mean(), "reward/kl": kl.mean(), "reward/total": rewards[valid].mean()
+            "reward/score": scores.nanmean(), "reward/kl": kl.mean(), "reward/total": rewards[valid].mean()
             if valid.any() else torch.tensor(0.0), "loss/rebel": torch.tensor(losses).mean(),
             "loss/residual_abs": torch.cat(residuals).abs().mean(), "policy/response_tokens": lengths.mean(),
             "policy/finished": finished.float().mean(), "policy/grad_norm": torch.tensor(grad_norm),

@@ -1,0 +1,44 @@
+"""One REBEL optimizer step on a fixed batch of 4 pairs, split over however many ranks torchrun starts.
+
+Writes the global loss and the updated weights to argv[2] (rank 0), so that runs on 1 and 2 ranks can be
+compared: FSDP2 must average the ranks' gradients into the same step as one rank on the whole batch.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import utils  # noqa: E402
+from rebel import rebel_loss  # noqa: E402
+
+if __name__ == "__main__":
+    model_path, out_path = sys.argv[1], sys.argv[2]
+    rank, world_size, device = utils.init_distributed()
+    model = utils.shard_model(utils.load_causal_lm(model_path, torch.float32, device), bf16=False)
+    # SGD: the step is linear in the averaged gradient (Adam would amplify the rounding of near-zero gradients)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 1000, (int(n),), generator=generator).tolist() for n in (3, 5, 4, 6, 2, 7, 5, 3)]
+    responses = [torch.randint(0, 1000, (int(n),), generator=generator).tolist() for n in (4, 2, 6, 3, 5, 5, 2, 4)]
+    rewards = torch.tensor([[1.0, 0.0], [0.2, 0.5], [0.0, 0.0], [0.9, -0.3]])
+    old_lp = torch.tensor([[-20.0, -18.0], [-35.0, -30.0], [-25.0, -40.0], [-15.0, -22.0]])
+
+    pairs = torch.arange(4).chunk(world_size)[rank]  # this rank's pairs
+    rows = torch.stack([2 * pairs, 2 * pairs + 1], 1).flatten()
+    input_ids, attention_mask, response_mask = utils.batch_for_logprobs(
+        [prompts[i] for i in rows], [responses[i] for i in rows], pad_id=0)
+    new_lp = utils.sequence_logprobs(model, input_ids, attention_mask, response_mask, 0.7).view(-1, 2)
+    loss, _ = rebel_loss(new_lp, old_lp[pairs], rewards[pairs], eta=2.0, weights=torch.ones(len(pairs)))
+    loss.backward()
+    optimizer.step()
+
+    global_loss = loss.detach().clone()
+    dist.all_reduce(global_loss)
+    weights = utils.full_state_dict(model)
+    if rank == 0:
+        torch.save({"loss": global_loss.item() / world_size, "weights": weights}, out_path)
+    dist.destroy_process_group()

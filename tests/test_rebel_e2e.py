@@ -1,0 +1,112 @@
+"""rebel.py end to end under torchrun on 2 ranks: metrics, checkpoints, wandb offline, NaN rewards, resume."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import utils
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    topics = ["France", "cats", "rain", "music", "tea", "chess"]
+    path.write_text("".join(json.dumps({"prompt": f"Say something short about {topics[i % 6]} ({i})."}) + "\n"
+                            for i in range(30)))
+    return str(path)
+
+
+def command(model, prompt_file, output_dir, run_name, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(REPO, "rebel.py"), "--model", model, "--dataset", prompt_file, "--output_dir", output_dir,
+            "--run_name", run_name, "--num_updates", "4", "--prompts_per_rank", "2", "--max_new_tokens", "8",
+            "--num_epochs", "2", "--micro_batch_pairs", "1", "--eval_every", "2", "--save_every", "2",
+            "--num_eval_prompts", "4", "--lr", "1e-3", "--penalty_reward", "None", "--reward_function",
+            os.path.join(REPO, "tests", "rewards.py") + ":brevity_or_nan", *extra]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model, prompt_file, tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("runs"))
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    subprocess.run(command(tiny_model, prompt_file, output_dir, "full", "--track"), check=True, timeout=600, env=env)
+    return os.path.join(output_dir, "full")
+
+
+def test_run_writes_args_metrics_and_checkpoints(full_run, tiny_model):
+    assert json.load(open(os.path.join(full_run, "args.json")))["num_updates"] == 4
+    metrics = read_metrics(full_run)
+    assert [m["update"] for m in metrics] == [0, 1, 2, 3, 4]
+    for m in metrics[1:]:
+        assert math.isfinite(m["loss/rebel"]) and m["sync/logprob_gap"] < 1e-3
+        assert {"time/gen", "time/score", "time/old_logprobs", "time/train", "time/sync"} <= m.keys()
+    assert [("eval/reward" in m) for m in metrics] == [True, False, True, False, True]
+    checkpoints = sorted(os.listdir(os.path.join(full_run, "checkpoints")))
+    assert checkpoints == ["update_000002", "update_000004"]
+    trained = utils.load_causal_lm(os.path.join(full_run, "checkpoints", "update_000004", "hf"))
+    initial = utils.load_causal_lm(tiny_model)
+    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)
+
+
+def test_nan_rewards_are_skipped_and_counted(full_run):
+    metrics = read_metrics(full_run)[1:]
+    assert sum(m["skipped/nan_reward_pairs"] for m in metrics) > 0
+    assert all(math.isfinite(m["loss/rebel"]) for m in metrics)
+
+
+def test_wandb_offline_run_was_written(full_run):
+    wandb_dir = os.path.join(full_run, "wandb")
+    assert any(d.startswith("offline-run-") for d in os.listdir(wandb_dir))
+
+
+def test_hf_checkpoint_loads_in_vllm(full_run, process_group):
+    engine = utils.make_engine(os.path.join(full_run, "checkpoints", "update_000004", "hf"), process_group[2], 256,
+                               0, False, 0.05, 32 * 2**20, "vllm")
+    try:
+        tokenizer = utils.load_tokenizer(os.path.join(full_run, "checkpoints", "update_000004", "hf"))
+        prompt = utils.chat_token_ids(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+        trained = utils.load_causal_lm(os.path.join(full_run, "checkpoints", "update_000004", "hf"))
+        utils.check_logprob_parity(engine, trained, prompt + [5, 6, 7], process_group[2], 1e-4)
+    finally:
+        engine.close()
+
+
+def test_resume_after_kill_continues_the_same_schedule(full_run, tiny_model, prompt_file, tmp_path):
+    output_dir = str(tmp_path)
+    run_dir = os.path.join(output_dir, "killed")
+    process = subprocess.Popen(command(tiny_model, prompt_file, output_dir, "killed"), start_new_session=True)
+    deadline = time.time() + 600
+    while not os.path.isdir(os.path.join(run_dir, "checkpoints", "update_000002")):
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    subprocess.run(command(tiny_model, prompt_file, output_dir, "killed", "--resume"), check=True, timeout=600)
+    resumed, uninterrupted = read_metrics(run_dir), read_metrics(full_run)
+    assert [m["update"] for m in resumed] == [0, 1, 2, 3, 4]
+    for a, b in zip(resumed[3:], uninterrupted[3:]):
+        for key in ("reward/score", "reward/kl", "loss/rebel", "policy/lr", "policy/response_tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), (a["update"], key)
+
+
+def test_overlong_prompts_are_counted_then_refused(tiny_model, prompt_file, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "rebel.py"), "--model", tiny_model, "--dataset",
+                             prompt_file, "--output_dir", str(tmp_path), "--max_prompt_tokens", "10"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "0 usable prompts" in result.stderr and "'too_long': 30" in result.stderr
