@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import fcntl
 import gc
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -322,10 +323,15 @@ def sequence_logprobs(
     fp32 log-softmax (bf16 loses precision on sums over hundreds of tokens). The temperature is the
     sampling temperature, so the ratios are those of the distribution the responses were drawn from.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
-    targets = input_ids[:, 1:]
+    # logits only where some row has a masked next token: prompts are long and turns short, and the
+    # vocabulary projection is most of the cost
+    predicting = loss_mask[:, 1:].any(0).nonzero().flatten()
+    keep = torch.arange(predicting[0].item(), predicting[-1].item() + 1, device=input_ids.device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits.float()
+    logits = logits / temperature
+    targets = input_ids[:, keep + 1]
     token_logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
-    return (token_logprobs * loss_mask[:, 1:]).sum(-1)
+    return (token_logprobs * loss_mask[:, keep + 1]).sum(-1)
 
 
 def token_logprobs(model: torch.nn.Module, token_ids: list[int], device: torch.device) -> torch.Tensor:
@@ -367,6 +373,9 @@ class VLLMEngine:
             distributed_executor_backend="external_launcher", tensor_parallel_size=1,
             gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
             enforce_eager=enforce_eager,
+            # vLLM's CPU sampler cannot rewind a seeded generator when a chunked prompt's token is discarded
+            # ("CPU Generator does not use offset"), so every prompt is prefilled whole
+            enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
         )
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -589,6 +598,310 @@ def brevity_reward(dialogue: Dialogue) -> float:
     Any model can earn it, so the mean reward shows within minutes whether an algorithm learns.
     """
     return max(0.0, 1.0 - len(dialogue[-1]["content"].split()) / 64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# multi-turn dialogues: episodes, simulated users, the rollout loop, tasks
+
+
+@dataclasses.dataclass(eq=False)
+class Episode:
+    """One dialogue being played: the messages, and for every assistant turn the exact tokens behind it."""
+
+    messages: Dialogue
+    info: dict = dataclasses.field(default_factory=dict)
+    """task state the policy never sees: the secret number, the dataset's later user turns, ..."""
+    prompts: list[list[int]] = dataclasses.field(default_factory=list)
+    """per assistant turn, the token ids it was sampled from (the dialogue so far plus the generation prompt)"""
+    responses: list[list[int]] = dataclasses.field(default_factory=list)
+    """per assistant turn, the sampled token ids (end-of-turn token included when the turn ended)"""
+    finished: list[bool] = dataclasses.field(default_factory=list)
+    """per assistant turn, False when it ran into the length cap without ending"""
+    done: bool = False
+    """the user (the task) ended the dialogue"""
+
+    @property
+    def turns(self) -> int:
+        return len(self.responses)
+
+    def prefix(self, user_turn: int) -> "Episode":
+        """A copy of the dialogue through user turn `user_turn` (0-indexed): the state s_h that turn h answers."""
+        cut = [i for i, m in enumerate(self.messages) if m["role"] == "user"][user_turn] + 1
+        return Episode([dict(m) for m in self.messages[:cut]], dict(self.info), self.prompts[:user_turn],
+                       self.responses[:user_turn], self.finished[:user_turn])
+
+    def truncated(self, turns: int) -> "Episode":
+        """The dialogue through assistant turn `turns` (1-based), for scoring a dialogue at a shorter horizon."""
+        if turns >= self.turns:
+            return self
+        cut = [i for i, m in enumerate(self.messages) if m["role"] == "assistant"][turns - 1] + 1
+        return Episode(self.messages[:cut], self.info, self.prompts[:turns], self.responses[:turns],
+                       self.finished[:turns])
+
+
+def sample_seed(*parts) -> int:
+    """A sampling seed fixed by its parts (seed, iteration, rank, dialogue, turn, ...): reruns draw the same."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+def rollout_dialogues(episodes: list[Episode], engine, tokenizer, user, horizons: list[int], max_tokens: int,
+                      temperature: float, seed: tuple) -> list[Episode]:
+    """Plays every episode on to its horizon (in assistant turns), in place, and returns them.
+
+    Turn by turn: one batched engine call for every assistant turn still open, then one batched user call
+    for every dialogue that continues. A user reply of None ends that dialogue (the task is done). An
+    assistant turn that hits `max_tokens` is kept, and marked unfinished, not silently cut; its text goes
+    to the user as it is.
+    """
+    while True:
+        open_ = [i for i, (e, h) in enumerate(zip(episodes, horizons)) if not e.done and e.turns < h]
+        if not open_:
+            return episodes
+        prompts = [chat_token_ids(tokenizer, episodes[i].messages, add_generation_prompt=True) for i in open_]
+        seeds = [sample_seed(*seed, i, episodes[i].turns) for i in open_]
+        for i, p, c in zip(open_, prompts, engine.generate(prompts, max_tokens, temperature, seeds)):
+            episodes[i].prompts.append(p)
+            episodes[i].responses.append(c.token_ids)
+            episodes[i].finished.append(c.finished)
+            episodes[i].messages.append({"role": "assistant", "content": c.text})
+        asking = [episodes[i] for i in open_ if episodes[i].turns < horizons[i]]
+        for e, reply in zip(asking, user(asking) if asking else []):
+            if reply is None:
+                e.done = True
+            else:
+                e.messages.append({"role": "user", "content": reply})
+
+
+USER_SIMULATOR_PROMPT = (
+    "Below is a dialogue between the user and the assistant. Pretend you are the user in this conversation. "
+    "What question would you ask next? \n\n{dialogue}### Instructions: \nFIRST provide a justification of the "
+    "question you want to ask. \nSECOND, on a new line, state only the question. Your response should use the "
+    "format: \nJustification: \nQuestion: "
+)
+"""The user-simulator prompt of the official REFUEL code (`setting_one/user_generator.py`)."""
+
+
+def user_simulator_prompt(messages: Dialogue) -> str:
+    return USER_SIMULATOR_PROMPT.format(dialogue="".join(f"### {m['role']}: {m['content']}\n\n" for m in messages))
+
+
+def parse_user_reply(text: str) -> str:
+    """The question after the last `Question:`; the whole reply when the simulator ignored the format."""
+    return text.rsplit("Question:", 1)[1].strip() if "Question:" in text else text.strip()
+
+
+class LLMUser:
+    """A chat model playing the user through its own rollout engine, prompted as in the REFUEL code."""
+
+    def __init__(self, engine, tokenizer, max_tokens: int, temperature: float, seed: int):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.max_tokens, self.temperature, self.seed, self.calls = max_tokens, temperature, seed, 0
+
+    def __call__(self, episodes: list[Episode]) -> list[str]:
+        prompts = [chat_token_ids(self.tokenizer, [{"role": "user", "content": user_simulator_prompt(e.messages)}],
+                                  add_generation_prompt=True) for e in episodes]
+        self.calls += 1
+        seeds = [sample_seed(self.seed, self.calls, i) for i in range(len(prompts))]
+        return [parse_user_reply(c.text) for c in self.engine.generate(prompts, self.max_tokens, self.temperature, seeds)]
+
+
+class UserServerError(RuntimeError):
+    pass
+
+
+class ServerUser:
+    """The same simulated user served by a vLLM OpenAI-compatible server (e.g. a 70B model with its own GPUs).
+
+    Each request is retried `retries` times with a growing pause; a server that stays down or slow raises
+    `UserServerError` naming the URL, so no dialogue is silently dropped.
+    """
+
+    def __init__(self, url: str, model: str, max_tokens: int, temperature: float, seed: int, timeout: float = 120,
+                 retries: int = 3, concurrency: int = 16):
+        self.url, self.model, self.max_tokens, self.temperature = url.rstrip("/"), model, max_tokens, temperature
+        self.seed, self.timeout, self.retries, self.concurrency, self.calls = seed, timeout, retries, concurrency, 0
+
+    def _ask(self, prompt: str, seed: int) -> str:
+        import urllib.error
+        import urllib.request
+
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                           "max_tokens": self.max_tokens, "temperature": self.temperature, "seed": seed}).encode()
+        error = None
+        for attempt in range(self.retries + 1):
+            try:
+                request = urllib.request.Request(f"{self.url}/v1/chat/completions", body,
+                                                 {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.load(response)["choices"][0]["message"]["content"]
+            except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, json.JSONDecodeError) as e:
+                error = e
+                time.sleep(min(2**attempt, 10))
+        raise UserServerError(f"the user server at {self.url} failed {self.retries + 1} times; last error: {error!r}")
+
+    def __call__(self, episodes: list[Episode]) -> list[str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.calls += 1
+        prompts = [user_simulator_prompt(e.messages) for e in episodes]
+        seeds = [sample_seed(self.seed, self.calls, i) for i in range(len(prompts))]
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return [parse_user_reply(text) for text in pool.map(self._ask, prompts, seeds)]
+
+
+class DatasetUser:
+    """The dataset's own next user turns (REFUEL's setting two: the user does not react to the assistant).
+
+    Reads them from `info["user_turns"]`; the dialogue ends when they run out.
+    """
+
+    def __call__(self, episodes: list[Episode]) -> list[str | None]:
+        replies = []
+        for e in episodes:
+            turns = e.info.get("user_turns", [])
+            replies.append(turns[e.turns - 1] if e.turns - 1 < len(turns) else None)
+        return replies
+
+
+@dataclasses.dataclass
+class Task:
+    """What an algorithm needs to train on dialogues. Forks build their own and pass `--task module:function`."""
+
+    train: list[Episode]
+    """dialogue openings (ending with the first user turn) to sample from"""
+    eval: list[Episode]
+    """held-out openings for evaluation"""
+    user: Callable[[list[Episode]], list[str | None]]
+    """writes the next user turn of each dialogue, or None to end it"""
+    reward: Callable[[list[Episode]], list[float]]
+    """a score for each finished (or truncated) dialogue"""
+    horizon: int
+    """the largest number of assistant turns"""
+    reference_scores: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    """known per-turn scores to read results against, e.g. {"optimal": [...], "random": [...]}"""
+    policy: str | None = None
+    """a policy that suits the task (a warm-started model folder), used when the script's model is left default"""
+
+
+class GuessNumber:
+    """The verifiable multi-turn task: guess a secret number in 1..n with "Higher."/"Lower." replies.
+
+    Reward 1 when the secret is named within the horizon, else 0. Binary search is optimal; guessing at random
+    among the numbers still consistent with the replies is not, because the payoff of a good early guess (an
+    interval halved) only shows turns later. A reply that is not a number in range costs a turn.
+    """
+
+    def __init__(self, n: int = 32, horizon: int = 5):
+        self.n, self.horizon = n, horizon
+        self.opening = f"I am thinking of a number from 1 to {n}. Guess it: answer with the number only."
+
+    def new_episode(self, secret: int) -> Episode:
+        # a short system turn replaces the chat template's default one: fewer tokens for a tiny model to read
+        return Episode([{"role": "system", "content": "Guessing game."}, {"role": "user", "content": self.opening}],
+                       {"secret": secret})
+
+    def parse(self, text: str) -> int | None:
+        text = text.strip().rstrip(".")
+        return int(text) if text.isdigit() and 1 <= int(text) <= self.n else None
+
+    def reply(self, episode: Episode) -> str | None:
+        guess = self.parse(episode.messages[-1]["content"])
+        if guess is None:
+            return f"Please answer with one number from 1 to {self.n}."
+        if guess == episode.info["secret"]:
+            return None
+        return "Higher." if guess < episode.info["secret"] else "Lower."
+
+    def users(self, episodes: list[Episode]) -> list[str | None]:
+        return [self.reply(e) for e in episodes]
+
+    def rewards(self, episodes: list[Episode]) -> list[float]:
+        return [float(any(self.parse(m["content"]) == e.info["secret"] for m in e.messages if m["role"] == "assistant"))
+                for e in episodes]
+
+    def solved_by_turn(self, strategy: str, games: int = 20000, seed: int = 0) -> list[float]:
+        """Fraction of games solved within 1..horizon guesses by `binary` search or `random` consistent guessing."""
+        rng = random.Random(seed)
+        solved = [0] * self.horizon
+        for _ in range(games):
+            secret, low, high = rng.randint(1, self.n), 1, self.n
+            for turn in range(self.horizon):
+                guess = (low + high) // 2 if strategy == "binary" else rng.randint(low, high)
+                if guess == secret:
+                    for t in range(turn, self.horizon):
+                        solved[t] += 1
+                    break
+                low, high = (guess + 1, high) if guess < secret else (low, guess - 1)
+        return [s / games for s in solved]
+
+    def random_consistent_game(self, rng: random.Random) -> Dialogue:
+        """A full game of random consistent play, as chat messages: the supervised warm-start data."""
+        secret, low, high = rng.randint(1, self.n), 1, self.n
+        messages = self.new_episode(secret).messages
+        for _ in range(self.horizon):
+            guess = rng.randint(low, high)
+            messages.append({"role": "assistant", "content": str(guess)})
+            if guess == secret:
+                break
+            messages.append({"role": "user", "content": "Higher." if guess < secret else "Lower."})
+            low, high = (guess + 1, high) if guess < secret else (low, guess - 1)
+        if messages[-1]["role"] == "user":
+            messages.pop()
+        return messages
+
+
+def guess_number_policy(game: GuessNumber, tokenizer_path: str, steps: int = 200, seed: int = 0) -> str:
+    """A tiny Llama taught the game's format by a short supervised warm start on random consistent play, cached.
+
+    It learns to answer with a number consistent with the replies; from there the algorithms can find
+    binary search. About three minutes on 2 CPU cores, once per machine.
+    """
+    folder = os.path.join(cache_dir(), f"guess_number_n{game.n}_h{game.horizon}_s{steps}_seed{seed}")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    with file_lock(folder + ".lock"):
+        if os.path.exists(os.path.join(folder, "config.json")):
+            return folder
+        tmp = folder + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_tiny_model(tmp, tokenizer_path, seed, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=4)
+        tokenizer, model = load_tokenizer(tmp), load_causal_lm(tmp)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        rng = random.Random(seed)
+        for step in range(steps):
+            batch = [tokenize_dialogue(tokenizer, game.random_consistent_game(rng)) for _ in range(32)]
+            input_ids = pad_right([ids for ids, _ in batch], tokenizer.pad_token_id)
+            attention_mask = pad_right([[1] * len(ids) for ids, _ in batch], 0)
+            # next-token loss on the assistant tokens only; the vocabulary projection is applied to those
+            # positions alone, which is most of the cost saved
+            targets = pad_right([[int(any(m[i] for m in masks)) for i in range(len(ids))] for ids, masks in batch], 0)
+            hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            where = targets[:, 1:].bool()
+            logits = model.lm_head(hidden[:, :-1][where])
+            loss = torch.nn.functional.cross_entropy(logits, input_ids[:, 1:][where])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            for group in optimizer.param_groups:
+                group["lr"] = 3e-3 * (1 - (step + 1) / steps)
+        model.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    return folder
+
+
+def guess_number_task(tokenizer_path: str, seed: int, num_train: int = 4096, num_eval: int = 256) -> Task:
+    """The built-in verifiable task: secret numbers are drawn with `seed` (the eval set with a fixed seed)."""
+    game = GuessNumber()
+    rng, eval_rng = random.Random(seed), random.Random(12345)
+    return Task(
+        train=[game.new_episode(rng.randint(1, game.n)) for _ in range(num_train)],
+        eval=[game.new_episode(eval_rng.randint(1, game.n)) for _ in range(num_eval)],
+        user=game.users, reward=game.rewards, horizon=game.horizon,
+        reference_scores={"binary search (optimal)": game.solved_by_turn("binary"),
+                          "random consistent": game.solved_by_turn("random")},
+        policy=guess_number_policy(game, tokenizer_path),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

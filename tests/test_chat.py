@@ -70,3 +70,16 @@ def test_batch_for_logprobs_masks_only_responses():
     assert input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 8, 9, 10, 0]]
     assert attention.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     assert response.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
+
+
+def test_sequence_logprobs_equal_a_full_forward(tiny_model):
+    """Logits are computed only over the response span; the sums must equal those of a full forward."""
+    import torch
+
+    model = utils.load_causal_lm(tiny_model)
+    input_ids, attention, response = utils.batch_for_logprobs([[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]], 0)
+    with torch.no_grad():
+        ours = utils.sequence_logprobs(model, input_ids, attention, response, temperature=0.7)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1] / 0.7
+        full = (logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1) * response[:, 1:]).sum(-1)
+    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,186 @@
+"""The multi-turn machinery: the rollout loop, branching, the simulated users, the guessing task."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+from refuel import refuel_loss, sample_horizons
+
+
+def opening(text="Tell me about cats."):
+    return utils.Episode([{"role": "user", "content": text}])
+
+
+class EchoUser:
+    """A user written in code: asks a numbered follow-up, and ends the dialogue after `stop_after` turns."""
+
+    def __init__(self, stop_after=None):
+        self.stop_after = stop_after
+
+    def __call__(self, episodes):
+        return [None if self.stop_after and e.turns >= self.stop_after else f"Follow-up {e.turns}?" for e in episodes]
+
+
+def test_turns_alternate_and_unfinished_turns_are_marked(vllm_engine, tiny_model):
+    tokenizer = utils.load_tokenizer(tiny_model)
+    episodes = utils.rollout_dialogues([opening(), opening("Hi.")], vllm_engine, tokenizer, EchoUser(), [3, 2], 4,
+                                       1.0, (0,))
+    for e, h in zip(episodes, [3, 2]):
+        assert e.turns == h and len(e.prompts) == h and len(e.finished) == h
+        roles = [m["role"] for m in e.messages]
+        assert roles == ["user", "assistant"] * h  # the dialogue ends with the policy's turn h
+        assert [m["content"] for m in e.messages[2::2]] == [f"Follow-up {t}?" for t in range(1, h)]
+        # a tiny random model never says EOS in 4 tokens: the turn is kept, capped and flagged
+        assert all(len(r) == 4 for r in e.responses) and not any(e.finished)
+
+
+def test_early_ending_dialogues_stop(vllm_engine, tiny_model):
+    tokenizer = utils.load_tokenizer(tiny_model)
+    episodes = utils.rollout_dialogues([opening(), opening()], vllm_engine, tokenizer, EchoUser(stop_after=2),
+                                       [5, 1], 4, 1.0, (0,))
+    assert [e.turns for e in episodes] == [2, 1]
+    assert episodes[0].done and not episodes[1].done  # the second reached its horizon, nobody ended it
+
+
+def test_branch_shares_the_prefix_token_for_token(vllm_engine, tiny_model):
+    tokenizer = utils.load_tokenizer(tiny_model)
+    a_side = utils.rollout_dialogues([opening() for _ in range(4)], vllm_engine, tokenizer, EchoUser(), [4] * 4, 5,
+                                     1.0, (0, "A"))
+    for h in range(4):
+        b = utils.rollout_dialogues([a.prefix(h) for a in a_side], vllm_engine, tokenizer, EchoUser(), [4] * 4, 5,
+                                    1.0, (0, "B", h))
+        for a, bb in zip(a_side, b):
+            assert bb.messages[: 2 * h + 1] == a.messages[: 2 * h + 1]
+            assert bb.prompts[h] == a.prompts[h]  # the same state s_h, token for token
+            assert bb.responses[:h] == a.responses[:h]
+            # and s_h's tokens are exactly the prefix of the whole dialogue's tokenization
+            ids, masks = utils.tokenize_dialogue(tokenizer, a.messages)
+            assert ids[: len(a.prompts[h])] == a.prompts[h]
+            assert masks[h].index(1) == len(a.prompts[h])  # turn h's mask starts right after s_h
+        assert sum(a.responses[h] != bb.responses[h] for a, bb in zip(a_side, b)) >= 3  # y' is a new draw
+
+
+def test_dataset_user_replays_the_dataset_turns(vllm_engine, tiny_model):
+    tokenizer = utils.load_tokenizer(tiny_model)
+    e = utils.Episode([{"role": "user", "content": "First?"}], {"user_turns": ["Second?", "Third?"]})
+    utils.rollout_dialogues([e], vllm_engine, tokenizer, utils.DatasetUser(), [5], 3, 1.0, (0,))
+    assert [m["content"] for m in e.messages if m["role"] == "user"] == ["First?", "Second?", "Third?"]
+    assert e.turns == 3 and e.done
+
+
+def test_user_prompt_and_parsing_follow_the_official_code():
+    prompt = utils.user_simulator_prompt([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
+    assert prompt.startswith("Below is a dialogue between the user and the assistant. Pretend you are the user")
+    assert "### user: Hi\n\n### assistant: Yo\n\n### Instructions:" in prompt
+    assert prompt.endswith("Justification: \nQuestion: ")
+    assert utils.parse_user_reply("Justification: curious.\nQuestion: Why is it blue? ") == "Why is it blue?"
+    assert utils.parse_user_reply("Question: a\nQuestion: b") == "b"
+    assert utils.parse_user_reply("  no format at all ") == "no format at all"
+
+
+def test_llm_user_with_a_tiny_model(vllm_engine, tiny_model):
+    user = utils.LLMUser(vllm_engine, utils.load_tokenizer(tiny_model), 8, 0.8, seed=0)
+    replies = user([opening(), opening("Hi.")])
+    assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
+
+
+def test_llm_user_with_smollm2_asks_a_question(process_group, smollm2_path):
+    engine = utils.TransformersEngine(smollm2_path, process_group[2], torch.float32)
+    user = utils.LLMUser(engine, utils.load_tokenizer(smollm2_path), 64, 0.0, seed=0)
+    e = utils.Episode([{"role": "user", "content": "What is the capital of France?"},
+                       {"role": "assistant", "content": "The capital of France is Paris."}])
+    (reply,) = user([e])
+    assert len(reply.split()) >= 3 and "Question:" not in reply
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def user_server(tiny_model):
+    """A real vLLM OpenAI-compatible server of the tiny model on 127.0.0.1, started for these tests."""
+    port = free_port()
+    log = open(os.path.join(os.path.dirname(tiny_model), "server.log"), "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model, "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+         "--kv-cache-memory-bytes", str(64 * 2**20)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    import urllib.request
+
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
+            time.sleep(1)
+    yield url
+    os.killpg(server.pid, 9)
+    server.wait()
+
+
+def test_server_user_answers_every_dialogue(user_server, tiny_model):
+    user = utils.ServerUser(user_server, tiny_model, max_tokens=8, temperature=0.8, seed=0)
+    replies = user([opening(f"Question number {i}?") for i in range(5)])
+    assert len(replies) == 5 and all(isinstance(r, str) for r in replies)
+
+
+def test_server_down_is_a_clear_error_after_bounded_retries(tiny_model):
+    user = utils.ServerUser(f"http://127.0.0.1:{free_port()}", tiny_model, 8, 0.8, 0, timeout=2, retries=2)
+    started = time.time()
+    with pytest.raises(utils.UserServerError, match=r"failed 3 times"):
+        user([opening()])
+    assert time.time() - started < 30
+
+
+def test_guess_number_user_and_reward():
+    game = utils.GuessNumber(n=32, horizon=5)
+    e = game.new_episode(secret=20)
+    e.messages.append({"role": "assistant", "content": "16"})
+    assert game.reply(e) == "Higher."
+    e.messages += [{"role": "user", "content": "Higher."}, {"role": "assistant", "content": "seven"}]
+    assert game.reply(e).startswith("Please answer")
+    e.messages += [{"role": "user", "content": "..."}, {"role": "assistant", "content": "20"}]
+    assert game.reply(e) is None and game.rewards([e]) == [1.0]
+    assert game.rewards([game.new_episode(3)]) == [0.0]
+
+
+def test_guess_number_reference_scores():
+    """The task's yardsticks: binary search solves 31/32 games in 5 turns, random consistent play about half."""
+    game = utils.GuessNumber(n=32, horizon=5)
+    binary, random_play = game.solved_by_turn("binary"), game.solved_by_turn("random")
+    assert binary == pytest.approx([1 / 32, 3 / 32, 7 / 32, 15 / 32, 31 / 32], abs=0.01)
+    assert 0.45 < random_play[-1] < 0.6 and all(r <= b + 0.01 for r, b in zip(random_play, binary))
+
+
+def test_refuel_loss_by_hand():
+    new = torch.tensor([[-3.0, -5.0], [-1.0, -1.0]], dtype=torch.float64)
+    old = torch.tensor([[-4.0, -4.0], [-2.0, -2.0]], dtype=torch.float64)
+    returns = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+    loss, residual = refuel_loss(new, old, returns, eta=3.0, weights=torch.ones(2, dtype=torch.float64))
+    # pair 0: (1 - (-1)) - 3*1 = -1 ; pair 1: equal returns and equal log-ratios -> 0
+    assert residual.tolist() == pytest.approx([-1.0, 0.0])
+    assert loss.item() == pytest.approx(0.5)
+
+
+def test_horizon_sampling_matches_the_official_code():
+    rng = np.random.default_rng(0)
+    lengths, turns = sample_horizons(rng, 200_000, 5, "paper")
+    assert set(lengths) == {1, 2, 3, 4, 5} and (turns < lengths).all()
+    marginal = np.bincount(turns, minlength=5) / len(turns)
+    assert marginal == pytest.approx([0.457, 0.257, 0.157, 0.090, 0.040], abs=0.005)
+    lengths, turns = sample_horizons(rng, 100_000, 5, "uniform")
+    assert (lengths == 5).all() and np.bincount(turns) / len(turns) == pytest.approx([0.2] * 5, abs=0.01)

@@ -1,0 +1,64 @@
+"""refuel.py end to end under torchrun on 2 ranks on the guessing task: metrics, checkpoints, kill and resume."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def command(output_dir, run_name, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(REPO, "refuel.py"), "--output_dir", output_dir, "--run_name", run_name,
+            "--num_iterations", "3", "--dialogues_per_rank", "8", "--minibatch_pairs", "4", "--micro_batch_pairs", "4",
+            "--eval_every", "2", "--save_every", "1", "--horizon_sampling", "uniform", *extra]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("runs"))
+    subprocess.run(command(output_dir, "full"), check=True, timeout=900)
+    return os.path.join(output_dir, "full")
+
+
+def test_iterations_log_regression_diagnostics_and_per_turn_eval(full_run):
+    metrics = read_metrics(full_run)
+    assert [m["update"] for m in metrics] == [0, 1, 2, 3]
+    initial = metrics[0]
+    assert initial["reference/binary search (optimal)_turn5"] > 0.9
+    assert all(initial[f"eval/winrate_vs_initial_turn{t}"] == 0.5 for t in range(1, 6))  # itself: all ties
+    for m in metrics[1:]:
+        assert math.isfinite(m["loss/refuel"]) and math.isfinite(m["val/loss"]) and 0 <= m["val/sign_align"] <= 1
+        assert m["sync/logprob_gap"] < 1e-3 and 1 <= m["data/branch_turn"] <= 5
+    assert "eval/score_turn5" in metrics[2] and "eval/score_turn5" in metrics[3]
+    assert sorted(os.listdir(os.path.join(full_run, "checkpoints"))) == [
+        "update_000001", "update_000002", "update_000003"]
+
+
+def test_resume_after_kill_continues_the_same_schedule(full_run, tmp_path):
+    output_dir = str(tmp_path)
+    run_dir = os.path.join(output_dir, "killed")
+    process = subprocess.Popen(command(output_dir, "killed"), start_new_session=True)
+    deadline = time.time() + 900
+    while not os.path.isdir(os.path.join(run_dir, "checkpoints", "update_000001")):
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    subprocess.run(command(output_dir, "killed", "--resume"), check=True, timeout=900)
+    resumed, uninterrupted = read_metrics(run_dir), read_metrics(full_run)
+    assert [m["update"] for m in resumed] == [0, 1, 2, 3]
+    for a, b in zip(resumed[2:], uninterrupted[2:]):
+        for key in ("reward/score", "loss/refuel", "val/loss", "policy/lr", "data/branch_turn", "eval/score_turn5"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), (a["update"], key)
