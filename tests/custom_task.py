@@ -1,0 +1,23 @@
+"""A fork's own task, plugged into refuel.py with `--task tests/custom_task.py:make_task` (no script edited)."""
+
+import utils
+
+
+def count_up_user(episodes):
+    """Asks for the next number; ends the dialogue once the assistant has answered three times."""
+    return [None if e.turns >= 3 else f"Now say {e.turns + 1}." for e in episodes]
+
+
+def says_the_number(episodes):
+    """1 for each assistant turn that contains the number asked for, divided by the turns played."""
+    scores = []
+    for e in episodes:
+        answers = [m["content"] for m in e.messages if m["role"] == "assistant"]
+        scores.append(sum(str(i + 1) in a for i, a in enumerate(answers)) / max(1, len(answers)))
+    return scores
+
+
+def make_task(args):
+    opening = lambda: utils.Episode([{"role": "user", "content": "Count with me. Say 1."}])  # noqa: E731
+    return utils.Task(train=[opening() for _ in range(16)], eval=[opening() for _ in range(4)],
+                      user=count_up_user, reward=says_the_number, horizon=3)
