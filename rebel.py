@@ -21,7 +21,6 @@ Run:
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -143,11 +142,6 @@ def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor
     return (weights * residual**2).sum() / weights.sum().clamp(min=1), residual
 
 
-def sample_seed(*parts) -> int:
-    """A sampling seed fixed by (seed, update, rank, index): a resumed run draws the same responses."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
-
-
 def prompt_indices(num_prompts: int, update: int, per_update: int, seed: int) -> np.ndarray:
     """The prompts of one update across all ranks: consecutive slices of per-epoch permutations.
 
@@ -159,15 +153,6 @@ def prompt_indices(num_prompts: int, update: int, per_update: int, seed: int) ->
         epoch, offset = divmod(position, num_prompts)
         out.append(np.random.default_rng([seed, epoch]).permutation(num_prompts)[offset])
     return np.array(out)
-
-
-def logprobs_in_chunks(model, input_ids, attention_mask, response_mask, temperature, chunk) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([
-            utils.sequence_logprobs(model, input_ids[i : i + chunk], attention_mask[i : i + chunk],
-                                    response_mask[i : i + chunk], temperature)
-            for i in range(0, len(input_ids), chunk)
-        ])
 
 
 if __name__ == "__main__":
@@ -265,7 +250,7 @@ if __name__ == "__main__":
         indices = prompt_indices(len(prompts), update, world_size * args.prompts_per_rank, args.seed)
         indices = indices[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
         pair_prompts = [prompts[i] for i in indices for _ in range(2)]
-        seeds = [sample_seed(args.seed, update, rank, j) for j in range(len(pair_prompts))]
+        seeds = [utils.sample_seed(args.seed, update, rank, j) for j in range(len(pair_prompts))]
         completions = engine.generate(pair_prompts, args.max_new_tokens, args.temperature, seeds)
         timings["gen"] = time.time() - t0
 
@@ -286,11 +271,12 @@ if __name__ == "__main__":
             t.to(device) for t in utils.batch_for_logprobs(pair_prompts, [c.token_ids for c in completions],
                                                            tokenizer.pad_token_id))
         chunk = 2 * args.micro_batch_pairs
-        old_lp = logprobs_in_chunks(policy, input_ids, attention_mask, response_mask, args.temperature, chunk).cpu()
+        old_lp = utils.sequence_logprobs_in_chunks(policy, input_ids, attention_mask, response_mask,
+                                                   args.temperature, chunk)
         kl = torch.zeros_like(old_lp)
         if reference is not None:
-            ref_lp = logprobs_in_chunks(reference, input_ids, attention_mask, response_mask, args.temperature, chunk)
-            kl = old_lp - ref_lp.cpu()
+            kl = old_lp - utils.sequence_logprobs_in_chunks(reference, input_ids, attention_mask, response_mask,
+                                                            args.temperature, chunk)
         rewards = (scores - args.kl_coef * kl).view(-1, 2)
         # a NaN reward (a broken reward function or model) drops its pair from the loss, counted in the logs
         valid = torch.isfinite(rewards).all(1)

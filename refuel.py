@@ -361,17 +361,12 @@ if __name__ == "__main__":
         input_ids, attention_mask, response_mask = (
             t.to(device) for t in utils.batch_for_logprobs(prompts, responses, tokenizer.pad_token_id))
         chunk = 2 * args.micro_batch_pairs
-        with torch.no_grad():
-            old_lp = torch.cat([utils.sequence_logprobs(policy, input_ids[i : i + chunk], attention_mask[i : i + chunk],
-                                                        response_mask[i : i + chunk], args.temperature)
-                                for i in range(0, len(input_ids), chunk)]).cpu().view(-1, 2)
-            kl = torch.zeros_like(old_lp)
-            if reference is not None:
-                ref_lp = torch.cat([utils.sequence_logprobs(reference, input_ids[i : i + chunk],
-                                                            attention_mask[i : i + chunk], response_mask[i : i + chunk],
-                                                            args.temperature)
-                                    for i in range(0, len(input_ids), chunk)]).cpu().view(-1, 2)
-                kl = old_lp - ref_lp
+        old_lp = utils.sequence_logprobs_in_chunks(policy, input_ids, attention_mask, response_mask,
+                                                   args.temperature, chunk).view(-1, 2)
+        kl = torch.zeros_like(old_lp)
+        if reference is not None:
+            kl = old_lp - utils.sequence_logprobs_in_chunks(reference, input_ids, attention_mask, response_mask,
+                                                            args.temperature, chunk).view(-1, 2)
         returns = scores - args.kl_coef * kl
         # identical turn-h responses carry no signal and NaN rewards no information: weight 0, counted
         identical = torch.tensor([r0 == r1 for r0, r1 in zip(responses[0::2], responses[1::2])])

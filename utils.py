@@ -334,6 +334,17 @@ def sequence_logprobs(
     return (token_logprobs * loss_mask[:, keep + 1]).sum(-1)
 
 
+@torch.no_grad()
+def sequence_logprobs_in_chunks(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                loss_mask: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+    """`sequence_logprobs` without gradients, `chunk` rows at a time, on the CPU: the "old" and reference log-probs."""
+    return torch.cat([
+        sequence_logprobs(model, input_ids[i : i + chunk], attention_mask[i : i + chunk], loss_mask[i : i + chunk],
+                          temperature).cpu()
+        for i in range(0, len(input_ids), chunk)
+    ])
+
+
 def token_logprobs(model: torch.nn.Module, token_ids: list[int], device: torch.device) -> torch.Tensor:
     """Per-token log-probs (temperature 1) of one sequence, positions 1..; for the trainer/vLLM parity check."""
     input_ids = torch.tensor([token_ids], device=device)
