@@ -795,11 +795,14 @@ class Task:
 
 
 class GuessNumber:
-    """The verifiable multi-turn task: guess a secret number in 1..n with "Higher."/"Lower." replies.
+    """The verifiable multi-turn task: guess a secret number in 1..n; the user answers "Higher"/"Lower" and
+    restates the interval that is still possible.
 
-    Reward 1 when the secret is named within the horizon, else 0. Binary search is optimal; guessing at random
-    among the numbers still consistent with the replies is not, because the payoff of a good early guess (an
-    interval halved) only shows turns later. A reply that is not a number in range costs a turn.
+    Reward 1 when the secret is named within the horizon, else 0. Every guess inside the interval has the same
+    chance to be right now, so the immediate reward cannot tell a good guess from a bad one; the midpoint is
+    better only because it leaves the smallest interval for the turns after (binary search is optimal). That
+    payoff shows turns later, which is the credit assignment multi-turn methods are for. A reply that is not a
+    number in range costs a turn.
     """
 
     def __init__(self, n: int = 32, horizon: int = 5):
@@ -815,13 +818,24 @@ class GuessNumber:
         text = text.strip().rstrip(".")
         return int(text) if text.isdigit() and 1 <= int(text) <= self.n else None
 
+    def answer(self, guess: int, secret: int, low: int, high: int) -> tuple[str, int, int]:
+        """The user's reply to a wrong guess, and the interval still possible after it."""
+        if guess < secret:
+            low = max(low, guess + 1)
+            return f"Higher: from {low} to {high}.", low, high
+        high = min(high, guess - 1)
+        return f"Lower: from {low} to {high}.", low, high
+
     def reply(self, episode: Episode) -> str | None:
-        guess = self.parse(episode.messages[-1]["content"])
-        if guess is None:
+        guesses = [self.parse(m["content"]) for m in episode.messages if m["role"] == "assistant"]
+        if guesses[-1] is None:
             return f"Please answer with one number from 1 to {self.n}."
-        if guess == episode.info["secret"]:
+        if guesses[-1] == episode.info["secret"]:
             return None
-        return "Higher." if guess < episode.info["secret"] else "Lower."
+        low, high = 1, self.n
+        for guess in filter(None, guesses):
+            text, low, high = self.answer(guess, episode.info["secret"], low, high)
+        return text
 
     def users(self, episodes: list[Episode]) -> list[str | None]:
         return [self.reply(e) for e in episodes]
@@ -842,7 +856,7 @@ class GuessNumber:
                     for t in range(turn, self.horizon):
                         solved[t] += 1
                     break
-                low, high = (guess + 1, high) if guess < secret else (low, guess - 1)
+                _, low, high = self.answer(guess, secret, low, high)
         return [s / games for s in solved]
 
     def random_consistent_game(self, rng: random.Random) -> Dialogue:
@@ -854,18 +868,18 @@ class GuessNumber:
             messages.append({"role": "assistant", "content": str(guess)})
             if guess == secret:
                 break
-            messages.append({"role": "user", "content": "Higher." if guess < secret else "Lower."})
-            low, high = (guess + 1, high) if guess < secret else (low, guess - 1)
+            text, low, high = self.answer(guess, secret, low, high)
+            messages.append({"role": "user", "content": text})
         if messages[-1]["role"] == "user":
             messages.pop()
         return messages
 
 
-def guess_number_policy(game: GuessNumber, tokenizer_path: str, steps: int = 200, seed: int = 0) -> str:
+def guess_number_policy(game: GuessNumber, tokenizer_path: str, steps: int = 300, seed: int = 0) -> str:
     """A tiny Llama taught the game's format by a short supervised warm start on random consistent play, cached.
 
     It learns to answer with a number consistent with the replies; from there the algorithms can find
-    binary search. About three minutes on 2 CPU cores, once per machine.
+    binary search. About three minutes on 2 CPU cores (one thread), once per machine.
     """
     folder = os.path.join(cache_dir(), f"guess_number_n{game.n}_h{game.horizon}_s{steps}_seed{seed}")
     if os.path.exists(os.path.join(folder, "config.json")):
@@ -879,6 +893,8 @@ def guess_number_policy(game: GuessNumber, tokenizer_path: str, steps: int = 200
                         num_attention_heads=4, num_key_value_heads=4)
         tokenizer, model = load_tokenizer(tmp), load_causal_lm(tmp)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        started, threads = time.time(), torch.get_num_threads()
+        torch.set_num_threads(1)  # the ops of a model this small are too small to share between threads
         rng = random.Random(seed)
         for step in range(steps):
             batch = [tokenize_dialogue(tokenizer, game.random_consistent_game(rng)) for _ in range(32)]
@@ -896,6 +912,10 @@ def guess_number_policy(game: GuessNumber, tokenizer_path: str, steps: int = 200
             optimizer.zero_grad()
             for group in optimizer.param_groups:
                 group["lr"] = 3e-3 * (1 - (step + 1) / steps)
+            if (step + 1) % 50 == 0:
+                print0(f"guess_number warm start: step {step + 1}/{steps}, loss {loss.item():.3f}, "
+                       f"{time.time() - started:.0f}s")
+        torch.set_num_threads(threads)
         model.save_pretrained(tmp)
         os.replace(tmp, folder)
     return folder

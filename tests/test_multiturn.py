@@ -150,12 +150,28 @@ def test_guess_number_user_and_reward():
     game = utils.GuessNumber(n=32, horizon=5)
     e = game.new_episode(secret=20)
     e.messages.append({"role": "assistant", "content": "16"})
-    assert game.reply(e) == "Higher."
-    e.messages += [{"role": "user", "content": "Higher."}, {"role": "assistant", "content": "seven"}]
+    assert game.reply(e) == "Higher: from 17 to 32."
+    e.messages += [{"role": "user", "content": "..."}, {"role": "assistant", "content": "seven"}]
     assert game.reply(e).startswith("Please answer")
+    e.messages += [{"role": "user", "content": "..."}, {"role": "assistant", "content": "24"}]
+    assert game.reply(e) == "Lower: from 17 to 23."
     e.messages += [{"role": "user", "content": "..."}, {"role": "assistant", "content": "20"}]
     assert game.reply(e) is None and game.rewards([e]) == [1.0]
     assert game.rewards([game.new_episode(3)]) == [0.0]
+
+
+def test_warm_start_games_are_consistent_play():
+    import random
+
+    game = utils.GuessNumber(n=32, horizon=5)
+    for seed in range(50):
+        messages = game.random_consistent_game(random.Random(seed))
+        low, high = 1, 32
+        for m in messages[2:]:
+            if m["role"] == "assistant":
+                assert low <= int(m["content"]) <= high
+            else:
+                low, high = map(int, m["content"].rstrip(".").split("from ")[1].split(" to "))
 
 
 def test_guess_number_reference_scores():
