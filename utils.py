@@ -377,6 +377,7 @@ class VLLMEngine:
     def __init__(self, model_path: str, max_model_len: int, seed: int, dtype: str, gpu_memory_utilization: float,
                  kv_cache_memory_bytes: int | None, enforce_eager: bool):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the progress lines
         from vllm import LLM
 
         self.llm = LLM(
