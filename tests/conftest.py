@@ -61,6 +61,15 @@ def process_group():
 
 
 @pytest.fixture(scope="session")
+def script_env():
+    """The environment for the scripts the tests launch. It leaves out the rank variables that `process_group`
+    set in this process (vLLM's external launcher reads them): a plain `python rebel.py` that inherited them would
+    try to join this process's group on its port instead of making its own."""
+    launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    return {key: value for key, value in os.environ.items() if key not in launcher}
+
+
+@pytest.fixture(scope="session")
 def vllm_engine(process_group, tiny_model):
     engine = utils.make_engine(tiny_model, process_group[2], 512, 0, False, 0.05, 64 * 2**20, "vllm")
     yield engine

@@ -9,15 +9,15 @@ import utils
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_step(ranks: int, model: str, out: str) -> dict:
+def run_step(ranks: int, model: str, out: str, env: dict) -> dict:
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                    os.path.join(HERE, "fsdp_step.py"), model, out], check=True, timeout=300)
+                    os.path.join(HERE, "fsdp_step.py"), model, out], check=True, timeout=300, env=env)
     return torch.load(out)
 
 
-def test_two_ranks_take_the_same_step_as_one(tiny_model, tmp_path):
-    one = run_step(1, tiny_model, str(tmp_path / "one.pt"))
-    two = run_step(2, tiny_model, str(tmp_path / "two.pt"))
+def test_two_ranks_take_the_same_step_as_one(tiny_model, tmp_path, script_env):
+    one = run_step(1, tiny_model, str(tmp_path / "one.pt"), script_env)
+    two = run_step(2, tiny_model, str(tmp_path / "two.pt"), script_env)
     assert abs(one["loss"] - two["loss"]) < 1e-4 * max(1.0, abs(one["loss"]))
     for name, w in one["weights"].items():
         # fp32 on CPU; the two runs sum gradients in a different order, so allow float rounding

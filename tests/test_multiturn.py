@@ -107,7 +107,7 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def user_server(tiny_model):
+def user_server(tiny_model, script_env):
     """A real vLLM OpenAI-compatible server of the tiny model on 127.0.0.1, started for these tests."""
     port = free_port()
     log = open(os.path.join(os.path.dirname(tiny_model), "server.log"), "w")
@@ -115,7 +115,7 @@ def user_server(tiny_model):
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model, "--host", "127.0.0.1",
          "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
          "--kv-cache-memory-bytes", str(64 * 2**20)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=script_env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
     import urllib.request

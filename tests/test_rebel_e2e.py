@@ -40,9 +40,9 @@ def read_metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_model, prompt_file, tmp_path_factory):
+def full_run(tiny_model, prompt_file, tmp_path_factory, script_env):
     output_dir = str(tmp_path_factory.mktemp("runs"))
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    env = {**script_env, "WANDB_MODE": "offline"}
     subprocess.run(command(tiny_model, prompt_file, output_dir, "full", "--track"), check=True, timeout=600, env=env)
     return os.path.join(output_dir, "full")
 
@@ -85,10 +85,10 @@ def test_hf_checkpoint_loads_in_vllm(full_run, process_group):
         engine.close()
 
 
-def test_resume_after_kill_continues_the_same_schedule(full_run, tiny_model, prompt_file, tmp_path):
+def test_resume_after_kill_continues_the_same_schedule(full_run, tiny_model, prompt_file, tmp_path, script_env):
     output_dir = str(tmp_path)
     run_dir = os.path.join(output_dir, "killed")
-    process = subprocess.Popen(command(tiny_model, prompt_file, output_dir, "killed"), start_new_session=True)
+    process = subprocess.Popen(command(tiny_model, prompt_file, output_dir, "killed"), start_new_session=True, env=script_env)
     deadline = time.time() + 600
     while not os.path.isdir(os.path.join(run_dir, "checkpoints", "update_000002")):
         assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
@@ -96,7 +96,8 @@ def test_resume_after_kill_continues_the_same_schedule(full_run, tiny_model, pro
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
-    subprocess.run(command(tiny_model, prompt_file, output_dir, "killed", "--resume"), check=True, timeout=600)
+    subprocess.run(command(tiny_model, prompt_file, output_dir, "killed", "--resume"), check=True, timeout=600,
+                   env=script_env)
     resumed, uninterrupted = read_metrics(run_dir), read_metrics(full_run)
     assert [m["update"] for m in resumed] == [0, 1, 2, 3, 4]
     for a, b in zip(resumed[3:], uninterrupted[3:]):
@@ -104,9 +105,9 @@ def test_resume_after_kill_continues_the_same_schedule(full_run, tiny_model, pro
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), (a["update"], key)
 
 
-def test_overlong_prompts_are_counted_then_refused(tiny_model, prompt_file, tmp_path):
+def test_overlong_prompts_are_counted_then_refused(tiny_model, prompt_file, tmp_path, script_env):
     result = subprocess.run([sys.executable, os.path.join(REPO, "rebel.py"), "--model", tiny_model, "--dataset",
                              prompt_file, "--output_dir", str(tmp_path), "--max_prompt_tokens", "10"],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=script_env)
     assert result.returncode != 0
     assert "0 usable prompts" in result.stderr and "'too_long': 30" in result.stderr

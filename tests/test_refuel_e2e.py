@@ -26,9 +26,9 @@ def read_metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
+def full_run(tmp_path_factory, script_env):
     output_dir = str(tmp_path_factory.mktemp("runs"))
-    subprocess.run(command(output_dir, "full"), check=True, timeout=900)
+    subprocess.run(command(output_dir, "full"), check=True, timeout=900, env=script_env)
     return os.path.join(output_dir, "full")
 
 
@@ -47,17 +47,17 @@ def test_iterations_log_regression_diagnostics_and_per_turn_eval(full_run):
         "update_000001", "update_000002", "update_000003"]
 
 
-def test_resume_after_kill_continues_the_same_schedule(full_run, tmp_path):
+def test_resume_after_kill_continues_the_same_schedule(full_run, tmp_path, script_env):
     output_dir = str(tmp_path)
     run_dir = os.path.join(output_dir, "killed")
-    process = subprocess.Popen(command(output_dir, "killed"), start_new_session=True)
+    process = subprocess.Popen(command(output_dir, "killed"), start_new_session=True, env=script_env)
     deadline = time.time() + 900
     while not os.path.isdir(os.path.join(run_dir, "checkpoints", "update_000001")):
         assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    subprocess.run(command(output_dir, "killed", "--resume"), check=True, timeout=900)
+    subprocess.run(command(output_dir, "killed", "--resume"), check=True, timeout=900, env=script_env)
     resumed, uninterrupted = read_metrics(run_dir), read_metrics(full_run)
     assert [m["update"] for m in resumed] == [0, 1, 2, 3]
     for a, b in zip(resumed[2:], uninterrupted[2:]):

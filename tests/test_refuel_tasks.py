@@ -10,17 +10,17 @@ SHORT = ["--num_iterations", "1", "--dialogues_per_rank", "4", "--minibatch_pair
          "--max_new_tokens", "4", "--eval_every", "1", "--kv_cache_gib", "0.0625"]
 
 
-def run(tmp_path, *extra):
+def run(tmp_path, env, *extra):
     subprocess.run([sys.executable, os.path.join(REPO, "refuel.py"), "--output_dir", str(tmp_path), "--run_name", "r",
-                    *SHORT, *extra], check=True, timeout=600)
+                    *SHORT, *extra], check=True, timeout=600, env=env)
     with open(os.path.join(tmp_path, "r", "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
-def test_chat_task_with_an_llm_user_and_a_reward_model(tmp_path, tiny_model, tiny_reward_model):
+def test_chat_task_with_an_llm_user_and_a_reward_model(tmp_path, tiny_model, tiny_reward_model, script_env):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(8)))
-    metrics = run(tmp_path, "--task", "chat", "--model", tiny_model, "--user", "llm", "--user_max_tokens", "4",
+    metrics = run(tmp_path, script_env, "--task", "chat", "--model", tiny_model, "--user", "llm", "--user_max_tokens", "4",
                   "--reward_model", tiny_reward_model, "--dataset", str(prompts), "--num_eval_prompts", "2",
                   "--horizon", "2", "--horizon_sampling", "uniform", "--kl_coef", "0.05", "--penalty_reward", "-1")
     assert [m["update"] for m in metrics] == [0, 1]
@@ -29,7 +29,7 @@ def test_chat_task_with_an_llm_user_and_a_reward_model(tmp_path, tiny_model, tin
     assert metrics[1]["reward/score"] == -1  # tiny random models never end a 4-token turn: all penalised
 
 
-def test_a_plugged_in_task_needs_no_edit(tmp_path, tiny_model):
-    metrics = run(tmp_path, "--task", os.path.join(REPO, "tests", "custom_task.py") + ":make_task",
+def test_a_plugged_in_task_needs_no_edit(tmp_path, tiny_model, script_env):
+    metrics = run(tmp_path, script_env, "--task", os.path.join(REPO, "tests", "custom_task.py") + ":make_task",
                   "--model", tiny_model, "--horizon_sampling", "uniform")
     assert metrics[1]["data/turns_played"] == 3 and "eval/score_turn3" in metrics[1]
