@@ -302,15 +302,20 @@ def pad_right(sequences: list[list[int]], pad_id: int, width: int | None = None)
 def batch_for_logprobs(
     prompts: list[list[int]], responses: list[list[int]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, response_mask) for `prompt + response` sequences.
+    """(input_ids, attention_mask, response_mask) for `prompt + response` sequences, laid out so that every
+    prompt ends in the same column: prompts padded on the left, responses on the right.
 
-    Right padding keeps every sequence's position ids 0..len-1, the same positions vLLM used when it
-    sampled the response. Pads use a real token id (pad or EOS) and are masked out of attention and loss.
+    The responses then occupy the same few columns in every row, and `sequence_logprobs` projects onto the
+    vocabulary only there; right-padding whole sequences would spread the responses over every column that
+    some row's response touches (8x slower for a tiny policy on multi-turn dialogues, where prompt lengths
+    vary by turn). Pads use a real token id (pad or EOS) and are masked out of attention and loss.
     """
-    sequences = [p + r for p, r in zip(prompts, responses)]
-    input_ids = pad_right(sequences, pad_id)
-    attention_mask = pad_right([[1] * len(s) for s in sequences], 0, input_ids.shape[1])
-    response_mask = pad_right([[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)], 0, input_ids.shape[1])
+    width = max(len(p) for p in prompts)
+    left = [width - len(p) for p in prompts]
+    input_ids = pad_right([[pad_id] * n + p + r for n, p, r in zip(left, prompts, responses)], pad_id)
+    attention_mask = pad_right([[0] * n + [1] * (len(p) + len(r)) for n, p, r in zip(left, prompts, responses)], 0,
+                               input_ids.shape[1])
+    response_mask = pad_right([[0] * width + [1] * len(r) for r in responses], 0, input_ids.shape[1])
     return input_ids, attention_mask, response_mask
 
 
@@ -322,12 +327,15 @@ def sequence_logprobs(
 
     fp32 log-softmax (bf16 loses precision on sums over hundreds of tokens). The temperature is the
     sampling temperature, so the ratios are those of the distribution the responses were drawn from.
+    Position ids count only the attended tokens, so a left-padded row is read at the positions vLLM
+    sampled it at.
     """
-    # logits only where some row has a masked next token: prompts are long and turns short, and the
-    # vocabulary projection is most of the cost
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    # logits only where some row has a masked next token: the vocabulary projection is most of the cost
     predicting = loss_mask[:, 1:].any(0).nonzero().flatten()
     keep = torch.arange(predicting[0].item(), predicting[-1].item() + 1, device=input_ids.device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits.float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=keep).logits.float()
     logits = logits / temperature
     targets = input_ids[:, keep + 1]
     token_logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)

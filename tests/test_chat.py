@@ -65,21 +65,27 @@ def test_tokenizer_without_chat_template_is_a_clear_error(smollm2_path, tmp_path
         utils.load_tokenizer(str(tmp_path))
 
 
-def test_batch_for_logprobs_masks_only_responses():
+def test_batch_for_logprobs_aligns_prompt_ends_and_masks_only_responses():
     input_ids, attention, response = utils.batch_for_logprobs([[5, 6, 7], [5]], [[8, 9], [8, 9, 10]], pad_id=0)
-    assert input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 8, 9, 10, 0]]
-    assert attention.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
-    assert response.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
+    assert input_ids.tolist() == [[5, 6, 7, 8, 9, 0], [0, 0, 5, 8, 9, 10]]
+    assert attention.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert response.tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
 
 
-def test_sequence_logprobs_equal_a_full_forward(tiny_model):
-    """Logits are computed only over the response span; the sums must equal those of a full forward."""
+def test_sequence_logprobs_of_a_padded_batch_equal_each_sequence_alone(tiny_model):
+    """Padding on both sides, position ids and the response-only vocabulary projection change nothing: each
+    row's sum equals a plain forward of that sequence alone, and the gradient stays finite."""
     import torch
 
     model = utils.load_causal_lm(tiny_model)
-    input_ids, attention, response = utils.batch_for_logprobs([[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]], 0)
+    prompts, responses = [[5, 6, 7, 8, 20, 21], [9, 10], [30]], [[11, 12], [13, 14, 15, 16], [17]]
+    input_ids, attention, response = utils.batch_for_logprobs(prompts, responses, 0)
+    ours = utils.sequence_logprobs(model, input_ids, attention, response, temperature=0.7)
+    ours.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     with torch.no_grad():
-        ours = utils.sequence_logprobs(model, input_ids, attention, response, temperature=0.7)
-        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1] / 0.7
-        full = (logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1) * response[:, 1:]).sum(-1)
-    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
+        for row, (p, r) in enumerate(zip(prompts, responses)):
+            ids = torch.tensor([p + r])
+            logits = model(input_ids=ids).logits[0, len(p) - 1 : -1] / 0.7
+            alone = logits.log_softmax(-1).gather(-1, ids[0, len(p) :, None]).sum()
+            torch.testing.assert_close(ours[row].detach(), alone, rtol=1e-5, atol=1e-5)
