@@ -211,7 +211,9 @@ def shard_model(model: torch.nn.Module, bf16: bool) -> torch.nn.Module:
     With bf16 the forward and backward run in bf16 while the sharded master weights, the gradient
     reduction and the optimizer stay in fp32.
     """
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy()
+    if bf16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -399,7 +401,8 @@ class VLLMEngine:
         )
         self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float, seeds: list[int]) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float,
+                 seeds: list[int]) -> list[Completion]:
         from vllm import SamplingParams
 
         # top_p=1 and top_k off: the trainer scores the full softmax at `temperature`, so sampling must too
@@ -442,7 +445,8 @@ class TransformersEngine:
         self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float, seeds: list[int]) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float,
+                 seeds: list[int]) -> list[Completion]:
         completions = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start : start + self.batch_size]
@@ -463,7 +467,8 @@ class TransformersEngine:
             for row in out[:, width:].tolist():
                 end = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), None)
                 tokens = row[:end] if end else row
-                completions.append(Completion(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), end is not None))
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                completions.append(Completion(tokens, text, end is not None))
         return completions
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -711,18 +716,24 @@ def parse_user_reply(text: str) -> str:
 
 
 class LLMUser:
-    """A chat model playing the user through its own rollout engine, prompted as in the REFUEL code."""
+    """A chat model playing the user through its own rollout engine, prompted as in the REFUEL code.
+
+    A reply's sampling seed is a hash of `seed` and the conversation so far, so the user answers the same
+    conversation the same way whenever it is asked: a resumed run replays its user turns, and an evaluation
+    of the trained policy meets the initial policy's user wherever their dialogues agree.
+    """
 
     def __init__(self, engine, tokenizer, max_tokens: int, temperature: float, seed: int):
         self.engine, self.tokenizer = engine, tokenizer
-        self.max_tokens, self.temperature, self.seed, self.calls = max_tokens, temperature, seed, 0
+        self.max_tokens, self.temperature, self.seed = max_tokens, temperature, seed
 
     def __call__(self, episodes: list[Episode]) -> list[str]:
-        prompts = [chat_token_ids(self.tokenizer, [{"role": "user", "content": user_simulator_prompt(e.messages)}],
-                                  add_generation_prompt=True) for e in episodes]
-        self.calls += 1
-        seeds = [sample_seed(self.seed, self.calls, i) for i in range(len(prompts))]
-        return [parse_user_reply(c.text) for c in self.engine.generate(prompts, self.max_tokens, self.temperature, seeds)]
+        texts = [user_simulator_prompt(e.messages) for e in episodes]
+        prompts = [chat_token_ids(self.tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True)
+                   for t in texts]
+        seeds = [sample_seed(self.seed, t) for t in texts]
+        completions = self.engine.generate(prompts, self.max_tokens, self.temperature, seeds)
+        return [parse_user_reply(c.text) for c in completions]
 
 
 class UserServerError(RuntimeError):
@@ -733,13 +744,13 @@ class ServerUser:
     """The same simulated user served by a vLLM OpenAI-compatible server (e.g. a 70B model with its own GPUs).
 
     Each request is retried `retries` times with a growing pause; a server that stays down or slow raises
-    `UserServerError` naming the URL, so no dialogue is silently dropped.
+    `UserServerError` naming the URL, so no dialogue is silently dropped. Seeds as in `LLMUser`.
     """
 
     def __init__(self, url: str, model: str, max_tokens: int, temperature: float, seed: int, timeout: float = 120,
                  retries: int = 3, concurrency: int = 16):
         self.url, self.model, self.max_tokens, self.temperature = url.rstrip("/"), model, max_tokens, temperature
-        self.seed, self.timeout, self.retries, self.concurrency, self.calls = seed, timeout, retries, concurrency, 0
+        self.seed, self.timeout, self.retries, self.concurrency = seed, timeout, retries, concurrency
 
     def _ask(self, prompt: str, seed: int) -> str:
         import urllib.error
@@ -762,9 +773,8 @@ class ServerUser:
     def __call__(self, episodes: list[Episode]) -> list[str]:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.calls += 1
         prompts = [user_simulator_prompt(e.messages) for e in episodes]
-        seeds = [sample_seed(self.seed, self.calls, i) for i in range(len(prompts))]
+        seeds = [sample_seed(self.seed, p) for p in prompts]
         with ThreadPoolExecutor(self.concurrency) as pool:
             return [parse_user_reply(text) for text in pool.map(self._ask, prompts, seeds)]
 
@@ -930,7 +940,8 @@ def guess_number_policy(game: GuessNumber, tokenizer_path: str, steps: int = 300
     return folder
 
 
-def guess_number_task(tokenizer_path: str, seed: int, num_train: int = 4096, num_eval: int = 256) -> Task:
+def guess_number_task(tokenizer_path: str, seed: int, warm_start_steps: int = 300, num_train: int = 4096,
+                      num_eval: int = 256) -> Task:
     """The built-in verifiable task: secret numbers are drawn with `seed` (the eval set with a fixed seed)."""
     game = GuessNumber()
     rng, eval_rng = random.Random(seed), random.Random(12345)
@@ -940,7 +951,7 @@ def guess_number_task(tokenizer_path: str, seed: int, num_train: int = 4096, num
         user=game.users, reward=game.rewards, horizon=game.horizon,
         reference_scores={"binary search (optimal)": game.solved_by_turn("binary"),
                           "random consistent": game.solved_by_turn("random")},
-        policy=guess_number_policy(game, tokenizer_path),
+        policy=guess_number_policy(game, tokenizer_path, warm_start_steps),
     )
 
 

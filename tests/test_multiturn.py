@@ -89,6 +89,8 @@ def test_llm_user_with_a_tiny_model(vllm_engine, tiny_model):
     user = utils.LLMUser(vllm_engine, utils.load_tokenizer(tiny_model), 8, 0.8, seed=0)
     replies = user([opening(), opening("Hi.")])
     assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
+    # a reply depends on the conversation, not on the call or the batch position: resumed runs replay it
+    assert user([opening("Hi."), opening()]) == replies[::-1]
 
 
 def test_llm_user_with_smollm2_asks_a_question(process_group, smollm2_path):
