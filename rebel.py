@@ -162,6 +162,9 @@ if __name__ == "__main__":
     rank, world_size, device = utils.init_distributed()
     if args.resume and args.run_name is None:
         raise SystemExit("--resume needs --run_name of the run to continue")
+    if not 1 <= args.num_minibatches <= args.prompts_per_rank:
+        raise SystemExit(f"--num_minibatches {args.num_minibatches} must be within 1..{args.prompts_per_rank} "
+                         "(--prompts_per_rank)")
     run_name = args.run_name or utils.broadcast_object(f"{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir = os.path.join(args.output_dir, run_name)
     if rank == 0:
@@ -169,7 +172,7 @@ if __name__ == "__main__":
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
     utils.seed_everything(args.seed + rank)
-    sync_tolerance = args.sync_tolerance or (0.5 if args.bf16 else 1e-3)
+    sync_tolerance = args.sync_tolerance if args.sync_tolerance is not None else (0.5 if args.bf16 else 1e-3)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
 
     policy_path = utils.resolve_model_path(args.model)
@@ -209,7 +212,8 @@ if __name__ == "__main__":
     # rollout engine, colocated on this rank; a fixed probe sequence checks every weight sync
     engine = utils.make_engine(policy_path, device, args.max_prompt_tokens + args.max_new_tokens, args.seed, args.bf16,
                                0.3, int(args.kv_cache_gib * 2**30), args.rollout_backend)
-    probe_ids = prompts[0] + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    probe_answer = tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids
+    probe_ids = prompts[0] + probe_answer + [tokenizer.eos_token_id]
 
     logger = utils.MetricsLogger(run_dir, dataclasses.asdict(args), args.track, args.wandb_project,
                                  args.wandb_entity, run_name, args.resume)
@@ -278,21 +282,20 @@ if __name__ == "__main__":
             kl = old_lp - utils.sequence_logprobs_in_chunks(reference, input_ids, attention_mask, response_mask,
                                                             args.temperature, chunk)
         rewards = (scores - args.kl_coef * kl).view(-1, 2)
-        # a NaN reward (a broken reward function or model) drops its pair from the loss, counted in the logs
-        valid = torch.isfinite(rewards).all(1)
+        # a NaN reward (a broken reward function or model) drops its pair from the loss, and so does a pair of
+        # identical responses (no signal; it would only dilute the mean); both are counted in the logs
+        finite = torch.isfinite(rewards).all(1)
+        identical = torch.tensor([a.token_ids == b.token_ids for a, b in zip(completions[0::2], completions[1::2])])
+        valid = finite & ~identical
         rewards = torch.nan_to_num(rewards, nan=0.0, posinf=0.0, neginf=0.0)
         old_lp = old_lp.view(-1, 2)
         timings["old_logprobs"] = time.time() - t0
 
         # 4. regress: num_epochs passes, num_minibatches optimizer steps each, micro-batches accumulate
         t0 = time.time()
-        num_pairs = args.prompts_per_rank
-        minibatch = num_pairs // args.num_minibatches
         losses, residuals = [], []
         for epoch in range(args.num_epochs):
-            order = torch.randperm(num_pairs)
-            for mb_start in range(0, num_pairs, minibatch):
-                mb = order[mb_start : mb_start + minibatch]
+            for mb in torch.tensor_split(torch.randperm(args.prompts_per_rank), args.num_minibatches):
                 mb_weight = valid[mb].float().sum().clamp(min=1)
                 for micro_start in range(0, len(mb), args.micro_batch_pairs):
                     pairs = mb[micro_start : micro_start + args.micro_batch_pairs]
@@ -305,7 +308,7 @@ if __name__ == "__main__":
                     # scale the micro-batch mean to its share of the minibatch mean
                     (loss * weights.sum().clamp(min=1) / mb_weight).backward()
                     losses.append(loss.item())
-                    residuals.append(residual.detach().cpu())
+                    residuals.append(residual.detach()[weights > 0].cpu())
                 grad_norm = utils.clip_grad_norm(policy, args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -324,9 +327,7 @@ if __name__ == "__main__":
             if valid.any() else torch.tensor(0.0), "loss/rebel": torch.tensor(losses).mean(),
             "loss/residual_abs": torch.cat(residuals).abs().mean(), "policy/response_tokens": lengths.mean(),
             "policy/finished": finished.float().mean(), "policy/grad_norm": torch.tensor(grad_norm),
-            "skipped/nan_reward_pairs": (~valid).float().sum(),
-            "skipped/identical_pairs": torch.tensor(float(sum(
-                completions[2 * i].token_ids == completions[2 * i + 1].token_ids for i in range(num_pairs)))),
+            "skipped/nan_reward_pairs": (~finite).float().sum(), "skipped/identical_pairs": identical.float().sum(),
         }
         stacked = torch.stack([v.float() for v in local.values()]).to(torch.float64)
         dist.all_reduce(stacked)

@@ -88,7 +88,8 @@ def test_hf_checkpoint_loads_in_vllm(full_run, process_group):
 def test_resume_after_kill_continues_the_same_schedule(full_run, tiny_model, prompt_file, tmp_path, script_env):
     output_dir = str(tmp_path)
     run_dir = os.path.join(output_dir, "killed")
-    process = subprocess.Popen(command(tiny_model, prompt_file, output_dir, "killed"), start_new_session=True, env=script_env)
+    process = subprocess.Popen(command(tiny_model, prompt_file, output_dir, "killed"), start_new_session=True,
+                               env=script_env)
     deadline = time.time() + 600
     while not os.path.isdir(os.path.join(run_dir, "checkpoints", "update_000002")):
         assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"

@@ -20,7 +20,8 @@ def run(tmp_path, env, *extra):
 def test_chat_task_with_an_llm_user_and_a_reward_model(tmp_path, tiny_model, tiny_reward_model, script_env):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(8)))
-    metrics = run(tmp_path, script_env, "--task", "chat", "--model", tiny_model, "--user", "llm", "--user_max_tokens", "4",
+    metrics = run(tmp_path, script_env, "--task", "chat", "--model", tiny_model, "--user", "llm",
+                  "--user_max_tokens", "4",
                   "--reward_model", tiny_reward_model, "--dataset", str(prompts), "--num_eval_prompts", "2",
                   "--horizon", "2", "--horizon_sampling", "uniform", "--kl_coef", "0.05", "--penalty_reward", "-1")
     assert [m["update"] for m in metrics] == [0, 1]
