@@ -134,8 +134,9 @@ def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor
                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """REBEL's squared regression loss over pairs; tensors are [pairs, 2] (y in column 0, y' in column 1).
 
-    Returns the weighted mean loss and the per-pair residual. A pair of weight 0 (a NaN reward) contributes
-    nothing but still runs through the forward, so that every rank does the same FSDP collectives.
+    Returns the weighted mean loss and the per-pair residual. A pair of weight 0 (a NaN reward, identical
+    responses) contributes nothing but still runs through the forward, so that every rank does the same FSDP
+    collectives.
     """
     log_ratio = new_lp - old_lp
     residual = (log_ratio[:, 0] - log_ratio[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])
@@ -325,7 +326,8 @@ if __name__ == "__main__":
         local = {
             "reward/score": scores.nanmean(), "reward/kl": kl.mean(), "reward/total": rewards[valid].mean()
             if valid.any() else torch.tensor(0.0), "loss/rebel": torch.tensor(losses).mean(),
-            "loss/residual_abs": torch.cat(residuals).abs().mean(), "policy/response_tokens": lengths.mean(),
+            "loss/residual_abs": torch.cat(residuals).abs().mean() if valid.any() else torch.tensor(0.0),
+            "policy/response_tokens": lengths.mean(),
             "policy/finished": finished.float().mean(), "policy/grad_norm": torch.tensor(grad_norm),
             "skipped/nan_reward_pairs": (~finite).float().sum(), "skipped/identical_pairs": identical.float().sum(),
         }

@@ -898,7 +898,7 @@ def guess_number_policy(game: GuessNumber, tokenizer_path: str, steps: int = 300
     """A tiny Llama taught the game's format by a short supervised warm start on random consistent play, cached.
 
     It learns to answer with a number consistent with the replies; from there the algorithms can find
-    binary search. About three minutes on 2 CPU cores (one thread), once per machine.
+    binary search. About 1 s a step on 2 CPU cores (one thread), once per machine and `steps`.
     """
     folder = os.path.join(cache_dir(), f"guess_number_n{game.n}_h{game.horizon}_s{steps}_seed{seed}")
     if os.path.exists(os.path.join(folder, "config.json")):
@@ -941,7 +941,7 @@ def guess_number_policy(game: GuessNumber, tokenizer_path: str, steps: int = 300
 
 
 def guess_number_task(tokenizer_path: str, seed: int, warm_start_steps: int = 300, num_train: int = 4096,
-                      num_eval: int = 256) -> Task:
+                      num_eval: int = 1024) -> Task:
     """The built-in verifiable task: secret numbers are drawn with `seed` (the eval set with a fixed seed)."""
     game = GuessNumber()
     rng, eval_rng = random.Random(seed), random.Random(12345)
