@@ -296,7 +296,10 @@ if __name__ == "__main__":
         t0 = time.time()
         losses, residuals = [], []
         for epoch in range(args.num_epochs):
-            for mb in torch.tensor_split(torch.randperm(args.prompts_per_rank), args.num_minibatches):
+            # the shuffle has its own seed: vLLM draws from torch's global generator, so that one is not replayable
+            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, update, rank, epoch))
+            order = torch.randperm(args.prompts_per_rank, generator=shuffle)
+            for mb in torch.tensor_split(order, args.num_minibatches):
                 mb_weight = valid[mb].float().sum().clamp(min=1)
                 for micro_start in range(0, len(mb), args.micro_batch_pairs):
                     pairs = mb[micro_start : micro_start + args.micro_batch_pairs]

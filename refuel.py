@@ -385,7 +385,9 @@ if __name__ == "__main__":
         num_train = args.dialogues_per_rank - num_val
         losses = []
         for epoch in range(args.num_epochs):
-            order = torch.randperm(num_train)
+            # the shuffle has its own seed: vLLM draws from torch's global generator, so that one is not replayable
+            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
+            order = torch.randperm(num_train, generator=shuffle)
             for mb_start in range(0, num_train, args.minibatch_pairs):
                 mb = order[mb_start : mb_start + args.minibatch_pairs]
                 mb_weight = weights[mb].sum().clamp(min=1)

@@ -70,6 +70,23 @@ def script_env():
 
 
 @pytest.fixture(scope="session")
+def kill_run():
+    """SIGKILLs a launched run and every process under it, as a crashed node would. torchrun starts each worker
+    in a session of its own, so killing torchrun's process group alone leaves the workers running on."""
+    import psutil
+
+    def kill(process):
+        root = psutil.Process(process.pid)
+        tree = root.children(recursive=True) + [root]
+        for p in tree:
+            p.kill()
+        psutil.wait_procs(tree, timeout=60)
+        process.wait()
+
+    return kill
+
+
+@pytest.fixture(scope="session")
 def vllm_engine(process_group, tiny_model):
     engine = utils.make_engine(tiny_model, process_group[2], 512, 0, False, 0.05, 64 * 2**20, "vllm")
     yield engine

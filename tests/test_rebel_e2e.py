@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -85,17 +84,16 @@ def test_hf_checkpoint_loads_in_vllm(full_run, process_group):
         engine.close()
 
 
-def test_resume_after_kill_continues_the_same_schedule(full_run, tiny_model, prompt_file, tmp_path, script_env):
+def test_resume_after_kill_continues_the_same_schedule(full_run, tiny_model, prompt_file, tmp_path, script_env,
+                                                       kill_run):
     output_dir = str(tmp_path)
     run_dir = os.path.join(output_dir, "killed")
-    process = subprocess.Popen(command(tiny_model, prompt_file, output_dir, "killed"), start_new_session=True,
-                               env=script_env)
+    process = subprocess.Popen(command(tiny_model, prompt_file, output_dir, "killed"), env=script_env)
     deadline = time.time() + 600
     while not os.path.isdir(os.path.join(run_dir, "checkpoints", "update_000002")):
         assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_run(process)
 
     subprocess.run(command(tiny_model, prompt_file, output_dir, "killed", "--resume"), check=True, timeout=600,
                    env=script_env)

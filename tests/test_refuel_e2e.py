@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -47,16 +46,15 @@ def test_iterations_log_regression_diagnostics_and_per_turn_eval(full_run):
         "update_000001", "update_000002", "update_000003"]
 
 
-def test_resume_after_kill_continues_the_same_schedule(full_run, tmp_path, script_env):
+def test_resume_after_kill_continues_the_same_schedule(full_run, tmp_path, script_env, kill_run):
     output_dir = str(tmp_path)
     run_dir = os.path.join(output_dir, "killed")
-    process = subprocess.Popen(command(output_dir, "killed"), start_new_session=True, env=script_env)
+    process = subprocess.Popen(command(output_dir, "killed"), env=script_env)
     deadline = time.time() + 900
     while not os.path.isdir(os.path.join(run_dir, "checkpoints", "update_000001")):
         assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_run(process)
     subprocess.run(command(output_dir, "killed", "--resume"), check=True, timeout=900, env=script_env)
     resumed, uninterrupted = read_metrics(run_dir), read_metrics(full_run)
     assert [m["update"] for m in resumed] == [0, 1, 2, 3]
