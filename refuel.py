@@ -408,15 +408,14 @@ if __name__ == "__main__":
 
         # 6. the official code's regression diagnostics on the held-out pairs: loss, and how often the sign of
         # the log-ratio difference agrees with the sign of the return difference
-        with torch.no_grad():
-            val = torch.arange(num_train, args.dialogues_per_rank)
-            rows = pair_rows(val).to(device)
-            new_lp = utils.sequence_logprobs(policy, input_ids[rows], attention_mask[rows], response_mask[rows],
-                                             args.temperature).view(-1, 2).cpu()
-            val_loss, residual = refuel_loss(new_lp, old_lp[val], returns[val], args.eta, weights[val])
-            log_ratio_diff = residual + args.eta * (returns[val, 0] - returns[val, 1])
-            informative = (weights[val] > 0) & (returns[val, 0] != returns[val, 1])
-            aligned = (torch.sign(log_ratio_diff) == torch.sign(returns[val, 0] - returns[val, 1]))[informative]
+        val = torch.arange(num_train, args.dialogues_per_rank)
+        rows = pair_rows(val).to(device)
+        new_lp = utils.sequence_logprobs_in_chunks(policy, input_ids[rows], attention_mask[rows], response_mask[rows],
+                                                   args.temperature, chunk).view(-1, 2)
+        val_loss, residual = refuel_loss(new_lp, old_lp[val], returns[val], args.eta, weights[val])
+        log_ratio_diff = residual + args.eta * (returns[val, 0] - returns[val, 1])
+        informative = (weights[val] > 0) & (returns[val, 0] != returns[val, 1])
+        aligned = (torch.sign(log_ratio_diff) == torch.sign(returns[val, 0] - returns[val, 1]))[informative]
 
         # 7. push the new weights into this rank's engine, and check that they arrived
         t0 = time.time()
