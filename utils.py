@@ -149,9 +149,26 @@ def embedded_smollm2_folder() -> str:
     return folder
 
 
+def rank0_first(build: Callable[[], str]) -> str:
+    """Runs a cached one-time build (a model folder) on rank 0 before the other ranks, which then find it cached.
+
+    transformers' `save_pretrained` writes nothing on a rank other than 0 once a process group exists, so a
+    build that another rank won the file lock for would leave an empty folder. Every rank must call this.
+    """
+    later = dist.is_initialized() and dist.get_rank() != 0
+    if later:
+        dist.barrier()
+    folder = build()
+    if dist.is_initialized() and not later:
+        dist.barrier()
+    return folder
+
+
 def resolve_model_path(name: str) -> str:
     """Hub id or local folder as given; the embedded SmolLM2 name becomes its converted local folder."""
-    return embedded_smollm2_folder() if name == EMBEDDED_SMOLLM2 else name
+    return rank0_first(embedded_smollm2_folder) if name == EMBEDDED_SMOLLM2 else name
+
+
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -951,7 +968,7 @@ def guess_number_task(tokenizer_path: str, seed: int, warm_start_steps: int = 30
         user=game.users, reward=game.rewards, horizon=game.horizon,
         reference_scores={"binary search (optimal)": game.solved_by_turn("binary"),
                           "random consistent": game.solved_by_turn("random")},
-        policy=guess_number_policy(game, tokenizer_path, warm_start_steps),
+        policy=rank0_first(lambda: guess_number_policy(game, tokenizer_path, warm_start_steps)),
     )
 
 

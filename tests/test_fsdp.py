@@ -25,3 +25,13 @@ def test_two_ranks_take_the_same_step_as_one(tiny_model, tmp_path, script_env):
     initial = utils.load_causal_lm(tiny_model).state_dict()
     moved = sum(not torch.equal(initial[k], v) for k, v in one["weights"].items())
     assert moved > len(one["weights"]) // 2  # the step really changed the weights
+
+
+def test_cold_cache_builds_are_complete_on_every_rank(tmp_path, script_env):
+    env = {**script_env, "XDG_CACHE_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(HERE, "cold_cache_build.py")],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(line for line in result.stdout.splitlines() if "complete folders" in line) == [
+        "rank 0: complete folders", "rank 1: complete folders"]
