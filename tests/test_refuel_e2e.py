@@ -16,7 +16,8 @@ def command(output_dir, run_name, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             os.path.join(REPO, "refuel.py"), "--output_dir", output_dir, "--run_name", run_name,
             "--num_iterations", "3", "--dialogues_per_rank", "8", "--minibatch_pairs", "4", "--micro_batch_pairs", "4",
-            "--eval_every", "2", "--save_every", "1", "--horizon_sampling", "uniform", *extra]
+            "--eval_every", "2", "--save_every", "1", "--horizon_sampling", "uniform",
+            "--warm_start_steps", "50", *extra]
 
 
 def read_metrics(run_dir):
@@ -35,13 +36,13 @@ def test_iterations_log_regression_diagnostics_and_per_turn_eval(full_run):
     metrics = read_metrics(full_run)
     assert [m["update"] for m in metrics] == [0, 1, 2, 3]
     initial = metrics[0]
-    assert initial["reference/binary search (optimal)_turn5"] > 0.9
-    assert all(initial[f"eval/winrate_vs_initial_turn{t}"] == 0.5 for t in range(1, 6))  # itself: all ties
+    assert initial["reference/binary search (optimal)_turn3"] == 1.0
+    assert all(initial[f"eval/winrate_vs_initial_turn{t}"] == 0.5 for t in range(1, 4))  # itself: all ties
     for m in metrics[1:]:
         assert math.isfinite(m["loss/refuel"]) and math.isfinite(m["val/loss"])
         assert math.isnan(m["val/sign_align"]) or 0 <= m["val/sign_align"] <= 1  # NaN: no informative pair
-        assert m["sync/logprob_gap"] < 1e-3 and 1 <= m["data/branch_turn"] <= 5
-    assert "eval/score_turn5" in metrics[2] and "eval/score_turn5" in metrics[3]
+        assert m["sync/logprob_gap"] < 1e-3 and 1 <= m["data/branch_turn"] <= 3
+    assert "eval/score_turn3" in metrics[2] and "eval/score_turn3" in metrics[3]
     assert sorted(os.listdir(os.path.join(full_run, "checkpoints"))) == [
         "update_000001", "update_000002", "update_000003"]
 
@@ -59,5 +60,5 @@ def test_resume_after_kill_continues_the_same_schedule(full_run, tmp_path, scrip
     resumed, uninterrupted = read_metrics(run_dir), read_metrics(full_run)
     assert [m["update"] for m in resumed] == [0, 1, 2, 3]
     for a, b in zip(resumed[2:], uninterrupted[2:]):
-        for key in ("reward/score", "loss/refuel", "val/loss", "policy/lr", "data/branch_turn", "eval/score_turn5"):
+        for key in ("reward/score", "loss/refuel", "val/loss", "policy/lr", "data/branch_turn", "eval/score_turn3"):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), (a["update"], key)
