@@ -200,8 +200,7 @@ def fresh(episode: utils.Episode) -> utils.Episode:
 def make_task(args: Args, tokenizer_path: str) -> utils.Task:
     """The built-in tasks; a fork's own comes from `--task module:function`."""
     if args.task == "guess_number":
-        return utils.guess_number_task(tokenizer_path, args.seed, args.warm_start_steps, args.guess_max,
-                                       args.horizon or 3)
+        return utils.guess_number_task(tokenizer_path, args.seed, args.warm_start_steps, args.guess_max, args.horizon)
     if args.task != "chat":
         return utils.import_function(args.task)(args)
     dialogues, skipped = utils.load_prompts(args.dataset, args.prompt_column, args.dataset_split)

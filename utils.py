@@ -964,10 +964,11 @@ def guess_number_policy(game: GuessNumber, tokenizer_path: str, steps: int = 800
     return folder
 
 
-def guess_number_task(tokenizer_path: str, seed: int, warm_start_steps: int = 800, n: int = 7, horizon: int = 3,
-                      num_train: int = 4096, num_eval: int = 1024) -> Task:
-    """The built-in verifiable task: secret numbers are drawn with `seed` (the eval set with a fixed seed)."""
-    game = GuessNumber(n, horizon)
+def guess_number_task(tokenizer_path: str, seed: int, warm_start_steps: int = 800, n: int = 7,
+                      horizon: int | None = None, num_train: int = 4096, num_eval: int = 1024) -> Task:
+    """The built-in verifiable task: secret numbers are drawn with `seed` (the eval set with a fixed seed);
+    `horizon` None keeps the game's own."""
+    game = GuessNumber(n, horizon) if horizon else GuessNumber(n)
     rng, eval_rng = random.Random(seed), random.Random(12345)
     return Task(
         train=[game.new_episode(rng.randint(1, game.n)) for _ in range(num_train)],

@@ -90,7 +90,7 @@ if __name__ == "__main__":
             cells.append(f"{spent / len(iterations):.2f} ({spent / total:.0%})")
         print(f"| {k[5:]} | " + " | ".join(cells) + " |")
 
-    game = utils.GuessNumber(run_args["guess_max"], run_args["horizon"] or 3)
+    game = utils.GuessNumber(run_args["guess_max"], len(turns))
     middle = (game.n + 1) / 2
     policies = {"initial policy": utils.guess_number_policy(
         game, utils.resolve_model_path(utils.EMBEDDED_SMOLLM2), run_args["warm_start_steps"])}
