@@ -16,19 +16,17 @@ Run:
         --model meta-llama/Meta-Llama-3-8B-Instruct --reward_model sfairXC/FsfairX-LLaMA3-RM-v0.1 \\
         --dataset HuggingFaceH4/ultrafeedback_binarized --dataset_split train_prefs --prompt_column prompt \\
         --lr 1e-7 --adam_eps 1e-8 --eta 1.0 --temperature 0.5 --max_new_tokens 1024 --max_prompt_tokens 1024 \\
-        --kl_coef 0.05 --penalty_reward -4 --prompts_per_rank 4 --num_updates 2000 --kv_cache_gib 20
+        --kl_coef 0.05 --penalty_reward -4 --prompts_per_rank 4 --num_iterations 2000 --kv_cache_gib 20
                                                       # the paper's UltraFeedback setting (8 GPUs)
 """
 
 import dataclasses
-import json
 import os
 import time
 from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import tyro
 
 import utils
@@ -53,6 +51,8 @@ class Args:
     """wandb project"""
     wandb_entity: str | None = None
     """wandb entity (team)"""
+    verbose: bool = False
+    """show third-party warnings (vLLM, transformers) on the console"""
 
     # models
     model: str = utils.EMBEDDED_SMOLLM2
@@ -61,6 +61,8 @@ class Args:
     """bf16 forward/backward with fp32 master weights (on by default with a GPU)"""
     rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
     """`auto`: vLLM if installed, else transformers `generate`"""
+    engine_memory_share: float = 0.3
+    """vLLM's `gpu_memory_utilization` (on CPU: the share of the NUMA node's memory it may reserve)"""
     kv_cache_gib: float = 0.25
     """vLLM KV cache per rank in GiB"""
     sync_tolerance: float | None = None
@@ -81,7 +83,7 @@ class Args:
     # reward
     reward_model: str | None = None
     """a sequence-classification reward model (e.g. sfairXC/FsfairX-LLaMA3-RM-v0.1); unset: `reward_function`"""
-    reward_function: str = "utils:brevity_reward"
+    reward_function: str = "tasks.chat:brevity_reward"
     """`module:function` or `file.py:function` scoring a dialogue (list of messages) with a float"""
     trust_remote_code: bool = False
     """allow the reward model's own code (needed by ArmoRM)"""
@@ -100,10 +102,10 @@ class Args:
     """sampling temperature; log-probs are taken from logits / temperature too (paper: 0.7 TL;DR, 0.5 chat)"""
     max_new_tokens: int = 32
     """response length cap (paper: 53 TL;DR, 1024 chat)"""
-    num_updates: int = 8
-    """updates; each samples a fresh batch from the current policy"""
+    num_iterations: int = 8
+    """iterations; each samples a fresh batch from the current policy and trains on it"""
     prompts_per_rank: int = 4
-    """prompts per update per rank; each gets 2 responses (paper chat: 4 per GPU with grad accumulation)"""
+    """prompts per iteration per rank; each gets 2 responses (paper chat: 4 per GPU with grad accumulation)"""
     num_epochs: int = 2
     """passes over each batch (paper: 4; 2 keeps the CPU default run to a few minutes)"""
     num_minibatches: int = 1
@@ -125,9 +127,9 @@ class Args:
 
     # bookkeeping
     eval_every: int = 4
-    """greedy evaluation on the held-out prompts every this many updates (and at the first and last)"""
+    """greedy evaluation on the held-out prompts every this many iterations (and at the first and last)"""
     save_every: int = 4
-    """checkpoint every this many updates (and at the last)"""
+    """checkpoint every this many iterations (and at the last)"""
 
 
 def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor, eta: float,
@@ -143,14 +145,31 @@ def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor
     return (weights * residual**2).sum() / weights.sum().clamp(min=1), residual
 
 
-def prompt_indices(num_prompts: int, update: int, per_update: int, seed: int) -> np.ndarray:
-    """The prompts of one update across all ranks: consecutive slices of per-epoch permutations.
+def check_args(args: Args) -> None:
+    """Flags that cannot work are refused before anything loads."""
+    problems = [message for bad, message in [
+        (args.temperature <= 0, "--temperature must be > 0: log-probs divide the logits by it"),
+        (args.eta <= 0, "--eta must be > 0: it scales the rewards the log-ratios regress onto"),
+        (not 1 <= args.num_minibatches <= args.prompts_per_rank,
+         f"--num_minibatches {args.num_minibatches} must be within 1..{args.prompts_per_rank} (--prompts_per_rank)"),
+        (min(args.micro_batch_pairs, args.num_epochs, args.num_iterations) < 1,
+         "--micro_batch_pairs, --num_epochs and --num_iterations must be at least 1"),
+        (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
+    ] if bad]
+    if problems:
+        raise SystemExit("\n".join(problems))
+    if args.reward_model is None:
+        utils.import_function(args.reward_function)  # a reward that cannot be imported fails before the models load
+
+
+def prompt_indices(num_prompts: int, iteration: int, per_iteration: int, seed: int) -> np.ndarray:
+    """The prompts of one iteration across all ranks: consecutive slices of per-epoch permutations.
 
     A pure function of the update number, so the data order survives a resume without saved state.
     """
-    start = (update - 1) * per_update
+    start = (iteration - 1) * per_iteration
     out = []
-    for position in range(start, start + per_update):
+    for position in range(start, start + per_iteration):
         epoch, offset = divmod(position, num_prompts)
         out.append(np.random.default_rng([seed, epoch]).permutation(num_prompts)[offset])
     return np.array(out)
@@ -158,20 +177,13 @@ def prompt_indices(num_prompts: int, update: int, per_update: int, seed: int) ->
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_args(args)
+    utils.quiet_third_party(args.verbose)
 
     # TRY NOT TO MODIFY: processes, run folder, seeding
     rank, world_size, device = utils.init_distributed()
-    if args.resume and args.run_name is None:
-        raise SystemExit("--resume needs --run_name of the run to continue")
-    if not 1 <= args.num_minibatches <= args.prompts_per_rank:
-        raise SystemExit(f"--num_minibatches {args.num_minibatches} must be within 1..{args.prompts_per_rank} "
-                         "(--prompts_per_rank)")
     run_name = args.run_name or utils.broadcast_object(f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_dir = os.path.join(args.output_dir, run_name)
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
+    run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume)
     utils.seed_everything(args.seed + rank)
     sync_tolerance = args.sync_tolerance if args.sync_tolerance is not None else (0.5 if args.bf16 else 1e-3)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -198,7 +210,7 @@ if __name__ == "__main__":
         reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
         reference.requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay)
-    total_steps = args.num_updates * args.num_epochs * args.num_minibatches
+    total_steps = args.num_iterations * args.num_epochs * args.num_minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, utils.lr_lambda(args.lr_schedule, total_steps, args.warmup_ratio))
 
@@ -212,52 +224,54 @@ if __name__ == "__main__":
 
     # rollout engine, colocated on this rank; a fixed probe sequence checks every weight sync
     engine = utils.make_engine(policy_path, device, args.max_prompt_tokens + args.max_new_tokens, args.seed, args.bf16,
-                               0.3, int(args.kv_cache_gib * 2**30), args.rollout_backend)
+                               args.engine_memory_share, int(args.kv_cache_gib * 2**30), args.rollout_backend)
     probe_answer = tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids
     probe_ids = prompts[0] + probe_answer + [tokenizer.eos_token_id]
 
-    logger = utils.MetricsLogger(run_dir, dataclasses.asdict(args), args.track, args.wandb_project,
-                                 args.wandb_entity, run_name, args.resume)
-    start_update = 1
-    if args.resume:
-        checkpoint = utils.latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise SystemExit(f"--resume: no checkpoint in {run_dir}")
-        state = utils.load_checkpoint(checkpoint, policy, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        start_update = state["update"] + 1
-        logger.truncate_after(state["update"])
-        utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance)
-        utils.print0(f"resumed from {checkpoint}")
-    else:
-        utils.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
-
-    def evaluate() -> float:
-        """Mean reward of greedy responses to the held-out prompts (temperature 0), over all ranks."""
+    def evaluate() -> dict[str, float]:
+        """Mean reward of greedy responses to the held-out prompts (temperature 0), over all ranks; the score of
+        the dialogue's one assistant turn, hence `eval/score_turn1` as in the multi-turn scripts."""
         mine = list(range(rank, len(eval_prompts), world_size))
         outs = engine.generate([eval_prompts[i] for i in mine], args.max_new_tokens, 0.0, [0] * len(mine))
         scores = score_dialogues([eval_dialogues[i] + [{"role": "assistant", "content": o.text}]
                                   for i, o in zip(mine, outs)])
         if args.penalty_reward is not None:
             scores = [s if o.finished else args.penalty_reward for s, o in zip(scores, outs)]
-        total = torch.tensor([sum(scores), len(scores)], dtype=torch.float64)
-        dist.all_reduce(total)
-        return (total[0] / total[1]).item()
+        return utils.mean_over_ranks({"eval/score_turn1": scores})
+
+    logger = utils.MetricsLogger(run_dir, utils.flat_args(args), args.track, args.wandb_project,
+                                 args.wandb_entity, run_name, args.resume)
+    checkpoint = utils.latest_checkpoint(run_dir) if args.resume else None
+    if checkpoint is not None:
+        state = utils.load_checkpoint(checkpoint, {"policy": (policy, optimizer)})
+        scheduler.load_state_dict(state["scheduler"])
+        start_iteration = state["iteration"] + 1
+        logger.truncate_after(state["iteration"])
+        utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance)
+        utils.print0(f"resumed from {checkpoint}")
+    else:
+        if args.resume:
+            utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
+            logger.truncate_after(-1)
+        start_iteration = 1
+        utils.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
+        initial = evaluate()
+        logger.log(initial, iteration=0)
+        utils.print0(f"initial evaluation: greedy reward {initial['eval/score_turn1']:.3f} on "
+                     f"{len(eval_prompts)} held-out prompts")
 
     started = time.time()
-    if start_update == 1:
-        logger.log({"eval/reward": evaluate()}, step=0)
-    for update in range(start_update, args.num_updates + 1):
+    for iteration in range(start_iteration, args.num_iterations + 1):
         timings = {}
 
-        # 1. sample two responses per prompt from pi_t (this rank's slice of the update's prompts)
+        # 1. sample two responses per prompt from pi_t (this rank's slice of the iteration's prompts)
         t0 = time.time()
-        indices = prompt_indices(len(prompts), update, world_size * args.prompts_per_rank, args.seed)
+        indices = prompt_indices(len(prompts), iteration, world_size * args.prompts_per_rank, args.seed)
         indices = indices[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
         pair_prompts = [prompts[i] for i in indices for _ in range(2)]
-        seeds = [utils.sample_seed(args.seed, update, rank, j) for j in range(len(pair_prompts))]
+        seeds = [utils.sample_seed(args.seed, iteration, rank, j) for j in range(len(pair_prompts))]
         completions = engine.generate(pair_prompts, args.max_new_tokens, args.temperature, seeds)
-        timings["gen"] = time.time() - t0
+        timings["rollout"] = time.time() - t0
 
         # 2. score: the reward of each response; a response that never ends gets the fixed penalty
         t0 = time.time()
@@ -268,7 +282,10 @@ if __name__ == "__main__":
         finished = torch.tensor([c.finished for c in completions])
         if args.penalty_reward is not None:
             scores = torch.where(finished, scores, torch.full_like(scores, args.penalty_reward))
-        timings["score"] = time.time() - t0
+        timings["reward"] = time.time() - t0
+        if utils.sum_over_ranks({"finite": torch.isfinite(scores).sum().item()})["finite"] == 0:
+            raise SystemExit(f"iteration {iteration}: the reward is NaN for every response on every rank; "
+                             "nothing to learn from (check the reward model or function)")
 
         # 3. log-probs under pi_t from the training forward (never from vLLM) and under the reference
         t0 = time.time()
@@ -276,12 +293,12 @@ if __name__ == "__main__":
             t.to(device) for t in utils.batch_for_logprobs(pair_prompts, [c.token_ids for c in completions],
                                                            tokenizer.pad_token_id))
         chunk = 2 * args.micro_batch_pairs
-        old_lp = utils.sequence_logprobs_in_chunks(policy, input_ids, attention_mask, response_mask,
-                                                   args.temperature, chunk)
+        old_lp = utils.token_logprobs_in_chunks(policy, input_ids, attention_mask, response_mask,
+                                                args.temperature, chunk).sum(-1)
         kl = torch.zeros_like(old_lp)
         if reference is not None:
-            kl = old_lp - utils.sequence_logprobs_in_chunks(reference, input_ids, attention_mask, response_mask,
-                                                            args.temperature, chunk)
+            kl = old_lp - utils.token_logprobs_in_chunks(reference, input_ids, attention_mask, response_mask,
+                                                         args.temperature, chunk).sum(-1)
         rewards = (scores - args.kl_coef * kl).view(-1, 2)
         # a NaN reward (a broken reward function or model) drops its pair from the loss, and so does a pair of
         # identical responses (no signal; it would only dilute the mean); both are counted in the logs
@@ -297,22 +314,22 @@ if __name__ == "__main__":
         losses, residuals = [], []
         for epoch in range(args.num_epochs):
             # the shuffle has its own seed: vLLM draws from torch's global generator, so that one is not replayable
-            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, update, rank, epoch))
+            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
             order = torch.randperm(args.prompts_per_rank, generator=shuffle)
             for mb in torch.tensor_split(order, args.num_minibatches):
                 mb_weight = valid[mb].float().sum().clamp(min=1)
                 for micro_start in range(0, len(mb), args.micro_batch_pairs):
                     pairs = mb[micro_start : micro_start + args.micro_batch_pairs]
                     rows = torch.stack([2 * pairs, 2 * pairs + 1], 1).flatten().to(device)
-                    new_lp = utils.sequence_logprobs(policy, input_ids[rows], attention_mask[rows],
-                                                     response_mask[rows], args.temperature).view(-1, 2)
+                    new_lp = utils.token_logprobs(policy, input_ids[rows], attention_mask[rows],
+                                                  response_mask[rows], args.temperature).sum(-1).view(-1, 2)
                     weights = valid[pairs].float().to(device)
                     loss, residual = rebel_loss(new_lp, old_lp[pairs].to(device), rewards[pairs].to(device),
                                                 args.eta, weights)
                     # scale the micro-batch mean to its share of the minibatch mean
                     (loss * weights.sum().clamp(min=1) / mb_weight).backward()
                     losses.append(loss.item())
-                    residuals.append(residual.detach()[weights > 0].cpu())
+                    residuals += residual.detach()[weights > 0].abs().tolist()
                 grad_norm = utils.clip_grad_norm(policy, args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -325,28 +342,34 @@ if __name__ == "__main__":
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
-        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
-        local = {
-            "reward/score": scores.nanmean(), "reward/kl": kl.mean(), "reward/total": rewards[valid].mean()
-            if valid.any() else torch.tensor(0.0), "loss/rebel": torch.tensor(losses).mean(),
-            "loss/residual_abs": torch.cat(residuals).abs().mean() if valid.any() else torch.tensor(0.0),
-            "policy/response_tokens": lengths.mean(),
-            "policy/finished": finished.float().mean(), "policy/grad_norm": torch.tensor(grad_norm),
-            "skipped/nan_reward_pairs": (~finite).float().sum(), "skipped/identical_pairs": identical.float().sum(),
-        }
-        stacked = torch.stack([v.float() for v in local.values()]).to(torch.float64)
-        dist.all_reduce(stacked)
-        metrics = {k: v.item() / (1 if k.startswith("skipped/") else world_size) for k, v in zip(local, stacked)}
-        metrics.update({"policy/lr": scheduler.get_last_lr()[0], "sync/logprob_gap": sync_gap,
-                        **{f"time/{k}": v for k, v in timings.items()}})
-        if update % args.eval_every == 0 or update == args.num_updates:
-            metrics["eval/reward"] = evaluate()
-        logger.log(metrics, step=update)
-        utils.print0(utils.progress_line(update, args.num_updates, started, start_update - 1,
+        metrics = utils.mean_over_ranks({
+            "reward/score": scores.tolist(), "reward/kl": kl.tolist(),
+            "reward/total": rewards[valid].flatten().tolist(),
+            "loss/rebel": losses, "loss/residual_abs": residuals,
+            "policy/response_tokens": [float(len(c.token_ids)) for c in completions],
+            "policy/finished": finished.float().tolist(), "policy/grad_norm": grad_norm,
+            "sync/logprob_gap": sync_gap, **{f"time/{k}": v for k, v in timings.items()},
+        })
+        metrics.update(utils.sum_over_ranks({"skipped/nan_reward_pairs": (~finite).sum().item(),
+                                             "skipped/identical_pairs": identical.sum().item()}))
+        metrics["policy/lr"] = scheduler.get_last_lr()[0]
+        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+            metrics.update(evaluate())
+        logger.log(metrics, iteration=iteration)
+        if "eval/score_turn1" in metrics and rank == 0:
+            utils.plot_curves(logger.read(), os.path.join(run_dir, "curves.png"))
+        utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1,
                                          {"reward": metrics["reward/score"], "loss": metrics["loss/rebel"]}, timings))
-        if update % args.save_every == 0 or update == args.num_updates:
-            utils.save_checkpoint(run_dir, update, policy, optimizer,
-                                  {"update": update, "scheduler": scheduler.state_dict()}, tokenizer)
+        if iteration % args.save_every == 0 or iteration == args.num_iterations:
+            utils.save_checkpoint(run_dir, iteration, {"policy": (policy, optimizer)},
+                                  {"iteration": iteration, "scheduler": scheduler.state_dict()}, tokenizer)
 
+    # TRY NOT TO MODIFY: the summary
+    if rank == 0:
+        logged = logger.read()
+        evaluated = [m for m in logged if "eval/score_turn1" in m]
+        utils.print0(f"\ngreedy evaluation reward: {evaluated[0]['eval/score_turn1']:.3f} at iteration "
+                     f"{evaluated[0]['iteration']}, {evaluated[-1]['eval/score_turn1']:.3f} at iteration "
+                     f"{evaluated[-1]['iteration']}\nrun folder: {run_dir} (metrics.jsonl, curves.png, checkpoints/)")
     logger.close()
     utils.shutdown(engine)

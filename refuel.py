@@ -15,6 +15,7 @@ Run:
     python refuel.py                                  # guess-the-number task, warm-started tiny policy, CPU
     torchrun --nproc_per_node 2 refuel.py             # FSDP2 over 2 ranks, colocated vLLM engines
     python refuel.py --task chat                      # dataset prompts + SmolLM2 playing the user, brevity reward
+    python refuel.py --task my_task.py:make_task      # your own task (tasks/__init__.py says what it returns)
     # the paper's setting one (8 GPUs for the policy; the 70B user on its own GPUs behind a vLLM server):
     python -m vllm.entrypoints.openai.api_server --model meta-llama/Llama-3.1-70B-Instruct --tensor-parallel-size 4
     torchrun --nproc_per_node 8 refuel.py --task chat --model meta-llama/Meta-Llama-3-8B-Instruct \\
@@ -26,17 +27,19 @@ Run:
 
 import copy
 import dataclasses
-import json
 import os
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import tyro
 
 import utils
+from tasks import TaskArgs, load_task, task_factory
+
+TEMPLATE_TOKENS_PER_TURN = 64
+"""room per turn for the chat template's role headers and end-of-turn tokens when sizing the engine's context"""
 
 
 @dataclasses.dataclass
@@ -49,76 +52,40 @@ class Args:
     run_name: str | None = None
     """folder name under `output_dir`; default `<exp_name>__<task>__<seed>__<unix time>`. Give it to `--resume`"""
     output_dir: str = "runs"
-    """where run folders (args, metrics, checkpoints) are written"""
+    """where run folders (args, metrics, checkpoints, curves) are written"""
     resume: bool = False
-    """continue `runs/<run_name>` from its last checkpoint, with the same schedule"""
+    """continue `runs/<run_name>` from its last complete checkpoint, with the same schedule"""
     track: bool = False
     """log to Weights & Biases as well"""
     wandb_project: str = "multiturn-rlhf"
     """wandb project"""
     wandb_entity: str | None = None
     """wandb entity (team)"""
+    verbose: bool = False
+    """show third-party warnings (vLLM, transformers) on the console"""
 
-    # task
-    task: str = "guess_number"
-    """`guess_number` (verifiable: code user and reward), `chat` (dataset prompts, a simulated user, a reward
-    model or function), or `module:function` returning a `utils.Task` (called with these Args)"""
-    horizon: int | None = None
-    """largest number of assistant turns H; default the task's (guessing task: 3; chat: the paper's 5)"""
-    guess_max: int = 7
-    """the guessing task's secret is a number from 1 to this (1..7 in 3 turns: binary search solves every game)"""
-    warm_start_steps: int = 800
-    """supervised steps that teach the guessing task's tiny policy to play consistently (cached per game and
-    value; 800 take about 6 minutes once on 2 cores and reach random consistent play)"""
+    # the task: openings, a simulated user, a reward, a horizon (flags of tasks.TaskArgs)
+    task_args: Annotated[TaskArgs, tyro.conf.arg(name="")] = dataclasses.field(default_factory=TaskArgs)
 
-    # models
+    # models and engines
     model: str | None = None
-    """policy: hub id or folder; default the task's warm-started policy, else the embedded SmolLM2
-    (paper: Llama-3-8B-Instruct)"""
+    """policy: hub id or folder; default the task's own policy (the guessing game's warm start), else the
+    embedded SmolLM2 (paper: Llama-3-8B-Instruct)"""
     bf16: bool = torch.cuda.is_available()
     """bf16 forward/backward with fp32 master weights (on by default with a GPU)"""
     rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
     """`auto`: vLLM if installed, else transformers `generate`"""
+    engine_memory_share: float = 0.3
+    """vLLM's `gpu_memory_utilization` per engine (on CPU: the share of the NUMA node's memory it may reserve)"""
     kv_cache_gib: float = 0.25
     """vLLM KV cache per engine and rank, in GiB"""
     sync_tolerance: float | None = None
     """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
 
-    # the chat task
-    dataset: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prompts.jsonl")
-    """first user turns: a .json/.jsonl/.parquet/.csv file, a saved dataset folder, or a hub id"""
-    dataset_split: str = "train"
-    """split, for hub datasets"""
-    prompt_column: str = "prompt"
-    """column with the first user message, or a list of messages (later user turns feed `--user dataset`)"""
-    num_eval_prompts: int = 16
-    """openings held out for evaluation"""
-    user: Literal["llm", "server", "dataset"] = "llm"
-    """who writes the user turns: an LLM through its own vLLM engine, an LLM behind a vLLM OpenAI-compatible
-    server, or the dataset's own later user turns (the paper's setting two)"""
-    user_model: str | None = None
-    """the simulated user's model (for `server`, the served model's name); default: the policy's base model,
-    frozen (paper: Llama-3.1-70B-Instruct)"""
-    user_url: str | None = None
-    """base URL of the user server, e.g. http://127.0.0.1:8000"""
-    user_max_tokens: int = 128
-    """length cap of a simulated user reply (paper: 1024)"""
-    user_temperature: float = 0.8
-    """sampling temperature of the simulated user (paper: 0.8)"""
-    reward_model: str | None = None
-    """a sequence-classification reward model scoring the whole dialogue (paper: RLHFlow/ArmoRM-Llama3-8B-v0.1);
-    unset: `reward_function`"""
-    reward_function: str = "utils:brevity_reward"
-    """`module:function` or `file.py:function` scoring a dialogue (list of messages)"""
-    trust_remote_code: bool = False
-    """allow the reward model's own code (needed by ArmoRM)"""
-    reward_max_length: int = 4096
-    """reward-model input is cut to its last this-many tokens (paper: 4096)"""
-
     # REFUEL
     horizon_sampling: Literal["paper", "uniform"] = "paper"
-    """`paper`: H' ~ U{1..H}, then h ~ U{1..H'} (early turns over-sampled); `uniform`: H' = H, h ~ U{1..H}, which
-    suits a task scored only at its end such as the guessing game (0.94 instead of 0.78 there: docs/refuel.md)"""
+    """`paper`: H' ~ U{1..H}, then h ~ U{1..H'} (early turns over-sampled, official generate.py); `uniform`:
+    H' = H, h ~ U{1..H}, which suits a task scored only at its end such as the guessing game (docs/refuel.md)"""
     eta: float = 5.0
     """the log-ratio difference is regressed onto eta * (Q - Q'); fit it to the reward's scale: 5 for the
     guessing task's 0/1 reward (paper: 1e3 with ArmoRM, whose differences are ~1e-2)"""
@@ -127,9 +94,10 @@ class Args:
     max_new_tokens: int = 8
     """length cap of an assistant turn (paper: 1024)"""
     max_prompt_tokens: int = 1024
-    """openings longer than this (templated) are skipped and counted"""
+    """openings longer than this (templated), for training and evaluation, are skipped and counted"""
     kl_coef: float = 0.0
-    """Q = score - kl_coef * sum over turn-h tokens of (log pi_t - log pi_ref) (setting one: 0; two: 0.05)"""
+    """Q = score - kl_coef * sum over turn-h tokens of (log pi_t - log pi_ref) (setting one: 0; setting two: 0.05
+    on HH, 0 on UltraInteract)"""
     penalty_reward: float | None = None
     """score when the turn-h response never ends (setting two: -10 HH, -4 UltraInteract); None: no penalty"""
     num_iterations: int = 8
@@ -176,6 +144,24 @@ def refuel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, returns: torch.Tenso
     return (weights * residual**2).sum() / weights.sum().clamp(min=1), residual
 
 
+def regression_targets(scores: torch.Tensor, turn_finished: torch.Tensor, old_lp: torch.Tensor,
+                       ref_lp: torch.Tensor | None, identical: torch.Tensor, kl_coef: float,
+                       penalty_reward: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The returns Q(s_h, y), Q(s_h, y') that the log-ratio difference is regressed onto, and each pair's weight.
+
+    Tensors [pairs, 2]. Q is the score of the branch's finished dialogue (a single Monte-Carlo return), or
+    `penalty_reward` when the turn-h response ran into the length cap without ending (official setting two), minus
+    `kl_coef` times the turn-h log-ratio to the reference (official setting two's `kl` on the trained turn).
+    A pair gets weight 0 when its two responses are identical (their difference carries no signal) or a Q is not
+    finite (no information); its Q is then set to 0 so that no NaN reaches the loss.
+    """
+    if penalty_reward is not None:
+        scores = torch.where(turn_finished, scores, torch.full_like(scores, penalty_reward))
+    returns = scores if ref_lp is None else scores - kl_coef * (old_lp - ref_lp)
+    weights = (torch.isfinite(returns).all(1) & ~identical).float()
+    return torch.nan_to_num(returns, nan=0.0, posinf=0.0, neginf=0.0), weights
+
+
 def sample_horizons(rng: np.random.Generator, n: int, horizon: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
     """H' (assistant turns to play) and the branch turn h (0-indexed) for n dialogues.
 
@@ -188,6 +174,15 @@ def sample_horizons(rng: np.random.Generator, n: int, horizon: int, mode: str) -
     return np.full(n, horizon), rng.integers(0, horizon, n)
 
 
+def redraw_past_the_end(rng: np.random.Generator, branch_turns: np.ndarray, turns_played: list[int]) -> np.ndarray:
+    """Branch turns for dialogues that ended before turn h (a dataset user that ran out, a task that finished):
+    h is drawn again uniformly over the turns the dialogue has, as the official setting two draws it over the
+    dialogue's real turns; the others keep theirs."""
+    turns_played = np.asarray(turns_played)
+    past = branch_turns >= turns_played
+    return np.where(past, rng.integers(0, np.maximum(turns_played, 1)), branch_turns)
+
+
 def pair_rows(pairs: torch.Tensor) -> torch.Tensor:
     """Row indices of the two branches of each pair in the [2 * pairs] batch (y at 2i, y' at 2i + 1)."""
     return torch.stack([2 * pairs, 2 * pairs + 1], 1).flatten()
@@ -197,56 +192,52 @@ def fresh(episode: utils.Episode) -> utils.Episode:
     return utils.Episode(copy.deepcopy(episode.messages), copy.deepcopy(episode.info))
 
 
-def make_task(args: Args, tokenizer_path: str) -> utils.Task:
-    """The built-in tasks; a fork's own comes from `--task module:function`."""
-    if args.task == "guess_number":
-        return utils.guess_number_task(tokenizer_path, args.seed, args.warm_start_steps, args.guess_max, args.horizon)
-    if args.task != "chat":
-        return utils.import_function(args.task)(args)
-    dialogues, skipped = utils.load_prompts(args.dataset, args.prompt_column, args.dataset_split)
-    openings = []
-    for d in dialogues:
-        first_user = next(i for i, m in enumerate(d) if m["role"] == "user")
-        # the dataset's later user turns, for `--user dataset`; the policy writes every assistant turn
-        openings.append(utils.Episode(d[: first_user + 1], {"user_turns": [
-            m["content"] for m in d[first_user + 1 :] if m["role"] == "user"]}))
-    if len(openings) <= args.num_eval_prompts:
-        raise SystemExit(f"{args.dataset}: {len(openings)} openings, fewer than num_eval_prompts + 1 ({skipped})")
-    return utils.Task(train=openings[args.num_eval_prompts :], eval=openings[: args.num_eval_prompts],
-                      user=None, reward=None, horizon=5)
+def check_args(args: Args) -> None:
+    """Flags that cannot work are refused before anything loads."""
+    problems = [message for bad, message in [
+        (args.temperature <= 0, "--temperature must be > 0: log-probs divide the logits by it"),
+        (args.eta <= 0, "--eta must be > 0: it scales the returns the log-ratios regress onto"),
+        (args.dialogues_per_rank < 2, "--dialogues_per_rank must be at least 2: one pair to train on, one for val/*"),
+        (min(args.minibatch_pairs, args.micro_batch_pairs, args.num_epochs, args.num_iterations) < 1,
+         "--minibatch_pairs, --micro_batch_pairs, --num_epochs and --num_iterations must be at least 1"),
+        (not 0 < args.val_fraction < 1, "--val_fraction must be in (0, 1)"),
+        (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
+    ] if bad]
+    if problems:
+        raise SystemExit("\n".join(problems))
+    task_factory(args.task_args.task)  # an unknown or unimportable task fails here, not after loading models
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_args(args)
+    utils.quiet_third_party(args.verbose)
 
     # TRY NOT TO MODIFY: processes, run folder, seeding
     rank, world_size, device = utils.init_distributed()
-    if args.resume and args.run_name is None:
-        raise SystemExit("--resume needs --run_name of the run to continue")
-    if args.dialogues_per_rank < 2:
-        raise SystemExit("--dialogues_per_rank must be at least 2: one pair to train on, one held out for val/*")
-    task_name = args.task.replace("/", "_").replace(":", "_")
-    run_name = args.run_name or utils.broadcast_object(f"{args.exp_name}__{task_name}__{args.seed}__{int(time.time())}")
-    run_dir = os.path.join(args.output_dir, run_name)
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
+    task_name = args.task_args.task.replace("/", "_").replace(":", "_")
+    run_name = args.run_name or utils.broadcast_object(
+        f"{args.exp_name}__{task_name}__{args.seed}__{int(time.time())}")
+    run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume)
     utils.seed_everything(args.seed + rank)
     sync_tolerance = args.sync_tolerance if args.sync_tolerance is not None else (0.5 if args.bf16 else 1e-3)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
 
-    # the task: openings, a user, a reward, a horizon
-    task = make_task(args, utils.resolve_model_path(utils.EMBEDDED_SMOLLM2))
+    # the task: openings, a user, a reward, a horizon H; then the policy it is played with
+    task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16, model=args.model,
+                     max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                     engine_memory_share=args.engine_memory_share, kv_cache_gib=args.kv_cache_gib,
+                     rollout_backend=args.rollout_backend)
+    horizon = task.horizon
     policy_path = utils.resolve_model_path(args.model or task.policy or utils.EMBEDDED_SMOLLM2)
     tokenizer = utils.load_tokenizer(policy_path)
-    horizon = args.horizon or task.horizon
-    fits = [len(utils.chat_token_ids(tokenizer, e.messages, True)) <= args.max_prompt_tokens for e in task.train]
-    task.train = [e for e, ok in zip(task.train, fits) if ok]
-    utils.print0(f"task {args.task}: {len(task.train)} training openings ({fits.count(False)} too long, skipped), "
-                 f"{len(task.eval)} for evaluation, horizon {horizon}")
-    if not task.train:
-        raise SystemExit(f"no opening fits --max_prompt_tokens {args.max_prompt_tokens}")
+    task.train, too_long = utils.openings_that_fit(task.train, tokenizer, args.max_prompt_tokens)
+    task.eval, too_long_eval = utils.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
+    if not task.train or not task.eval:
+        raise SystemExit(f"no training or no evaluation opening fits --max_prompt_tokens {args.max_prompt_tokens}")
+    references = ", ".join(f"{name} {scores[-1]:.3f}" for name, scores in task.reference_scores.items())
+    utils.print0(f"task {args.task_args.task}: {len(task.train)} training and {len(task.eval)} evaluation openings "
+                 f"({too_long} and {too_long_eval} over --max_prompt_tokens, skipped), horizon {horizon}"
+                 + (f"; reference scores at turn {horizon}: {references}" if references else ""))
 
     # models: the policy and (with a KL term) the frozen reference, sharded with FSDP2
     policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16)
@@ -255,39 +246,18 @@ if __name__ == "__main__":
         reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
         reference.requires_grad_(False)
     num_val = min(max(1, int(args.val_fraction * args.dialogues_per_rank)), args.dialogues_per_rank - 1)
-    steps_per_iteration = args.num_epochs * -(-(args.dialogues_per_rank - num_val) // args.minibatch_pairs)
+    num_train = args.dialogues_per_rank - num_val
+    steps_per_iteration = args.num_epochs * -(-num_train // args.minibatch_pairs)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, utils.lr_lambda("cosine", args.num_iterations * steps_per_iteration, args.warmup_ratio))
 
-    # rollout engines, colocated on this rank: the policy's, and the simulated user's when an LLM plays it
-    max_model_len = args.max_prompt_tokens + horizon * (args.max_new_tokens + args.user_max_tokens + 64)
-    engine = utils.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, 0.3,
-                               int(args.kv_cache_gib * 2**30), args.rollout_backend)
-    user_engine = None
-    if task.user is None:
-        if args.user == "llm":
-            user_path = utils.resolve_model_path(args.user_model or args.model or utils.EMBEDDED_SMOLLM2)
-            user_engine = utils.make_engine(user_path, device, max_model_len + 512, args.seed + 1, args.bf16, 0.3,
-                                            int(args.kv_cache_gib * 2**30), args.rollout_backend)
-            task.user = utils.LLMUser(user_engine, utils.load_tokenizer(user_path), args.user_max_tokens,
-                                      args.user_temperature, args.seed * 1000 + rank)
-        elif args.user == "server":
-            if args.user_url is None or args.user_model is None:
-                raise SystemExit("--user server needs --user_url and --user_model")
-            task.user = utils.ServerUser(args.user_url, args.user_model, args.user_max_tokens,
-                                         args.user_temperature, args.seed * 1000 + rank)
-        else:
-            task.user = utils.DatasetUser()
-    if task.reward is None:
-        if args.reward_model is not None:
-            reward_model = utils.RewardModel(args.reward_model, device, dtype, args.reward_max_length,
-                                             args.trust_remote_code)
-            task.reward = lambda episodes: reward_model([e.messages for e in episodes])
-        else:
-            reward_function = utils.import_function(args.reward_function)
-            task.reward = lambda episodes: [float(reward_function(e.messages)) for e in episodes]
+    # the policy's rollout engine, colocated on this rank
+    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
+    engine = utils.make_engine(policy_path, device, args.max_prompt_tokens + horizon * turn_tokens, args.seed,
+                               args.bf16, args.engine_memory_share, int(args.kv_cache_gib * 2**30),
+                               args.rollout_backend)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
                  + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
 
@@ -295,46 +265,51 @@ if __name__ == "__main__":
         return utils.rollout_dialogues(openings, engine, tokenizer, task.user, horizons, args.max_new_tokens,
                                        args.temperature, seed)
 
-    def evaluate(iteration: int) -> list[list[float]]:
+    def evaluate() -> list[list[float]]:
         """Per-turn scores of this rank's evaluation dialogues, played to the horizon with the same user seeds."""
         mine = task.eval[rank::world_size]
         episodes = play([fresh(e) for e in mine], [horizon] * len(mine), (args.seed, "eval", rank))
         return [task.reward([e.truncated(t) for e in episodes]) for t in range(1, horizon + 1)]
 
-    def mean_over_ranks(values: list[float]) -> float:
-        total = torch.tensor([float(np.nansum(values)), float(np.isfinite(values).sum())], dtype=torch.float64)
-        dist.all_reduce(total)
-        return (total[0] / total[1].clamp(min=1)).item()
-
     def eval_metrics(scores: list[list[float]], initial: list[list[float]]) -> dict:
-        """Mean score per turn h and the win rate against the initial policy on the same openings (ties 1/2)."""
-        metrics = {}
+        """Mean score per turn h and the win rate against the initial policy on the same openings (ties 1/2).
+        A NaN score stays NaN: it is left out of the means, and a turn with no finite score is NaN."""
+        per_dialogue = {}
         for t, (now, before) in enumerate(zip(scores, initial), start=1):
-            metrics[f"eval/score_turn{t}"] = mean_over_ranks(now)
-            wins = [float(a > b) + 0.5 * float(a == b) for a, b in zip(now, before)]
-            metrics[f"eval/winrate_vs_initial_turn{t}"] = mean_over_ranks(wins)
+            per_dialogue[f"eval/score_turn{t}"] = now
+            per_dialogue[f"eval/winrate_vs_initial_turn{t}"] = [
+                float(a > b) + 0.5 * float(a == b) if np.isfinite([a, b]).all() else float("nan")
+                for a, b in zip(now, before)]
+        metrics = utils.mean_over_ranks(per_dialogue)
+        metrics.update(utils.sum_over_ranks({"eval/nan_scores": float(np.isnan(scores).sum())}))
+        if metrics["eval/nan_scores"]:
+            utils.print0(f"warning: {metrics['eval/nan_scores']:.0f} evaluation scores are NaN (the reward gave no "
+                         "number); they are left out of the means, and a turn with no number at all reads NaN")
         return metrics
 
-    logger = utils.MetricsLogger(run_dir, dataclasses.asdict(args), args.track, args.wandb_project,
+    logger = utils.MetricsLogger(run_dir, utils.flat_args(args), args.track, args.wandb_project,
                                  args.wandb_entity, run_name, args.resume)
-    start_iteration = 1
-    if args.resume:
-        checkpoint = utils.latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise SystemExit(f"--resume: no checkpoint in {run_dir}")
-        state = utils.load_checkpoint(checkpoint, policy, optimizer)
+    checkpoint = utils.latest_checkpoint(run_dir) if args.resume else None
+    if checkpoint is not None:
+        state = utils.load_checkpoint(checkpoint, {"policy": (policy, optimizer)})
         scheduler.load_state_dict(state["scheduler"])
         initial_scores = state["initial_scores"]
-        start_iteration = state["update"] + 1
-        logger.truncate_after(state["update"])
+        start_iteration = state["iteration"] + 1
+        logger.truncate_after(state["iteration"])
         utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance)
         utils.print0(f"resumed from {checkpoint}")
     else:
+        if args.resume:
+            utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
+            logger.truncate_after(-1)
+        start_iteration = 1
         utils.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
-        initial_scores = evaluate(0)
-        logger.log({**eval_metrics(initial_scores, initial_scores), **{
-            f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
-            for t, v in enumerate(scores, start=1)}}, step=0)
+        initial_scores = evaluate()
+        initial = eval_metrics(initial_scores, initial_scores)
+        logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
+                                  for t, v in enumerate(scores, start=1)}}, iteration=0)
+        utils.print0("initial evaluation, score by turn: "
+                     + " ".join(f"{initial[f'eval/score_turn{t}']:.3f}" for t in range(1, horizon + 1)))
 
     started = time.time()
     for iteration in range(start_iteration, args.num_iterations + 1):
@@ -346,46 +321,40 @@ if __name__ == "__main__":
         openings = [task.train[i] for i in rng.choice(len(task.train), args.dialogues_per_rank)]
         lengths, branch_turns = sample_horizons(rng, len(openings), horizon, args.horizon_sampling)
         a_side = play([fresh(e) for e in openings], lengths.tolist(), (args.seed, iteration, rank, "A"))
-        # a dialogue the user ended before turn h branches at its last turn instead (counted)
-        clamped = sum(int(h >= e.turns) for h, e in zip(branch_turns, a_side))
-        branch_turns = [min(int(h), e.turns - 1) for h, e in zip(branch_turns, a_side)]
+        redrawn = int((branch_turns >= [e.turns for e in a_side]).sum())
+        branch_turns = redraw_past_the_end(rng, branch_turns, [e.turns for e in a_side]).tolist()
         # 2. branch: B shares A's prefix through user turn h, answers turn h anew, and plays on to H'
         b_side = play([e.prefix(h) for e, h in zip(a_side, branch_turns)], lengths.tolist(),
                       (args.seed, iteration, rank, "B"))
         timings["rollout"] = time.time() - t0
 
-        # 3. the Monte-Carlo returns Q(s_h, y), Q(s_h, y'): the reward of each finished dialogue
+        # 3. the Monte-Carlo returns' scores: the reward of each finished dialogue
         t0 = time.time()
         scores = torch.tensor([task.reward(a_side), task.reward(b_side)], dtype=torch.float32).T  # [pairs, 2]
         turn_finished = torch.tensor([[a.finished[h], b.finished[h]] for a, b, h in zip(a_side, b_side, branch_turns)])
-        if args.penalty_reward is not None:
-            scores = torch.where(turn_finished, scores, torch.full_like(scores, args.penalty_reward))
         timings["reward"] = time.time() - t0
 
-        # 4. log-probs of the two turn-h responses under pi_t (training forward) and the reference
+        # 4. log-probs of the two turn-h responses under pi_t (training forward) and the reference, then the targets
         t0 = time.time()
         prompts = [a.prompts[h] for a, h in zip(a_side, branch_turns) for _ in range(2)]
         responses = [r for a, b, h in zip(a_side, b_side, branch_turns) for r in (a.responses[h], b.responses[h])]
         input_ids, attention_mask, response_mask = (
             t.to(device) for t in utils.batch_for_logprobs(prompts, responses, tokenizer.pad_token_id))
         chunk = 2 * args.micro_batch_pairs
-        old_lp = utils.sequence_logprobs_in_chunks(policy, input_ids, attention_mask, response_mask,
-                                                   args.temperature, chunk).view(-1, 2)
-        kl = torch.zeros_like(old_lp)
-        if reference is not None:
-            kl = old_lp - utils.sequence_logprobs_in_chunks(reference, input_ids, attention_mask, response_mask,
-                                                            args.temperature, chunk).view(-1, 2)
-        returns = scores - args.kl_coef * kl
-        # identical turn-h responses carry no signal and NaN rewards no information: weight 0, counted
+        old_lp = utils.token_logprobs_in_chunks(policy, input_ids, attention_mask, response_mask, args.temperature,
+                                                chunk).sum(-1).view(-1, 2)
+        ref_lp = None if reference is None else utils.token_logprobs_in_chunks(
+            reference, input_ids, attention_mask, response_mask, args.temperature, chunk).sum(-1).view(-1, 2)
         identical = torch.tensor([r0 == r1 for r0, r1 in zip(responses[0::2], responses[1::2])])
-        finite = torch.isfinite(returns).all(1)
-        weights = (finite & ~identical).float()
-        returns = torch.nan_to_num(returns, nan=0.0, posinf=0.0, neginf=0.0)
+        returns, weights = regression_targets(scores, turn_finished, old_lp, ref_lp, identical, args.kl_coef,
+                                              args.penalty_reward)
         timings["old_logprobs"] = time.time() - t0
+        if utils.sum_over_ranks({"finite": torch.isfinite(scores).sum().item()})["finite"] == 0:
+            raise SystemExit(f"iteration {iteration}: the reward is NaN for every dialogue on every rank; "
+                             "nothing to learn from (check the reward model or function)")
 
         # 5. regress the relative future on the training pairs, in minibatches of accumulated micro-batches
         t0 = time.time()
-        num_train = args.dialogues_per_rank - num_val
         losses = []
         for epoch in range(args.num_epochs):
             # the shuffle has its own seed: vLLM draws from torch's global generator, so that one is not replayable
@@ -397,8 +366,8 @@ if __name__ == "__main__":
                 for micro_start in range(0, len(mb), args.micro_batch_pairs):
                     pairs = mb[micro_start : micro_start + args.micro_batch_pairs]
                     rows = pair_rows(pairs).to(device)
-                    new_lp = utils.sequence_logprobs(policy, input_ids[rows], attention_mask[rows],
-                                                     response_mask[rows], args.temperature).view(-1, 2)
+                    new_lp = utils.token_logprobs(policy, input_ids[rows], attention_mask[rows], response_mask[rows],
+                                                  args.temperature).sum(-1).view(-1, 2)
                     loss, _ = refuel_loss(new_lp, old_lp[pairs].to(device), returns[pairs].to(device), args.eta,
                                           weights[pairs].to(device))
                     (loss * weights[pairs].sum().clamp(min=1) / mb_weight).backward()
@@ -413,8 +382,8 @@ if __name__ == "__main__":
         # the log-ratio difference agrees with the sign of the return difference
         val = torch.arange(num_train, args.dialogues_per_rank)
         rows = pair_rows(val).to(device)
-        new_lp = utils.sequence_logprobs_in_chunks(policy, input_ids[rows], attention_mask[rows], response_mask[rows],
-                                                   args.temperature, chunk).view(-1, 2)
+        new_lp = utils.token_logprobs_in_chunks(policy, input_ids[rows], attention_mask[rows], response_mask[rows],
+                                                args.temperature, chunk).sum(-1).view(-1, 2)
         val_loss, residual = refuel_loss(new_lp, old_lp[val], returns[val], args.eta, weights[val])
         log_ratio_diff = residual + args.eta * (returns[val, 0] - returns[val, 1])
         informative = (weights[val] > 0) & (returns[val, 0] != returns[val, 1])
@@ -426,35 +395,42 @@ if __name__ == "__main__":
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
-        sums = torch.tensor([
-            scores[:, 0].nanmean().item(), kl.mean().item(), float(np.mean(losses)), val_loss.item(), grad_norm,
-            float(np.mean(lengths)), float(np.mean(branch_turns)) + 1, float(np.mean([e.turns for e in a_side])),
-            turn_finished.float().mean().item(), aligned.float().sum().item(), float(len(aligned)),
-            float(identical.sum()), float((~finite).sum()), float(clamped),
-        ], dtype=torch.float64)
-        dist.all_reduce(sums)
-        mean = sums / world_size
-        metrics = {
-            "reward/score": mean[0].item(), "reward/kl": mean[1].item(), "loss/refuel": mean[2].item(),
-            "val/loss": mean[3].item(), "policy/grad_norm": mean[4].item(), "data/horizon": mean[5].item(),
-            "data/branch_turn": mean[6].item(), "data/turns_played": mean[7].item(),
-            "data/turn_h_finished": mean[8].item(),
-            "val/sign_align": (sums[9] / sums[10]).item() if sums[10] > 0 else float("nan"),
-            "skipped/identical_pairs": sums[11].item(), "skipped/nan_reward_pairs": sums[12].item(),
-            "data/branch_turn_clamped": sums[13].item(), "policy/lr": scheduler.get_last_lr()[0],
+        metrics = utils.mean_over_ranks({
+            "reward/score": scores[:, 0].tolist(), "loss/refuel": losses, "val/loss": val_loss.item(),
+            "val/sign_align": aligned.float().tolist(), "policy/grad_norm": grad_norm,
+            "data/horizon": lengths.tolist(), "data/branch_turn": [h + 1 for h in branch_turns],
+            "data/turns_played": [e.turns for e in a_side],
+            "data/turn_h_finished": turn_finished.float().flatten().tolist(),
             "sync/logprob_gap": sync_gap, **{f"time/{k}": v for k, v in timings.items()},
-        }
+            **({} if ref_lp is None else {"reward/kl": (old_lp - ref_lp).flatten().tolist()}),
+        })
+        metrics.update(utils.sum_over_ranks({
+            "skipped/identical_pairs": identical.sum().item(),
+            "skipped/nan_reward_pairs": ((weights == 0) & ~identical).sum().item(), "data/branch_turn_redrawn": redrawn}))
+        metrics["policy/lr"] = scheduler.get_last_lr()[0]
         if iteration % args.eval_every == 0 or iteration == args.num_iterations:
-            metrics.update(eval_metrics(evaluate(iteration), initial_scores))
-        logger.log(metrics, step=iteration)
+            metrics.update(eval_metrics(evaluate(), initial_scores))
+        logger.log(metrics, iteration=iteration)
         shown = {"reward": metrics["reward/score"], "loss": metrics["loss/refuel"],
                  "sign_align": metrics["val/sign_align"]}
         if f"eval/score_turn{horizon}" in metrics:
             shown[f"eval_turn{horizon}"] = metrics[f"eval/score_turn{horizon}"]
+            if rank == 0:
+                utils.plot_curves(logger.read(), os.path.join(run_dir, "curves.png"))
         utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1, shown, timings))
         if iteration % args.save_every == 0 or iteration == args.num_iterations:
-            utils.save_checkpoint(run_dir, iteration, policy, optimizer, {
-                "update": iteration, "scheduler": scheduler.state_dict(), "initial_scores": initial_scores}, tokenizer)
+            utils.save_checkpoint(run_dir, iteration, {"policy": (policy, optimizer)}, {
+                "iteration": iteration, "scheduler": scheduler.state_dict(), "initial_scores": initial_scores},
+                tokenizer)
 
+    # TRY NOT TO MODIFY: the summary
+    if rank == 0:
+        logged = logger.read()
+        final = next(m for m in reversed(logged) if f"eval/score_turn{horizon}" in m)
+        rows = {name: [m[f"eval/score_turn{t}"] for t in range(1, horizon + 1)]
+                for name, m in [("initial policy", logged[0]), (f"after iteration {final['iteration']}", final)]}
+        rows.update(task.reference_scores)
+        utils.print0(f"\nscore by turn\n{utils.score_table(rows)}\n\n"
+                     f"run folder: {run_dir} (metrics.jsonl, curves.png, checkpoints/)")
     logger.close()
-    utils.shutdown(engine, user_engine)
+    utils.shutdown(engine, *task.engines)

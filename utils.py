@@ -59,7 +59,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        # gloo next to NCCL: the loop's small metric and object collectives run on CPU tensors
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
@@ -322,7 +323,7 @@ def batch_for_logprobs(
     """(input_ids, attention_mask, response_mask) for `prompt + response` sequences, laid out so that every
     prompt ends in the same column: prompts padded on the left, responses on the right.
 
-    The responses then occupy the same few columns in every row, and `sequence_logprobs` projects onto the
+    The responses then occupy the same few columns in every row, and `token_logprobs` projects onto the
     vocabulary only there; right-padding whole sequences would spread the responses over every column that
     some row's response touches (8x slower for a tiny policy on multi-turn dialogues, where prompt lengths
     vary by turn). Pads use a real token id (pad or EOS) and are masked out of attention and loss.
@@ -336,11 +337,10 @@ def batch_for_logprobs(
     return input_ids, attention_mask, response_mask
 
 
-def sequence_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-    temperature: float,
-) -> torch.Tensor:
-    """Sum over the masked tokens of log pi(token | tokens before), with logits divided by the temperature.
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   loss_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[rows, columns] log pi(token | tokens before) of each masked token, with logits divided by the temperature;
+    0 where `loss_mask` is 0. Each script reduces it its own way (REFUEL, REBEL and DPO sum a turn's tokens).
 
     fp32 log-softmax (bf16 loses precision on sums over hundreds of tokens). The temperature is the
     sampling temperature, so the ratios are those of the distribution the responses were drawn from.
@@ -355,23 +355,23 @@ def sequence_logprobs(
                    logits_to_keep=keep).logits.float()
     logits = logits / temperature
     targets = input_ids[:, keep + 1]
-    token_logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
-    return (token_logprobs * loss_mask[:, keep + 1]).sum(-1)
+    kept = (logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)) * loss_mask[:, keep + 1]
+    return torch.nn.functional.pad(kept, (int(keep[0]) + 1, input_ids.shape[1] - int(keep[-1]) - 2))
 
 
 @torch.no_grad()
-def sequence_logprobs_in_chunks(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                                loss_mask: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
-    """`sequence_logprobs` without gradients, `chunk` rows at a time, on the CPU: the "old" and reference log-probs."""
+def token_logprobs_in_chunks(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             loss_mask: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+    """`token_logprobs` without gradients, `chunk` rows at a time, on the CPU: the "old" and reference log-probs."""
     return torch.cat([
-        sequence_logprobs(model, input_ids[i : i + chunk], attention_mask[i : i + chunk], loss_mask[i : i + chunk],
-                          temperature).cpu()
+        token_logprobs(model, input_ids[i : i + chunk], attention_mask[i : i + chunk], loss_mask[i : i + chunk],
+                       temperature).cpu()
         for i in range(0, len(input_ids), chunk)
     ])
 
 
-def token_logprobs(model: torch.nn.Module, token_ids: list[int], device: torch.device) -> torch.Tensor:
-    """Per-token log-probs (temperature 1) of one sequence, positions 1..; for the trainer/vLLM parity check."""
+def probe_logprobs(model: torch.nn.Module, token_ids: list[int], device: torch.device) -> torch.Tensor:
+    """Log-probs (temperature 1) of tokens 1.. of one probe sequence: the trainer's side of the sync check."""
     input_ids = torch.tensor([token_ids], device=device)
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits[0, :-1].float()
@@ -490,7 +490,7 @@ class TransformersEngine:
         self.model.load_state_dict(state_dict)
 
     def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
-        return token_logprobs(self.model, token_ids, self.device)
+        return probe_logprobs(self.model, token_ids, self.device)
 
     def close(self) -> None:
         del self.model
@@ -527,7 +527,7 @@ def sync_weights(engine, model: torch.nn.Module, probe_ids: list[int], device: t
 
 
 def check_logprob_parity(engine, model, probe_ids: list[int], device: torch.device, tolerance: float) -> float:
-    trainer = token_logprobs(model, probe_ids, device)
+    trainer = probe_logprobs(model, probe_ids, device)
     sampler = engine.prompt_logprobs(probe_ids)
     gap = (trainer - sampler).abs().max().item()
     if not gap <= tolerance:
@@ -632,14 +632,6 @@ def import_function(spec: str) -> Callable:
     return getattr(module, name)
 
 
-def brevity_reward(dialogue: Dialogue) -> float:
-    """A verifiable reward for CPU learning checks: 1 for an empty answer, down to 0 at 64 words or more.
-
-    Any model can earn it, so the mean reward shows within minutes whether an algorithm learns.
-    """
-    return max(0.0, 1.0 - len(dialogue[-1]["content"].split()) / 64)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # multi-turn dialogues: episodes, simulated users, the rollout loop, tasks
 
@@ -679,6 +671,12 @@ class Episode:
                        self.finished[:turns])
 
 
+def openings_that_fit(openings: list[Episode], tokenizer, max_tokens: int) -> tuple[list[Episode], int]:
+    """The openings whose templated prompt has at most `max_tokens` tokens, and how many were left out."""
+    fits = [e for e in openings if len(chat_token_ids(tokenizer, e.messages, True)) <= max_tokens]
+    return fits, len(openings) - len(fits)
+
+
 def sample_seed(*parts) -> int:
     """A sampling seed fixed by its parts (seed, iteration, rank, dialogue, turn, ...): reruns draw the same."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
@@ -712,102 +710,6 @@ def rollout_dialogues(episodes: list[Episode], engine, tokenizer, user, horizons
                 e.messages.append({"role": "user", "content": reply})
 
 
-USER_SIMULATOR_PROMPT = (
-    "Below is a dialogue between the user and the assistant. Pretend you are the user in this conversation. "
-    "What question would you ask next? \n\n{dialogue}### Instructions: \nFIRST provide a justification of the "
-    "question you want to ask. \nSECOND, on a new line, state only the question. Your response should use the "
-    "format: \nJustification: \nQuestion: "
-)
-"""The user-simulator prompt of the official REFUEL code (`setting_one/user_generator.py`)."""
-
-
-def user_simulator_prompt(messages: Dialogue) -> str:
-    return USER_SIMULATOR_PROMPT.format(dialogue="".join(f"### {m['role']}: {m['content']}\n\n" for m in messages))
-
-
-def parse_user_reply(text: str) -> str:
-    """The question after the last `Question:`; the whole reply when the simulator ignored the format."""
-    return text.rsplit("Question:", 1)[1].strip() if "Question:" in text else text.strip()
-
-
-class LLMUser:
-    """A chat model playing the user through its own rollout engine, prompted as in the REFUEL code.
-
-    A reply's sampling seed is a hash of `seed` and the conversation so far, so the user answers the same
-    conversation the same way whenever it is asked: a resumed run replays its user turns, and an evaluation
-    of the trained policy meets the initial policy's user wherever their dialogues agree.
-    """
-
-    def __init__(self, engine, tokenizer, max_tokens: int, temperature: float, seed: int):
-        self.engine, self.tokenizer = engine, tokenizer
-        self.max_tokens, self.temperature, self.seed = max_tokens, temperature, seed
-
-    def __call__(self, episodes: list[Episode]) -> list[str]:
-        texts = [user_simulator_prompt(e.messages) for e in episodes]
-        prompts = [chat_token_ids(self.tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True)
-                   for t in texts]
-        seeds = [sample_seed(self.seed, t) for t in texts]
-        completions = self.engine.generate(prompts, self.max_tokens, self.temperature, seeds)
-        return [parse_user_reply(c.text) for c in completions]
-
-
-class UserServerError(RuntimeError):
-    pass
-
-
-class ServerUser:
-    """The same simulated user served by a vLLM OpenAI-compatible server (e.g. a 70B model with its own GPUs).
-
-    Each request is retried `retries` times with a growing pause; a server that stays down or slow raises
-    `UserServerError` naming the URL, so no dialogue is silently dropped. Seeds as in `LLMUser`.
-    """
-
-    def __init__(self, url: str, model: str, max_tokens: int, temperature: float, seed: int, timeout: float = 120,
-                 retries: int = 3, concurrency: int = 16):
-        self.url, self.model, self.max_tokens, self.temperature = url.rstrip("/"), model, max_tokens, temperature
-        self.seed, self.timeout, self.retries, self.concurrency = seed, timeout, retries, concurrency
-
-    def _ask(self, prompt: str, seed: int) -> str:
-        import urllib.error
-        import urllib.request
-
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "max_tokens": self.max_tokens, "temperature": self.temperature, "seed": seed}).encode()
-        error = None
-        for attempt in range(self.retries + 1):
-            try:
-                request = urllib.request.Request(f"{self.url}/v1/chat/completions", body,
-                                                 {"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.load(response)["choices"][0]["message"]["content"]
-            except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, json.JSONDecodeError) as e:
-                error = e
-                time.sleep(min(2**attempt, 10))
-        raise UserServerError(f"the user server at {self.url} failed {self.retries + 1} times; last error: {error!r}")
-
-    def __call__(self, episodes: list[Episode]) -> list[str]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        prompts = [user_simulator_prompt(e.messages) for e in episodes]
-        seeds = [sample_seed(self.seed, p) for p in prompts]
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            return [parse_user_reply(text) for text in pool.map(self._ask, prompts, seeds)]
-
-
-class DatasetUser:
-    """The dataset's own next user turns (REFUEL's setting two: the user does not react to the assistant).
-
-    Reads them from `info["user_turns"]`; the dialogue ends when they run out.
-    """
-
-    def __call__(self, episodes: list[Episode]) -> list[str | None]:
-        replies = []
-        for e in episodes:
-            turns = e.info.get("user_turns", [])
-            replies.append(turns[e.turns - 1] if e.turns - 1 < len(turns) else None)
-        return replies
-
-
 @dataclasses.dataclass
 class Task:
     """What an algorithm needs to train on dialogues. Forks build their own and pass `--task module:function`."""
@@ -825,159 +727,9 @@ class Task:
     reference_scores: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     """known per-turn scores to read results against, e.g. {"optimal": [...], "random": [...]}"""
     policy: str | None = None
-    """a policy that suits the task (a warm-started model folder), used when the script's model is left default"""
-
-
-class GuessNumber:
-    """The verifiable multi-turn task: guess a secret number in 1..n; the user answers "Higher"/"Lower" and
-    restates the interval that is still possible.
-
-    Reward 1 when the secret is named within the horizon, else 0. Every guess inside the interval has the same
-    chance to be right now, so the immediate reward cannot tell a good guess from a bad one; the midpoint is
-    better only because it leaves the smallest interval for the turns after (binary search is optimal). That
-    payoff shows turns later, which is the credit assignment multi-turn methods are for. A reply that is not a
-    number in range costs a turn.
-
-    The default game, 1..7 in 3 turns, is the smallest with that property: binary search solves every game,
-    random consistent play 67%, and the first guess is worth 0.81 in the middle and 0.52 at an end, a gap that a
-    few hundred dialogues per iteration can see through the one-bit reward. Numbers below 10 are one token.
-    """
-
-    def __init__(self, n: int = 7, horizon: int = 3):
-        self.n, self.horizon = n, horizon
-        self.opening = f"I am thinking of a number from 1 to {n}. Guess it: answer with the number only."
-
-    def new_episode(self, secret: int) -> Episode:
-        # a short system turn replaces the chat template's default one: fewer tokens for a tiny model to read
-        return Episode([{"role": "system", "content": "Guessing game."}, {"role": "user", "content": self.opening}],
-                       {"secret": secret})
-
-    def parse(self, text: str) -> int | None:
-        text = text.strip().rstrip(".")
-        return int(text) if text.isdigit() and 1 <= int(text) <= self.n else None
-
-    def answer(self, guess: int, secret: int, low: int, high: int) -> tuple[str, int, int]:
-        """The user's reply to a wrong guess, and the interval still possible after it."""
-        if guess < secret:
-            low = max(low, guess + 1)
-            return f"Higher: from {low} to {high}.", low, high
-        high = min(high, guess - 1)
-        return f"Lower: from {low} to {high}.", low, high
-
-    def reply(self, episode: Episode) -> str | None:
-        guesses = [self.parse(m["content"]) for m in episode.messages if m["role"] == "assistant"]
-        if guesses[-1] is None:
-            return f"Please answer with one number from 1 to {self.n}."
-        if guesses[-1] == episode.info["secret"]:
-            return None
-        low, high = 1, self.n
-        for guess in filter(None, guesses):
-            text, low, high = self.answer(guess, episode.info["secret"], low, high)
-        return text
-
-    def users(self, episodes: list[Episode]) -> list[str | None]:
-        return [self.reply(e) for e in episodes]
-
-    def rewards(self, episodes: list[Episode]) -> list[float]:
-        return [float(any(self.parse(m["content"]) == e.info["secret"] for m in e.messages if m["role"] == "assistant"))
-                for e in episodes]
-
-    def solved_by_turn(self, strategy: str, games: int = 20000, seed: int = 0) -> list[float]:
-        """Fraction of games solved within 1..horizon guesses by `binary` search or `random` consistent guessing."""
-        rng = random.Random(seed)
-        solved = [0] * self.horizon
-        for _ in range(games):
-            secret, low, high = rng.randint(1, self.n), 1, self.n
-            for turn in range(self.horizon):
-                guess = (low + high) // 2 if strategy == "binary" else rng.randint(low, high)
-                if guess == secret:
-                    for t in range(turn, self.horizon):
-                        solved[t] += 1
-                    break
-                _, low, high = self.answer(guess, secret, low, high)
-        return [s / games for s in solved]
-
-    def random_consistent_game(self, rng: random.Random) -> Dialogue:
-        """A full game of random consistent play, as chat messages: the supervised warm-start data."""
-        secret, low, high = rng.randint(1, self.n), 1, self.n
-        messages = self.new_episode(secret).messages
-        for _ in range(self.horizon):
-            guess = rng.randint(low, high)
-            messages.append({"role": "assistant", "content": str(guess)})
-            if guess == secret:
-                break
-            text, low, high = self.answer(guess, secret, low, high)
-            messages.append({"role": "user", "content": text})
-        if messages[-1]["role"] == "user":
-            messages.pop()
-        return messages
-
-
-def guess_number_policy(game: GuessNumber, tokenizer_path: str, steps: int = 800, seed: int = 0) -> str:
-    """A tiny Llama taught the game by a short supervised warm start on random consistent play, cached.
-
-    It learns to answer with a number inside the interval the user restates (the default game, 800 steps: 67.0%
-    of the evaluation games solved at temperature 0.8, random consistent play 67.3%); from there the algorithms
-    can find binary search. About 0.45 s a step for the default game on one CPU thread (800 steps: 6 minutes),
-    once per machine, game and `steps`.
-    """
-    # at lr 3e-3 the loss stays for hundreds of steps at the guesses' marginal distribution: the model does not
-    # learn to read the interval, and about half of its later guesses fall outside it
-    lr = 1e-3
-    folder = os.path.join(cache_dir(), f"guess_number_n{game.n}_h{game.horizon}_s{steps}_lr{lr:g}_seed{seed}")
-    if os.path.exists(os.path.join(folder, "config.json")):
-        return folder
-    with file_lock(folder + ".lock"):
-        if os.path.exists(os.path.join(folder, "config.json")):
-            return folder
-        tmp = folder + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_tiny_model(tmp, tokenizer_path, seed, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=4)
-        tokenizer, model = load_tokenizer(tmp), load_causal_lm(tmp)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-        started, threads = time.time(), torch.get_num_threads()
-        torch.set_num_threads(1)  # the ops of a model this small are too small to share between threads
-        rng = random.Random(seed)
-        for step in range(steps):
-            batch = [tokenize_dialogue(tokenizer, game.random_consistent_game(rng)) for _ in range(32)]
-            input_ids = pad_right([ids for ids, _ in batch], tokenizer.pad_token_id)
-            attention_mask = pad_right([[1] * len(ids) for ids, _ in batch], 0)
-            # next-token loss on the assistant tokens only; the vocabulary projection is applied to those
-            # positions alone, which is most of the cost saved
-            targets = pad_right([[int(any(m[i] for m in masks)) for i in range(len(ids))] for ids, masks in batch], 0)
-            hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            where = targets[:, 1:].bool()
-            logits = model.lm_head(hidden[:, :-1][where])
-            loss = torch.nn.functional.cross_entropy(logits, input_ids[:, 1:][where])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            for group in optimizer.param_groups:
-                group["lr"] = lr * (1 - (step + 1) / steps)
-            if (step + 1) % 50 == 0:
-                print0(f"guess_number warm start: step {step + 1}/{steps}, loss {loss.item():.3f}, "
-                       f"{time.time() - started:.0f}s")
-        torch.set_num_threads(threads)
-        model.save_pretrained(tmp)
-        os.replace(tmp, folder)
-    return folder
-
-
-def guess_number_task(tokenizer_path: str, seed: int, warm_start_steps: int = 800, n: int = 7,
-                      horizon: int | None = None, num_train: int = 4096, num_eval: int = 1024) -> Task:
-    """The built-in verifiable task: secret numbers are drawn with `seed` (the eval set with a fixed seed);
-    `horizon` None keeps the game's own."""
-    game = GuessNumber(n, horizon) if horizon else GuessNumber(n)
-    rng, eval_rng = random.Random(seed), random.Random(12345)
-    return Task(
-        train=[game.new_episode(rng.randint(1, game.n)) for _ in range(num_train)],
-        eval=[game.new_episode(eval_rng.randint(1, game.n)) for _ in range(num_eval)],
-        user=game.users, reward=game.rewards, horizon=game.horizon,
-        reference_scores={"binary search (optimal)": game.solved_by_turn("binary"),
-                          "random consistent": game.solved_by_turn("random")},
-        policy=rank0_first(lambda: guess_number_policy(game, tokenizer_path, warm_start_steps)),
-    )
+    """a policy that suits the task (a warm-started model folder), used when the script is given no model"""
+    engines: list = dataclasses.field(default_factory=list)
+    """rollout engines the task started (an LLM user's), for the script to close at the end"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1001,16 +753,103 @@ def lr_lambda(schedule: str, total_steps: int, warmup_ratio: float) -> Callable[
 
 
 # ----------------------------------------------------------------------------------------------------------
-# logging
+# run folder and logging
+
+# flags that may change on `--resume`: they do not touch what is trained nor its schedule
+RESUMABLE_CHANGES = {"resume", "track", "wandb_project", "wandb_entity", "verbose", "eval_every", "save_every",
+                     "user_url", "user_timeout", "user_retries"}
+
+
+def quiet_third_party(verbose: bool) -> None:
+    """Keeps vLLM's, transformers' and datasets' warnings and progress bars off the console unless `verbose`.
+    Call before the first engine starts (vLLM reads its log level when imported)."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one bar per checkpoint write otherwise
+    datasets.disable_progress_bars()
+    if verbose:
+        return
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    transformers.utils.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def flat_args(args) -> dict:
+    """A dataclass of flags (nested groups included) as one {flag: value} dict, as the command line has them."""
+    flat = {}
+    for key, value in dataclasses.asdict(args).items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def prepare_run_dir(output_dir: str, run_name: str, args, resume: bool) -> str:
+    """`output_dir/run_name`, made for a new run (an existing folder is never reused) or checked for a resumed one.
+
+    A new run writes `args.json`; a resumed run keeps the original `args.json` and refuses changed flags other
+    than `RESUMABLE_CHANGES`, which would silently change what is trained or its schedule. Rank 0 decides; every
+    rank raises the same error.
+    """
+    run_dir = os.path.join(output_dir, run_name)
+    problem = None
+    if dist.get_rank() == 0:
+        saved = os.path.join(run_dir, "args.json")
+        if not resume and os.path.exists(run_dir):
+            problem = f"{run_dir} exists: continue it with --resume, or choose another --run_name"
+        elif resume and not os.path.exists(saved):
+            problem = f"--resume: {saved} not found, so there is no run named {run_name!r} to continue"
+        elif resume:
+            with open(saved) as f:
+                before = json.load(f)
+            now = json.loads(json.dumps(flat_args(args)))  # tuples as lists, as saved
+            changed = sorted(k for k in before.keys() | now.keys()
+                             if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+            if changed:
+                problem = "--resume with changed flags: " + ", ".join(
+                    f"--{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed) + " (rerun with the saved values)"
+        else:
+            os.makedirs(run_dir)
+            with open(saved, "w") as f:
+                json.dump(flat_args(args), f, indent=2)
+    problem = broadcast_object(problem)
+    if problem:
+        raise SystemExit(problem)
+    return run_dir
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each named value averaged over the ranks where it is finite; NaN where it is NaN on every rank."""
+    names = sorted(values)
+    finite = [math.isfinite(values[k]) for k in names]
+    table = torch.tensor([[values[k] if ok else 0.0 for k, ok in zip(names, finite)], finite], dtype=torch.float64)
+    dist.all_reduce(table)
+    return {k: (total / count).item() if count > 0 else float("nan") for k, total, count in zip(names, *table)}
+
+
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each named value summed over the ranks (counts)."""
+    names = sorted(values)
+    table = torch.tensor([values[k] for k in names], dtype=torch.float64)
+    dist.all_reduce(table)
+    return dict(zip(names, table.tolist()))
 
 
 class MetricsLogger:
-    """One JSON line per update in `runs/<run>/metrics.jsonl` (rank 0), mirrored to wandb with `--track`."""
+    """One JSON line per iteration in `runs/<run>/metrics.jsonl` (rank 0), mirrored to wandb with `--track`.
+
+    The file holds each iteration once: a resumed run first drops the lines after its checkpoint, and logging an
+    iteration that is already there is an error.
+    """
 
     def __init__(self, run_dir: str, config: dict, track: bool, project: str, entity: str | None, run_name: str,
                  resume: bool):
         self.enabled = dist.get_rank() == 0
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.logged = -1
         self.wandb = None
         if self.enabled and track:
             import wandb
@@ -1018,69 +857,120 @@ class MetricsLogger:
             self.wandb = wandb.init(project=project, entity=entity, name=run_name, id=run_name, config=config,
                                     resume="allow" if resume else None, dir=run_dir)
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: dict, iteration: int) -> None:
         if not self.enabled:
             return
+        if iteration <= self.logged:
+            raise RuntimeError(f"iteration {iteration} logged twice in {self.path}")
+        self.logged = iteration
         with open(self.path, "a") as f:
-            f.write(json.dumps({"update": step, **metrics}) + "\n")
+            f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log(metrics, step=iteration)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drops lines of updates after the checkpoint so the file has each update once."""
+    def truncate_after(self, iteration: int) -> None:
+        """On resume, drops the lines of iterations after the checkpoint (`-1`: all of them)."""
+        self.logged = iteration
         if not self.enabled or not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            lines = [line for line in f if json.loads(line)["update"] <= step]
+            lines = [line for line in f if line.strip() and json.loads(line)["iteration"] <= iteration]
         with open(self.path + ".tmp", "w") as f:
             f.writelines(lines)
         os.replace(self.path + ".tmp", self.path)
+
+    def read(self) -> list[dict]:
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
 
 
-def progress_line(update: int, total: int, started: float, done_at_start: int, metrics: dict, timings: dict) -> str:
-    """`update 7/40 | reward 0.412 | loss 0.103 | gen 4.1s score 0.2s ... | eta 3m10s` for the console."""
+def progress_line(iteration: int, total: int, started: float, done_at_start: int, metrics: dict,
+                  timings: dict) -> str:
+    """`iteration 7/40 | reward 0.412 | loss 0.103 | rollout 4.1s reward 0.2s ... | eta 3m10s` for the console."""
     elapsed = time.time() - started
-    done = update - done_at_start
-    eta = elapsed / max(done, 1) * (total - update)
+    done = iteration - done_at_start
+    eta = elapsed / max(done, 1) * (total - iteration)
     shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     times = " ".join(f"{k} {v:.1f}s" for k, v in timings.items())
-    return f"update {update}/{total} | {shown} | {times} | eta {int(eta // 60)}m{int(eta % 60):02d}s"
+    return f"iteration {iteration}/{total} | {shown} | {times} | eta {int(eta // 60)}m{int(eta % 60):02d}s"
+
+
+def score_table(rows: dict[str, list[float]]) -> str:
+    """A plain-text table of per-turn scores: one row per policy or reference, one column per turn h."""
+    turns = max(len(v) for v in rows.values())
+    width = max(len(name) for name in rows)
+    lines = [f"{'':<{width}} | " + " | ".join(f"turn {t:>2}" for t in range(1, turns + 1))]
+    lines += [f"{name:<{width}} | " + " | ".join(f"{v:7.3f}" for v in values) for name, values in rows.items()]
+    return "\n".join(lines)
+
+
+def plot_curves(metrics: list[dict], path: str, prefix: str = "eval/score_turn") -> None:
+    """`curves.png`: each evaluated per-turn score against iteration, with the task's reference scores as dashed
+    lines (`reference/<name>_turn<h>` in the first line of metrics)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    turns = sorted({int(k[len(prefix):]) for m in metrics for k in m if k.startswith(prefix)})
+    if not turns:
+        return
+    fig, axes = plt.subplots(1, len(turns), figsize=(4 * len(turns), 3.2), sharey=True, squeeze=False)
+    for ax, t in zip(axes[0], turns):
+        points = [(m["iteration"], m[f"{prefix}{t}"]) for m in metrics if f"{prefix}{t}" in m]
+        ax.plot(*zip(*points), marker="o", label="policy")
+        for key, value in metrics[0].items():
+            if key.startswith("reference/") and key.endswith(f"_turn{t}"):
+                ax.axhline(value, linestyle="--", color="gray", linewidth=1)
+                ax.annotate(key[len("reference/") : -len(f"_turn{t}")], (0, value), fontsize=7, color="gray",
+                            xytext=(2, 2), textcoords="offset points")
+        ax.set_title(f"turn {t}")
+        ax.set_xlabel("iteration")
+    axes[0][0].set_ylabel(prefix.rstrip("_turn").split("/")[-1])
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints
 
 
-def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer_state: dict, tokenizer) -> str:
-    """Writes `runs/<run>/checkpoints/update_<n>/`, atomically (a temporary folder renamed when complete).
+def save_checkpoint(run_dir: str, iteration: int, trained: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
+                    trainer_state: dict, tokenizer, export: str = "policy") -> str:
+    """Writes `runs/<run>/checkpoints/iteration_<n>/`, atomically (a temporary folder renamed when complete).
 
-    - `hf/`: the weights in Hugging Face format (transformers and vLLM load it as a model folder);
-    - `dcp/`: model and optimizer shards (torch.distributed.checkpoint), which any rank count can load;
-    - `rank<r>.pt`: each rank's random states and the loop's own state (scheduler, data order, counters).
-    A checkpoint folder without the final rename is ignored by `latest_checkpoint`.
+    - `dcp/`: every trained model's and optimizer's shards (torch.distributed.checkpoint; MA-PPO has two);
+    - `hf/`: the `export` model in Hugging Face format (transformers and vLLM load it as a model folder);
+    - `rank<r>.pt`: each rank's random states and the loop's own state (schedulers, data order, counters);
+    - `manifest.json`, written last: every file and its size, so `latest_checkpoint` can tell a complete one.
     """
     rank = dist.get_rank()
-    final = os.path.join(run_dir, "checkpoints", f"update_{update:06d}")
+    final = os.path.join(run_dir, "checkpoints", f"iteration_{iteration:06d}")
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
-    weights = full_state_dict(model)
+    state = {}
+    for name, (model, optimizer) in trained.items():
+        state[f"model/{name}"], state[f"optim/{name}"] = get_state_dict(model, optimizer)
+    dcp.save(state, checkpoint_id=os.path.join(tmp, "dcp"))
+    policy = trained[export][0]
+    weights = full_state_dict(policy)
     if rank == 0:
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            export = AutoModelForCausalLM.from_config(model.config)
-        export.load_state_dict({k: v.float().cpu() for k, v in weights.items()}, assign=True)
-        export.generation_config = model.generation_config
-        export.save_pretrained(os.path.join(tmp, "hf"))
+            exported = AutoModelForCausalLM.from_config(policy.config)
+        exported.load_state_dict({k: v.float().cpu() for k, v in weights.items()}, assign=True)
+        exported.generation_config = policy.generation_config
+        exported.save_pretrained(os.path.join(tmp, "hf"))
         tokenizer.save_pretrained(os.path.join(tmp, "hf"))
     del weights
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -1089,25 +979,54 @@ def save_checkpoint(run_dir: str, update: int, model, optimizer, trainer_state: 
     torch.save({"rng": rng, "trainer_state": trainer_state}, os.path.join(tmp, f"rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
+        files = {os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
+                 for d, _, names in os.walk(tmp) for f in names}
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump({"iteration": iteration, "world_size": dist.get_world_size(), "files": files}, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     dist.barrier()
     return final
 
 
+def checkpoint_problem(path: str) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (no manifest, a file missing or of another size), or None."""
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"no readable manifest ({e})"
+    for name, size in manifest["files"].items():
+        file = os.path.join(path, name)
+        if not os.path.exists(file) or os.path.getsize(file) != size:
+            return f"{name} is missing or has another size than when it was written"
+    if manifest["world_size"] != dist.get_world_size():
+        return f"written by {manifest['world_size']} ranks, resumed with {dist.get_world_size()}"
+    return None
+
+
 def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint of a run; an incomplete or damaged newer one is reported and passed over."""
     folder = os.path.join(run_dir, "checkpoints")
-    done = sorted(d for d in os.listdir(folder) if d.startswith("update_") and not d.endswith(".tmp")) \
+    done = sorted(d for d in os.listdir(folder) if d.startswith("iteration_") and not d.endswith(".tmp")) \
         if os.path.isdir(folder) else []
-    return os.path.join(folder, done[-1]) if done else None
+    for name in reversed(done):
+        problem = checkpoint_problem(os.path.join(folder, name))
+        if problem is None:
+            return os.path.join(folder, name)
+        print0(f"warning: checkpoint {name} is not usable, {problem}; trying the one before")
+    return None
 
 
-def load_checkpoint(path: str, model, optimizer) -> dict:
-    """Restores model, optimizer and this rank's random states; returns the loop's saved state."""
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+def load_checkpoint(path: str, trained: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]) -> dict:
+    """Restores every trained model and optimizer and this rank's random states; returns the loop's saved state."""
+    state = {}
+    for name, (model, optimizer) in trained.items():
+        state[f"model/{name}"], state[f"optim/{name}"] = get_state_dict(model, optimizer)
     dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for name, (model, optimizer) in trained.items():
+        set_state_dict(model, optimizer, model_state_dict=state[f"model/{name}"],
+                       optim_state_dict=state[f"optim/{name}"])
     saved = torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=False)
     random.setstate(saved["rng"]["python"])
     np.random.set_state(saved["rng"]["numpy"])

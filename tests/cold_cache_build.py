@@ -10,13 +10,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import utils  # noqa: E402
+from tasks import guess_number  # noqa: E402
 
 if __name__ == "__main__":
     rank, _, _ = utils.init_distributed()
     if rank == 0:
         time.sleep(5)  # let rank 1 reach the builds first
     tokenizer_path = utils.resolve_model_path(utils.EMBEDDED_SMOLLM2)
-    task = utils.guess_number_task(tokenizer_path, seed=0, warm_start_steps=2, num_train=4, num_eval=4)
+    task = guess_number.make_task(seed=0, warm_start_steps=2, num_train=4, num_eval=4)
     for folder in (tokenizer_path, task.policy):
         utils.load_causal_lm(folder)
         utils.load_tokenizer(folder)

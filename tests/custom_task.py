@@ -17,7 +17,7 @@ def says_the_number(episodes):
     return scores
 
 
-def make_task(args):
+def make_task(num_openings: int = 16):
     opening = lambda: utils.Episode([{"role": "user", "content": "Count with me. Say 1."}])  # noqa: E731
-    return utils.Task(train=[opening() for _ in range(16)], eval=[opening() for _ in range(4)],
+    return utils.Task(train=[opening() for _ in range(num_openings)], eval=[opening() for _ in range(4)],
                       user=count_up_user, reward=says_the_number, horizon=3)

@@ -72,20 +72,24 @@ def test_batch_for_logprobs_aligns_prompt_ends_and_masks_only_responses():
     assert response.tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
 
 
-def test_sequence_logprobs_of_a_padded_batch_equal_each_sequence_alone(tiny_model):
+def test_token_logprobs_of_a_padded_batch_equal_each_sequence_alone(tiny_model):
     """Padding on both sides, position ids and the response-only vocabulary projection change nothing: each
-    row's sum equals a plain forward of that sequence alone, and the gradient stays finite."""
+    row's tokens equal a plain forward of that sequence alone, zero outside the response, and the gradient stays
+    finite."""
     import torch
 
     model = utils.load_causal_lm(tiny_model)
     prompts, responses = [[5, 6, 7, 8, 20, 21], [9, 10], [30]], [[11, 12], [13, 14, 15, 16], [17]]
     input_ids, attention, response = utils.batch_for_logprobs(prompts, responses, 0)
-    ours = utils.sequence_logprobs(model, input_ids, attention, response, temperature=0.7)
+    per_token = utils.token_logprobs(model, input_ids, attention, response, temperature=0.7)
+    assert per_token.shape == input_ids.shape and (per_token[response == 0] == 0).all()
+    ours = per_token.sum(-1)
     ours.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     with torch.no_grad():
         for row, (p, r) in enumerate(zip(prompts, responses)):
             ids = torch.tensor([p + r])
             logits = model(input_ids=ids).logits[0, len(p) - 1 : -1] / 0.7
-            alone = logits.log_softmax(-1).gather(-1, ids[0, len(p) :, None]).sum()
-            torch.testing.assert_close(ours[row].detach(), alone, rtol=1e-5, atol=1e-5)
+            alone = logits.log_softmax(-1).gather(-1, ids[0, len(p) :, None]).squeeze(-1)
+            torch.testing.assert_close(per_token[row][response[row] == 1].detach(), alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ours[row].detach(), alone.sum(), rtol=1e-5, atol=1e-5)

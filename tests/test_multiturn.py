@@ -12,6 +12,9 @@ import torch
 
 import utils
 from refuel import refuel_loss, sample_horizons
+from tasks.chat import (DatasetUser, LLMUser, ServerUser, UserServerError, parse_user_reply,
+                        user_simulator_prompt)
+from tasks.guess_number import GuessNumber
 
 
 def opening(text="Tell me about cats."):
@@ -70,23 +73,23 @@ def test_branch_shares_the_prefix_token_for_token(vllm_engine, tiny_model):
 def test_dataset_user_replays_the_dataset_turns(vllm_engine, tiny_model):
     tokenizer = utils.load_tokenizer(tiny_model)
     e = utils.Episode([{"role": "user", "content": "First?"}], {"user_turns": ["Second?", "Third?"]})
-    utils.rollout_dialogues([e], vllm_engine, tokenizer, utils.DatasetUser(), [5], 3, 1.0, (0,))
+    utils.rollout_dialogues([e], vllm_engine, tokenizer, DatasetUser(), [5], 3, 1.0, (0,))
     assert [m["content"] for m in e.messages if m["role"] == "user"] == ["First?", "Second?", "Third?"]
     assert e.turns == 3 and e.done
 
 
 def test_user_prompt_and_parsing_follow_the_official_code():
-    prompt = utils.user_simulator_prompt([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
+    prompt = user_simulator_prompt([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
     assert prompt.startswith("Below is a dialogue between the user and the assistant. Pretend you are the user")
     assert "### user: Hi\n\n### assistant: Yo\n\n### Instructions:" in prompt
     assert prompt.endswith("Justification: \nQuestion: ")
-    assert utils.parse_user_reply("Justification: curious.\nQuestion: Why is it blue? ") == "Why is it blue?"
-    assert utils.parse_user_reply("Question: a\nQuestion: b") == "b"
-    assert utils.parse_user_reply("  no format at all ") == "no format at all"
+    assert parse_user_reply("Justification: curious.\nQuestion: Why is it blue? ") == "Why is it blue?"
+    assert parse_user_reply("Question: a\nQuestion: b") == "b"
+    assert parse_user_reply("  no format at all ") == "no format at all"
 
 
 def test_llm_user_with_a_tiny_model(vllm_engine, tiny_model):
-    user = utils.LLMUser(vllm_engine, utils.load_tokenizer(tiny_model), 8, 0.8, seed=0)
+    user = LLMUser(vllm_engine, utils.load_tokenizer(tiny_model), 8, 0.8, seed=0)
     replies = user([opening(), opening("Hi.")])
     assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
     # a reply depends on the conversation, not on the call or the batch position: resumed runs replay it
@@ -95,7 +98,7 @@ def test_llm_user_with_a_tiny_model(vllm_engine, tiny_model):
 
 def test_llm_user_with_smollm2_asks_a_question(process_group, smollm2_path):
     engine = utils.TransformersEngine(smollm2_path, process_group[2], torch.float32)
-    user = utils.LLMUser(engine, utils.load_tokenizer(smollm2_path), 64, 0.0, seed=0)
+    user = LLMUser(engine, utils.load_tokenizer(smollm2_path), 64, 0.0, seed=0)
     e = utils.Episode([{"role": "user", "content": "What is the capital of France?"},
                        {"role": "assistant", "content": "The capital of France is Paris."}])
     (reply,) = user([e])
@@ -135,21 +138,21 @@ def user_server(tiny_model, script_env):
 
 
 def test_server_user_answers_every_dialogue(user_server, tiny_model):
-    user = utils.ServerUser(user_server, tiny_model, max_tokens=8, temperature=0.8, seed=0)
+    user = ServerUser(user_server, tiny_model, max_tokens=8, temperature=0.8, seed=0)
     replies = user([opening(f"Question number {i}?") for i in range(5)])
     assert len(replies) == 5 and all(isinstance(r, str) for r in replies)
 
 
 def test_server_down_is_a_clear_error_after_bounded_retries(tiny_model):
-    user = utils.ServerUser(f"http://127.0.0.1:{free_port()}", tiny_model, 8, 0.8, 0, timeout=2, retries=2)
+    user = ServerUser(f"http://127.0.0.1:{free_port()}", tiny_model, 8, 0.8, 0, timeout=2, retries=2)
     started = time.time()
-    with pytest.raises(utils.UserServerError, match=r"failed 3 times"):
+    with pytest.raises(UserServerError, match=r"failed 3 times"):
         user([opening()])
     assert time.time() - started < 30
 
 
 def test_guess_number_user_and_reward():
-    game = utils.GuessNumber(n=32, horizon=5)
+    game = GuessNumber(n=32, horizon=5)
     e = game.new_episode(secret=20)
     e.messages.append({"role": "assistant", "content": "16"})
     assert game.reply(e) == "Higher: from 17 to 32."
@@ -165,7 +168,7 @@ def test_guess_number_user_and_reward():
 def test_warm_start_games_are_consistent_play():
     import random
 
-    game = utils.GuessNumber(n=32, horizon=5)
+    game = GuessNumber(n=32, horizon=5)
     for seed in range(50):
         messages = game.random_consistent_game(random.Random(seed))
         low, high = 1, 32
@@ -178,13 +181,13 @@ def test_warm_start_games_are_consistent_play():
 
 def test_guess_number_reference_scores():
     """The task's yardsticks: binary search solves 31/32 games in 5 turns, random consistent play about half."""
-    game = utils.GuessNumber(n=32, horizon=5)
+    game = GuessNumber(n=32, horizon=5)
     binary, random_play = game.solved_by_turn("binary"), game.solved_by_turn("random")
     assert binary == pytest.approx([1 / 32, 3 / 32, 7 / 32, 15 / 32, 31 / 32], abs=0.01)
     assert 0.45 < random_play[-1] < 0.6 and all(r <= b + 0.01 for r, b in zip(random_play, binary))
     # the default game, 1..7 in 3 turns: binary search solves all; random consistent play 0.678 (exact recursion
     # over the intervals), so the gap left for credit assignment is a third of the games
-    game = utils.GuessNumber()
+    game = GuessNumber()
     binary, random_play = game.solved_by_turn("binary"), game.solved_by_turn("random")
     assert binary == pytest.approx([1 / 7, 3 / 7, 1.0], abs=0.01)
     assert random_play[-1] == pytest.approx(0.678, abs=0.015)

@@ -27,7 +27,7 @@ def prompt_file(tmp_path_factory):
 def command(model, prompt_file, output_dir, run_name, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             os.path.join(REPO, "rebel.py"), "--model", model, "--dataset", prompt_file, "--output_dir", output_dir,
-            "--run_name", run_name, "--num_updates", "4", "--prompts_per_rank", "2", "--max_new_tokens", "8",
+            "--run_name", run_name, "--num_iterations", "4", "--prompts_per_rank", "2", "--max_new_tokens", "8",
             "--num_epochs", "2", "--micro_batch_pairs", "1", "--eval_every", "2", "--save_every", "2",
             "--num_eval_prompts", "4", "--lr", "1e-3", "--penalty_reward", "None", "--reward_function",
             os.path.join(REPO, "tests", "rewards.py") + ":brevity_or_nan", *extra]
@@ -47,16 +47,16 @@ def full_run(tiny_model, prompt_file, tmp_path_factory, script_env):
 
 
 def test_run_writes_args_metrics_and_checkpoints(full_run, tiny_model):
-    assert json.load(open(os.path.join(full_run, "args.json")))["num_updates"] == 4
+    assert json.load(open(os.path.join(full_run, "args.json")))["num_iterations"] == 4
     metrics = read_metrics(full_run)
-    assert [m["update"] for m in metrics] == [0, 1, 2, 3, 4]
+    assert [m["iteration"] for m in metrics] == [0, 1, 2, 3, 4]
     for m in metrics[1:]:
         assert math.isfinite(m["loss/rebel"]) and m["sync/logprob_gap"] < 1e-3
-        assert {"time/gen", "time/score", "time/old_logprobs", "time/train", "time/sync"} <= m.keys()
-    assert [("eval/reward" in m) for m in metrics] == [True, False, True, False, True]
+        assert {"time/rollout", "time/reward", "time/old_logprobs", "time/train", "time/sync"} <= m.keys()
+    assert [("eval/score_turn1" in m) for m in metrics] == [True, False, True, False, True]
     checkpoints = sorted(os.listdir(os.path.join(full_run, "checkpoints")))
-    assert checkpoints == ["update_000002", "update_000004"]
-    trained = utils.load_causal_lm(os.path.join(full_run, "checkpoints", "update_000004", "hf"))
+    assert checkpoints == ["iteration_000002", "iteration_000004"]
+    trained = utils.load_causal_lm(os.path.join(full_run, "checkpoints", "iteration_000004", "hf"))
     initial = utils.load_causal_lm(tiny_model)
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)
 
@@ -73,12 +73,12 @@ def test_wandb_offline_run_was_written(full_run):
 
 
 def test_hf_checkpoint_loads_in_vllm(full_run, process_group):
-    engine = utils.make_engine(os.path.join(full_run, "checkpoints", "update_000004", "hf"), process_group[2], 256,
+    engine = utils.make_engine(os.path.join(full_run, "checkpoints", "iteration_000004", "hf"), process_group[2], 256,
                                0, False, 0.05, 32 * 2**20, "vllm")
     try:
-        tokenizer = utils.load_tokenizer(os.path.join(full_run, "checkpoints", "update_000004", "hf"))
+        tokenizer = utils.load_tokenizer(os.path.join(full_run, "checkpoints", "iteration_000004", "hf"))
         prompt = utils.chat_token_ids(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
-        trained = utils.load_causal_lm(os.path.join(full_run, "checkpoints", "update_000004", "hf"))
+        trained = utils.load_causal_lm(os.path.join(full_run, "checkpoints", "iteration_000004", "hf"))
         utils.check_logprob_parity(engine, trained, prompt + [5, 6, 7], process_group[2], 1e-4)
     finally:
         engine.close()
@@ -90,7 +90,7 @@ def test_resume_after_kill_continues_the_same_schedule(full_run, tiny_model, pro
     run_dir = os.path.join(output_dir, "killed")
     process = subprocess.Popen(command(tiny_model, prompt_file, output_dir, "killed"), env=script_env)
     deadline = time.time() + 600
-    while not os.path.isdir(os.path.join(run_dir, "checkpoints", "update_000002")):
+    while not os.path.isdir(os.path.join(run_dir, "checkpoints", "iteration_000002")):
         assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.5)
     kill_run(process)
@@ -98,10 +98,10 @@ def test_resume_after_kill_continues_the_same_schedule(full_run, tiny_model, pro
     subprocess.run(command(tiny_model, prompt_file, output_dir, "killed", "--resume"), check=True, timeout=600,
                    env=script_env)
     resumed, uninterrupted = read_metrics(run_dir), read_metrics(full_run)
-    assert [m["update"] for m in resumed] == [0, 1, 2, 3, 4]
+    assert [m["iteration"] for m in resumed] == [0, 1, 2, 3, 4]
     for a, b in zip(resumed[3:], uninterrupted[3:]):
         for key in ("reward/score", "reward/kl", "loss/rebel", "policy/lr", "policy/response_tokens"):
-            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), (a["update"], key)
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), (a["iteration"], key)
 
 
 def test_overlong_prompts_are_counted_then_refused(tiny_model, prompt_file, tmp_path, script_env):

@@ -34,7 +34,7 @@ def full_run(tmp_path_factory, script_env):
 
 def test_iterations_log_regression_diagnostics_and_per_turn_eval(full_run):
     metrics = read_metrics(full_run)
-    assert [m["update"] for m in metrics] == [0, 1, 2, 3]
+    assert [m["iteration"] for m in metrics] == [0, 1, 2, 3]
     initial = metrics[0]
     assert initial["reference/binary search (optimal)_turn3"] == 1.0
     assert all(initial[f"eval/winrate_vs_initial_turn{t}"] == 0.5 for t in range(1, 4))  # itself: all ties
@@ -44,7 +44,7 @@ def test_iterations_log_regression_diagnostics_and_per_turn_eval(full_run):
         assert m["sync/logprob_gap"] < 1e-3 and 1 <= m["data/branch_turn"] <= 3
     assert "eval/score_turn3" in metrics[2] and "eval/score_turn3" in metrics[3]
     assert sorted(os.listdir(os.path.join(full_run, "checkpoints"))) == [
-        "update_000001", "update_000002", "update_000003"]
+        "iteration_000001", "iteration_000002", "iteration_000003"]
 
 
 def test_resume_after_kill_continues_the_same_schedule(full_run, tmp_path, script_env, kill_run):
@@ -52,13 +52,13 @@ def test_resume_after_kill_continues_the_same_schedule(full_run, tmp_path, scrip
     run_dir = os.path.join(output_dir, "killed")
     process = subprocess.Popen(command(output_dir, "killed"), env=script_env)
     deadline = time.time() + 900
-    while not os.path.isdir(os.path.join(run_dir, "checkpoints", "update_000001")):
+    while not os.path.isdir(os.path.join(run_dir, "checkpoints", "iteration_000001")):
         assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.5)
     kill_run(process)
     subprocess.run(command(output_dir, "killed", "--resume"), check=True, timeout=900, env=script_env)
     resumed, uninterrupted = read_metrics(run_dir), read_metrics(full_run)
-    assert [m["update"] for m in resumed] == [0, 1, 2, 3]
+    assert [m["iteration"] for m in resumed] == [0, 1, 2, 3]
     for a, b in zip(resumed[2:], uninterrupted[2:]):
         for key in ("reward/score", "loss/refuel", "val/loss", "policy/lr", "data/branch_turn", "eval/score_turn3"):
-            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), (a["update"], key)
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), (a["iteration"], key)

@@ -24,7 +24,7 @@ def test_chat_task_with_an_llm_user_and_a_reward_model(tmp_path, tiny_model, tin
                   "--user_max_tokens", "4",
                   "--reward_model", tiny_reward_model, "--dataset", str(prompts), "--num_eval_prompts", "2",
                   "--horizon", "2", "--horizon_sampling", "uniform", "--kl_coef", "0.05", "--penalty_reward", "-1")
-    assert [m["update"] for m in metrics] == [0, 1]
+    assert [m["iteration"] for m in metrics] == [0, 1]
     assert {"eval/score_turn1", "eval/score_turn2", "eval/winrate_vs_initial_turn2"} <= metrics[1].keys()
     assert metrics[1]["data/turns_played"] == 2  # the LLM user kept every dialogue going to the horizon
     assert metrics[1]["reward/score"] == -1  # tiny random models never end a 4-token turn: all penalised

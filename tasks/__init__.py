@@ -1,0 +1,98 @@
+"""Tasks: what a multi-turn script trains on. A `utils.Task` holds dialogue openings, a simulated user, a reward
+and a horizon H; every multi-turn script gets one from `load_task` and never builds one itself.
+
+Built in: `guess_number` (tasks/guess_number.py: the verifiable game) and `chat` (tasks/chat.py: dataset openings,
+a simulated user, a reward model). A fork's own task is `--task module:function` or `--task path/file.py:function`:
+a function with keyword parameters (any of the `TaskArgs` fields and of the run's own values that `load_task`
+passes: seed, rank, device, bf16, model, context_tokens, ...) that returns a `utils.Task`. It is called exactly as
+the built-in ones are.
+"""
+
+import dataclasses
+import inspect
+import os
+from typing import Literal
+
+import utils
+
+BUILT_IN = {"guess_number": "tasks.guess_number:make_task", "chat": "tasks.chat:make_task"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class TaskArgs:
+    task: str = "guess_number"
+    """`guess_number` (verifiable: code user and reward), `chat` (dataset openings, a simulated user, a reward
+    model or function), or `module:function` / `file.py:function` returning a `utils.Task`"""
+    horizon: int | None = None
+    """largest number of assistant turns H; default the task's own (guessing game: 3; chat: the paper's 5)"""
+
+    # the guessing game
+    guess_max: int = 7
+    """the secret is a number from 1 to this (1..7 in 3 turns: binary search solves every game)"""
+    warm_start_steps: int = 800
+    """supervised steps that teach the game's tiny policy to play consistently (trained once, cached; not run
+    when `--model` is given)"""
+
+    # the chat task
+    dataset: str = os.path.join(REPO, "data", "prompts.jsonl")
+    """first user turns: a .json/.jsonl/.parquet/.csv file, a saved dataset folder, or a hub id"""
+    dataset_split: str = "train"
+    """split, for hub datasets"""
+    prompt_column: str = "prompt"
+    """column with the first user message, or a list of messages (later user turns feed `--user dataset`)"""
+    num_eval_prompts: int = 16
+    """openings held out for evaluation"""
+    user: Literal["llm", "server", "dataset"] = "llm"
+    """who writes the user turns: an LLM on its own colocated engine, an LLM behind a vLLM OpenAI-compatible
+    server, or the dataset's own later user turns (the paper's setting two)"""
+    user_model: str | None = None
+    """the simulated user's model (for `server`, the served model's name); default: the policy's base model,
+    frozen (paper: Llama-3.1-70B-Instruct)"""
+    user_url: str | None = None
+    """base URL of the user server, e.g. http://127.0.0.1:8000"""
+    user_max_tokens: int = 128
+    """length cap of a simulated user reply (paper: 1024)"""
+    user_temperature: float = 0.8
+    """sampling temperature of the simulated user (paper: 0.8)"""
+    user_timeout: float = 120.0
+    """seconds to wait for one answer of the user server"""
+    user_retries: int = 3
+    """further tries of a failed user-server request before the run stops with the server's error"""
+    reward_model: str | None = None
+    """a sequence-classification reward model scoring the whole dialogue (paper: RLHFlow/ArmoRM-Llama3-8B-v0.1);
+    unset: `reward_function`"""
+    reward_function: str = "tasks.chat:brevity_reward"
+    """`module:function` or `file.py:function` scoring a dialogue (a list of messages)"""
+    trust_remote_code: bool = False
+    """allow the reward model's own code (needed by ArmoRM)"""
+    reward_max_length: int = 4096
+    """reward-model input is cut to its last this-many tokens (paper: 4096)"""
+
+
+def task_factory(name: str):
+    """The function behind a task name: a built-in short name, `module:function` or `path/file.py:function`."""
+    spec = BUILT_IN.get(name, name)
+    if ":" not in spec:
+        raise ValueError(f"unknown task {name!r}: use one of {sorted(BUILT_IN)} or module:function / file.py:function")
+    return utils.import_function(spec)
+
+
+def load_task(args: TaskArgs, **run_values) -> utils.Task:
+    """Calls the task's factory with the `TaskArgs` fields and `run_values` it takes as parameters, and checks what
+    it returns. A flag set away from its default that the factory does not take is reported: it has no effect."""
+    factory = task_factory(args.task)
+    parameters = inspect.signature(factory).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    offered = {**{k: v for k, v in dataclasses.asdict(args).items() if k != "task"}, **run_values}
+    ignored = [f"--{f.name}" for f in dataclasses.fields(TaskArgs)
+               if f.name != "task" and f.name not in parameters and not takes_all
+               and getattr(args, f.name) != (f.default if f.default is not dataclasses.MISSING else f.default_factory())]
+    if ignored:
+        utils.print0(f"warning: task {args.task!r} does not use {', '.join(ignored)}; those flags have no effect")
+    task = factory(**{k: v for k, v in offered.items() if takes_all or k in parameters})
+    if not isinstance(task, utils.Task):
+        raise TypeError(f"task {args.task!r} returned {type(task).__name__}, not a utils.Task")
+    if not task.train:
+        raise ValueError(f"task {args.task!r} has no training openings")
+    return task

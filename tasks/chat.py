@@ -1,0 +1,187 @@
+"""The chat task: dataset openings, a simulated user, and a reward model (or a reward function) on whole dialogues.
+
+`--task chat` calls `make_task`. The user is chosen with `user`: an LLM on its own colocated engine prompted as in
+the official REFUEL code (`llm`), the same prompt sent to an OpenAI-compatible vLLM server (`server`, for a user as
+large as the paper's 70B), or the dataset's own later user turns (`dataset`, REFUEL's setting two).
+"""
+
+import json
+import time
+
+import torch
+
+import utils
+
+USER_PROMPT_TOKENS = 512
+"""the user engine reads the whole dialogue inside the user-simulator prompt: room for that prompt's own text"""
+TEMPLATE_TOKENS_PER_TURN = 64
+"""room per turn for the chat template's role headers and end-of-turn tokens (as in refuel.py)"""
+
+
+def brevity_reward(dialogue: utils.Dialogue) -> float:
+    """A verifiable reward for CPU learning checks: 1 for an empty last answer, down to 0 at 64 words or more.
+
+    Any model can earn it, so the mean reward shows within minutes whether an algorithm learns.
+    """
+    return max(0.0, 1.0 - len(dialogue[-1]["content"].split()) / 64)
+
+
+USER_SIMULATOR_PROMPT = (
+    "Below is a dialogue between the user and the assistant. Pretend you are the user in this conversation. "
+    "What question would you ask next? \n\n{dialogue}### Instructions: \nFIRST provide a justification of the "
+    "question you want to ask. \nSECOND, on a new line, state only the question. Your response should use the "
+    "format: \nJustification: \nQuestion: "
+)
+"""The user-simulator prompt of the official REFUEL code (`setting_one/user_generator.py`)."""
+
+
+def user_simulator_prompt(messages: utils.Dialogue) -> str:
+    return USER_SIMULATOR_PROMPT.format(dialogue="".join(f"### {m['role']}: {m['content']}\n\n" for m in messages))
+
+
+def parse_user_reply(text: str) -> str:
+    """The question after the last `Question:`; the whole reply when the simulator ignored the format."""
+    return text.rsplit("Question:", 1)[1].strip() if "Question:" in text else text.strip()
+
+
+class LLMUser:
+    """A chat model playing the user through its own rollout engine, prompted as in the REFUEL code.
+
+    A reply's sampling seed is a hash of `seed` and the conversation so far, so the user answers the same
+    conversation the same way whenever it is asked: a resumed run replays its user turns, and an evaluation
+    of the trained policy meets the initial policy's user wherever their dialogues agree.
+    """
+
+    def __init__(self, engine, tokenizer, max_tokens: int, temperature: float, seed: int):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.max_tokens, self.temperature, self.seed = max_tokens, temperature, seed
+
+    def __call__(self, episodes: list[utils.Episode]) -> list[str]:
+        texts = [user_simulator_prompt(e.messages) for e in episodes]
+        prompts = [utils.chat_token_ids(self.tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True)
+                   for t in texts]
+        seeds = [utils.sample_seed(self.seed, t) for t in texts]
+        completions = self.engine.generate(prompts, self.max_tokens, self.temperature, seeds)
+        return [parse_user_reply(c.text) for c in completions]
+
+
+class UserServerError(RuntimeError):
+    pass
+
+
+class ServerUser:
+    """The same simulated user served by a vLLM OpenAI-compatible server (e.g. a 70B model with its own GPUs).
+
+    Each request is retried `retries` times with a growing pause; a server that stays down or slow raises
+    `UserServerError` naming the URL, so no dialogue is silently dropped. Seeds as in `LLMUser`.
+    """
+
+    def __init__(self, url: str, model: str, max_tokens: int, temperature: float, seed: int, timeout: float = 120,
+                 retries: int = 3, concurrency: int = 16):
+        self.url, self.model, self.max_tokens, self.temperature = url.rstrip("/"), model, max_tokens, temperature
+        self.seed, self.timeout, self.retries, self.concurrency = seed, timeout, retries, concurrency
+
+    def _ask(self, prompt: str, seed: int) -> str:
+        import urllib.error
+        import urllib.request
+
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                           "max_tokens": self.max_tokens, "temperature": self.temperature, "seed": seed}).encode()
+        error = None
+        for attempt in range(self.retries + 1):
+            try:
+                request = urllib.request.Request(f"{self.url}/v1/chat/completions", body,
+                                                 {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.load(response)["choices"][0]["message"]["content"]
+            except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, json.JSONDecodeError) as e:
+                error = e
+                time.sleep(min(2**attempt, 10))
+        raise UserServerError(f"the user server at {self.url} failed {self.retries + 1} times; last error: {error!r}")
+
+    def __call__(self, episodes: list[utils.Episode]) -> list[str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        prompts = [user_simulator_prompt(e.messages) for e in episodes]
+        seeds = [utils.sample_seed(self.seed, p) for p in prompts]
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return [parse_user_reply(text) for text in pool.map(self._ask, prompts, seeds)]
+
+
+class DatasetUser:
+    """The dataset's own next user turns (REFUEL's setting two: the user does not react to the assistant).
+
+    Reads them from `info["user_turns"]`; the dialogue ends when they run out.
+    """
+
+    def __call__(self, episodes: list[utils.Episode]) -> list[str | None]:
+        replies = []
+        for e in episodes:
+            turns = e.info.get("user_turns", [])
+            replies.append(turns[e.turns - 1] if e.turns - 1 < len(turns) else None)
+        return replies
+
+
+def dataset_openings(dataset: str, prompt_column: str, split: str) -> tuple[list[utils.Episode], dict[str, int]]:
+    """Each usable row as an episode ending at its first user turn; the row's later user turns are kept in
+    `info["user_turns"]` for the dataset user. Also returns the skipped rows' counts by cause."""
+    dialogues, skipped = utils.load_prompts(dataset, prompt_column, split)
+    openings = []
+    for d in dialogues:
+        first_user = next(i for i, m in enumerate(d) if m["role"] == "user")
+        later_user_turns = [m["content"] for m in d[first_user + 1 :] if m["role"] == "user"]
+        openings.append(utils.Episode(d[: first_user + 1], {"user_turns": later_user_turns}))
+    return openings, skipped
+
+
+def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str | None = None,
+              horizon: int | None = None, dataset: str = "data/prompts.jsonl", prompt_column: str = "prompt",
+              dataset_split: str = "train", num_eval_prompts: int = 16, user: str = "llm",
+              user_model: str | None = None, user_url: str | None = None, user_max_tokens: int = 128,
+              user_temperature: float = 0.8, user_timeout: float = 120, user_retries: int = 3,
+              reward_model: str | None = None, reward_function: str = "tasks.chat:brevity_reward",
+              trust_remote_code: bool = False, reward_max_length: int = 4096, max_prompt_tokens: int = 1024,
+              max_new_tokens: int = 1024,
+              engine_memory_share: float = 0.3, kv_cache_gib: float = 0.25,
+              rollout_backend: str = "auto") -> utils.Task:
+    """The chat task; the first `num_eval_prompts` openings are held out for evaluation. `horizon` None is the
+    paper's 5 turns. The `llm` user defaults to the policy's own base model (`model`, else the embedded SmolLM2),
+    frozen, on an engine of its own; its task's `engines` list holds it so the script can close it."""
+    horizon = horizon or 5
+    openings, skipped = dataset_openings(dataset, prompt_column, dataset_split)
+    if skipped:
+        utils.print0(f"{dataset}: skipped rows {skipped}")
+    if len(openings) <= num_eval_prompts:
+        raise ValueError(f"{dataset}: {len(openings)} openings, fewer than num_eval_prompts + 1 (skipped: {skipped})")
+    engines = []
+    user_seed = utils.sample_seed(seed, "user", rank)
+    if user == "llm":
+        user_path = utils.resolve_model_path(user_model or model or utils.EMBEDDED_SMOLLM2)
+        context = max_prompt_tokens + horizon * (max_new_tokens + user_max_tokens + TEMPLATE_TOKENS_PER_TURN)
+        engine = utils.make_engine(user_path, device, context + USER_PROMPT_TOKENS, seed + 1, bf16,
+                                   engine_memory_share, int(kv_cache_gib * 2**30), rollout_backend)
+        engines.append(engine)
+        simulated_user = LLMUser(engine, utils.load_tokenizer(user_path), user_max_tokens, user_temperature,
+                                       user_seed)
+    elif user == "server":
+        if user_url is None or user_model is None:
+            raise ValueError("--user server needs --user_url and --user_model")
+        simulated_user = ServerUser(user_url, user_model, user_max_tokens, user_temperature, user_seed,
+                                          user_timeout, user_retries)
+    elif user == "dataset":
+        simulated_user = DatasetUser()
+    else:
+        raise ValueError(f"unknown --user {user!r}: use llm, server or dataset")
+    if reward_model is not None:
+        scorer = utils.RewardModel(reward_model, device, torch.bfloat16 if bf16 else torch.float32,
+                                   reward_max_length, trust_remote_code)
+
+        def reward(episodes):
+            return scorer([e.messages for e in episodes])
+    else:
+        score_dialogue = utils.import_function(reward_function)
+
+        def reward(episodes):
+            return [float(score_dialogue(e.messages)) for e in episodes]
+    return utils.Task(train=openings[num_eval_prompts:], eval=openings[:num_eval_prompts], user=simulated_user,
+                      reward=reward, horizon=horizon, engines=engines)
