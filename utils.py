@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -773,6 +774,7 @@ def quiet_third_party(verbose: bool) -> None:
     if verbose:
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    logging.getLogger("vllm").setLevel(logging.ERROR)  # some vLLM modules warn before its logging is set up
     transformers.utils.logging.set_verbosity_error()
     datasets.logging.set_verbosity_error()
     for category in (FutureWarning, DeprecationWarning, UserWarning):
@@ -821,11 +823,14 @@ def prepare_run_dir(output_dir: str, run_name: str, args, resume: bool) -> str:
     return run_dir
 
 
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Each named value averaged over the ranks where it is finite; NaN where it is NaN on every rank."""
+def mean_over_ranks(values: dict[str, float | list[float]]) -> dict[str, float]:
+    """The mean of each named value over all ranks, a list counting as its elements (one per dialogue, say).
+    Only finite numbers count; a name with none on any rank is NaN."""
     names = sorted(values)
-    finite = [math.isfinite(values[k]) for k in names]
-    table = torch.tensor([[values[k] if ok else 0.0 for k, ok in zip(names, finite)], finite], dtype=torch.float64)
+    table = torch.zeros(2, len(names), dtype=torch.float64)
+    for j, name in enumerate(names):
+        numbers = [x for x in np.atleast_1d(np.asarray(values[name], dtype=np.float64)) if math.isfinite(x)]
+        table[0, j], table[1, j] = sum(numbers), len(numbers)
     dist.all_reduce(table)
     return {k: (total / count).item() if count > 0 else float("nan") for k, total, count in zip(names, *table)}
 
@@ -919,18 +924,19 @@ def plot_curves(metrics: list[dict], path: str, prefix: str = "eval/score_turn")
     turns = sorted({int(k[len(prefix):]) for m in metrics for k in m if k.startswith(prefix)})
     if not turns:
         return
+    references = sorted({k[len("reference/") :].rsplit("_turn", 1)[0] for k in metrics[0] if k.startswith("reference/")})
     fig, axes = plt.subplots(1, len(turns), figsize=(4 * len(turns), 3.2), sharey=True, squeeze=False)
     for ax, t in zip(axes[0], turns):
         points = [(m["iteration"], m[f"{prefix}{t}"]) for m in metrics if f"{prefix}{t}" in m]
         ax.plot(*zip(*points), marker="o", label="policy")
-        for key, value in metrics[0].items():
-            if key.startswith("reference/") and key.endswith(f"_turn{t}"):
-                ax.axhline(value, linestyle="--", color="gray", linewidth=1)
-                ax.annotate(key[len("reference/") : -len(f"_turn{t}")], (0, value), fontsize=7, color="gray",
-                            xytext=(2, 2), textcoords="offset points")
+        for color, name in zip(["tab:green", "tab:gray", "tab:orange", "tab:purple"], references):
+            if f"reference/{name}_turn{t}" in metrics[0]:
+                ax.axhline(metrics[0][f"reference/{name}_turn{t}"], linestyle="--", color=color, label=name)
         ax.set_title(f"turn {t}")
         ax.set_xlabel("iteration")
-    axes[0][0].set_ylabel(prefix.rstrip("_turn").split("/")[-1])
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0][0].set_ylabel("evaluation score")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)

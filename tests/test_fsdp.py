@@ -2,12 +2,16 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import torch
 
 import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+
+pytestmark = pytest.mark.slow  # every test here starts a script or torchrun
 
 def run_step(ranks: int, model: str, out: str, env: dict) -> dict:
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",

@@ -96,6 +96,7 @@ def test_llm_user_with_a_tiny_model(vllm_engine, tiny_model):
     assert user([opening("Hi."), opening()]) == replies[::-1]
 
 
+@pytest.mark.slow
 def test_llm_user_with_smollm2_asks_a_question(process_group, smollm2_path):
     engine = utils.TransformersEngine(smollm2_path, process_group[2], torch.float32)
     user = LLMUser(engine, utils.load_tokenizer(smollm2_path), 64, 0.0, seed=0)
@@ -137,6 +138,7 @@ def user_server(tiny_model, script_env):
     server.wait()
 
 
+@pytest.mark.slow
 def test_server_user_answers_every_dialogue(user_server, tiny_model):
     user = ServerUser(user_server, tiny_model, max_tokens=8, temperature=0.8, seed=0)
     replies = user([opening(f"Question number {i}?") for i in range(5)])

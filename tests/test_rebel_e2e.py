@@ -12,6 +12,8 @@ import torch
 
 import utils
 
+pytestmark = pytest.mark.slow  # every test here starts a script or torchrun
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

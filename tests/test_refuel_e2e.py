@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here starts a script or torchrun
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

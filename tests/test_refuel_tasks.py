@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here starts a script or torchrun
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--num_iterations", "1", "--dialogues_per_rank", "4", "--minibatch_pairs", "2", "--micro_batch_pairs", "2",
          "--max_new_tokens", "4", "--eval_every", "1", "--kv_cache_gib", "0.0625"]

@@ -1,0 +1,113 @@
+"""The shared plumbing the scripts stand on: task loading, metrics over ranks, the run folder, checkpoints, plots."""
+
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import utils
+from tasks import TaskArgs, load_task
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUSTOM = os.path.join(REPO, "tests", "custom_task.py")
+
+
+def test_a_plugged_in_task_gets_only_the_values_it_takes(capsys, process_group):
+    task = load_task(TaskArgs(task=f"{CUSTOM}:make_task"), seed=3, rank=0, num_openings=5)
+    assert len(task.train) == 5 and task.horizon == 3
+    assert "warning" not in capsys.readouterr().out
+    load_task(TaskArgs(task=f"{CUSTOM}:make_task", guess_max=9, user="server"), seed=3)
+    assert "does not use --guess_max, --user" in capsys.readouterr().out
+
+
+def test_unknown_tasks_and_wrong_returns_are_clear_errors(tmp_path, process_group):
+    with pytest.raises(ValueError, match="unknown task 'guess'.*chat.*guess_number"):
+        load_task(TaskArgs(task="guess"))
+    bad = tmp_path / "bad_task.py"
+    bad.write_text("def make_task():\n    return {'train': []}\n")
+    with pytest.raises(TypeError, match="returned dict, not a utils.Task"):
+        load_task(TaskArgs(task=f"{bad}:make_task"))
+    with pytest.raises(ValueError, match="has no 'nothing'"):
+        load_task(TaskArgs(task=f"{bad}:nothing"))
+
+
+def test_the_guessing_task_with_a_given_model_trains_no_warm_start(process_group, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty cache: a warm start or conversion would land here
+    task = load_task(TaskArgs(task="guess_number"), seed=0, model="some/model")
+    assert task.policy is None and task.horizon == 3 and len(task.eval) == 1024
+    assert not os.path.exists(os.path.join(tmp_path, "multiturn_rlhf"))
+
+
+def test_metrics_are_averaged_by_name_over_finite_values(process_group):
+    means = utils.mean_over_ranks({"b": [1.0, float("nan"), 3.0], "a": 0.5, "c": [float("nan")], "d": []})
+    assert means["a"] == 0.5 and means["b"] == 2.0 and math.isnan(means["c"]) and math.isnan(means["d"])
+    assert utils.sum_over_ranks({"n": 3, "m": 0.5}) == {"n": 3.0, "m": 0.5}
+
+
+@dataclasses.dataclass
+class RunArgs:
+    lr: float = 1e-3
+    track: bool = False
+    task_args: TaskArgs = dataclasses.field(default_factory=TaskArgs)
+
+
+def test_a_run_folder_is_never_reused_and_resume_refuses_changed_flags(tmp_path, process_group):
+    run_dir = utils.prepare_run_dir(str(tmp_path), "r", RunArgs(), resume=False)
+    saved = json.load(open(os.path.join(run_dir, "args.json")))
+    assert saved["lr"] == 1e-3 and saved["task"] == "guess_number"  # nested task flags are saved flat
+    with pytest.raises(SystemExit, match="exists: continue it with --resume"):
+        utils.prepare_run_dir(str(tmp_path), "r", RunArgs(), resume=False)
+    with pytest.raises(SystemExit, match=r"--lr 0.001 -> 0.002.*--task 'guess_number' -> 'chat'"):
+        utils.prepare_run_dir(str(tmp_path), "r", RunArgs(lr=2e-3, task_args=TaskArgs(task="chat")), resume=True)
+    utils.prepare_run_dir(str(tmp_path), "r", RunArgs(track=True), resume=True)  # bookkeeping flags may change
+    assert json.load(open(os.path.join(run_dir, "args.json"))) == saved  # the original settings are kept
+    with pytest.raises(SystemExit, match="no run named 'other'"):
+        utils.prepare_run_dir(str(tmp_path), "other", RunArgs(), resume=True)
+
+
+def test_metrics_file_never_holds_an_iteration_twice(tmp_path, process_group):
+    logger = utils.MetricsLogger(str(tmp_path), {}, False, "p", None, "r", False)
+    for i in range(3):
+        logger.log({"x": i}, iteration=i)
+    with pytest.raises(RuntimeError, match="iteration 2 logged twice"):
+        logger.log({"x": 9}, iteration=2)
+    logger.truncate_after(0)
+    logger.log({"x": 1.5}, iteration=1)
+    assert [(m["iteration"], m["x"]) for m in logger.read()] == [(0, 0), (1, 1.5)]
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_model, process_group, capsys):
+    policy = utils.shard_model(utils.load_causal_lm(tiny_model), bf16=False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    tokenizer = utils.load_tokenizer(tiny_model)
+    trained = {"policy": (policy, optimizer)}
+    weights = []
+    for iteration in (1, 2):
+        policy(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        weights.append({k: v.clone() for k, v in utils.full_state_dict(policy).items()})
+        utils.save_checkpoint(str(tmp_path), iteration, trained, {"iteration": iteration}, tokenizer)
+    assert utils.latest_checkpoint(str(tmp_path)).endswith("iteration_000002")
+    shard = next(os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "checkpoints" / "iteration_000002" / "dcp")
+                 for f in fs if f.endswith(".distcp"))
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)  # a disk that filled up while the last checkpoint was written
+    latest = utils.latest_checkpoint(str(tmp_path))
+    assert latest.endswith("iteration_000001") and "iteration_000002 is not usable" in capsys.readouterr().out
+    assert utils.load_checkpoint(latest, trained) == {"iteration": 1}
+    for name, tensor in utils.full_state_dict(policy).items():
+        torch.testing.assert_close(tensor, weights[0][name])
+
+
+def test_curves_and_the_summary_table(tmp_path):
+    metrics = [{"iteration": 0, "eval/score_turn1": 0.1, "eval/score_turn2": 0.3, "reference/optimal_turn1": 0.5,
+                "reference/optimal_turn2": 1.0}, {"iteration": 1, "reward/score": 0.2},
+               {"iteration": 2, "eval/score_turn1": 0.2, "eval/score_turn2": 0.6}]
+    utils.plot_curves(metrics, str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = utils.score_table({"initial": [0.1, 0.3], "optimal": [0.5, 1.0]}).splitlines()
+    assert table[0].split("|")[1:] == [" turn  1 ", " turn  2"] and table[2].endswith("0.500 |   1.000")
