@@ -63,8 +63,9 @@ class Args:
     """`auto`: vLLM if installed, else transformers `generate`"""
     engine_memory_share: float = 0.3
     """vLLM's `gpu_memory_utilization` (on CPU: the share of the NUMA node's memory it may reserve)"""
-    kv_cache_gib: float = 0.25
-    """vLLM KV cache per rank in GiB"""
+    kv_cache_gib: float | None = None
+    """vLLM KV cache per rank, in GiB; default: on a GPU what `engine_memory_share` leaves after the weights,
+    on a CPU 0.25"""
     sync_tolerance: float | None = None
     """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
 
@@ -224,7 +225,8 @@ if __name__ == "__main__":
 
     # rollout engine, colocated on this rank; a fixed probe sequence checks every weight sync
     engine = utils.make_engine(policy_path, device, args.max_prompt_tokens + args.max_new_tokens, args.seed, args.bf16,
-                               args.engine_memory_share, int(args.kv_cache_gib * 2**30), args.rollout_backend)
+                               args.engine_memory_share, None if args.kv_cache_gib is None else
+                               int(args.kv_cache_gib * 2**30), args.rollout_backend)
     probe_answer = tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids
     probe_ids = prompts[0] + probe_answer + [tokenizer.eos_token_id]
 

@@ -16,18 +16,18 @@ Run:
     torchrun --nproc_per_node 2 refuel.py             # FSDP2 over 2 ranks, colocated vLLM engines
     python refuel.py --task chat                      # dataset prompts + SmolLM2 playing the user, brevity reward
     python refuel.py --task my_task.py:make_task      # your own task (tasks/__init__.py says what it returns)
-    # the paper's setting one (8 GPUs for the policy; the 70B user on its own GPUs behind a vLLM server):
+    # the paper's runs are presets (PRESETS below; any flag after them still overrides). Setting one: 8 GPUs for
+    # the policy, the 70B user on its own GPUs behind a vLLM server
     python -m vllm.entrypoints.openai.api_server --model meta-llama/Llama-3.1-70B-Instruct --tensor-parallel-size 4
-    torchrun --nproc_per_node 8 refuel.py --task chat --model meta-llama/Meta-Llama-3-8B-Instruct \\
-        --user server --user_url http://<host>:8000 --user_model meta-llama/Llama-3.1-70B-Instruct \\
-        --reward_model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust_remote_code --eta 1e3 \\
-        --dataset openbmb/UltraInteract_pair --prompt_column trajectory --max_new_tokens 1024 \\
-        --user_max_tokens 1024 --lr 3e-7 --dialogues_per_rank 64 --minibatch_pairs 16 --num_iterations 2
+    torchrun --nproc_per_node 8 refuel.py --preset refuel-setting-one --user_url http://<host>:8000
+    torchrun --nproc_per_node 8 refuel.py --preset refuel-setting-two-hh
+    torchrun --nproc_per_node 8 refuel.py --preset refuel-setting-two-ultrainteract
 """
 
 import copy
 import dataclasses
 import os
+import sys
 import time
 from typing import Annotated, Literal
 
@@ -63,6 +63,9 @@ class Args:
     """wandb entity (team)"""
     verbose: bool = False
     """show third-party warnings (vLLM, transformers) on the console"""
+    preset: str | None = None
+    """start from one of the paper's configurations (`PRESETS`: refuel-setting-one, refuel-setting-two-hh,
+    refuel-setting-two-ultrainteract); flags given with it override its values"""
 
     # the task: openings, a simulated user, a reward, a horizon (flags of tasks.TaskArgs)
     task_args: Annotated[TaskArgs, tyro.conf.arg(name="")] = dataclasses.field(default_factory=TaskArgs)
@@ -77,8 +80,9 @@ class Args:
     """`auto`: vLLM if installed, else transformers `generate`"""
     engine_memory_share: float = 0.3
     """vLLM's `gpu_memory_utilization` per engine (on CPU: the share of the NUMA node's memory it may reserve)"""
-    kv_cache_gib: float = 0.25
-    """vLLM KV cache per engine and rank, in GiB"""
+    kv_cache_gib: float | None = None
+    """vLLM KV cache per engine and rank, in GiB; default: on a GPU what `engine_memory_share` leaves after the
+    weights, on a CPU 0.25"""
     sync_tolerance: float | None = None
     """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
 
@@ -114,8 +118,14 @@ class Args:
     """share of each iteration's pairs held out for `val/loss` and `val/sign_align` (official code: 500 pairs)"""
     lr: float = 5e-4
     """learning rate (paper: 3e-7 for Llama-3-8B)"""
+    lr_schedule: Literal["cosine", "linear"] = "cosine"
+    """learning-rate decay after the warmup (setting one: cosine; setting two: linear)"""
     warmup_ratio: float = 0.1
-    """cosine schedule with linear warmup over this share of all optimizer steps (paper: 0.1)"""
+    """linear warmup over this share of the schedule's optimizer steps (setting one: 0.1; setting two: 0)"""
+    schedule_scope: Literal["run", "iteration"] = "run"
+    """`run`: one AdamW state and one schedule over all iterations; `iteration`: a fresh AdamW state and a fresh
+    schedule every iteration, as the official setting one, which trains each iteration as a new run from the
+    previous policy"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas (paper: 0.9, 0.95)"""
     adam_eps: float = 1e-8
@@ -130,6 +140,47 @@ class Args:
     """evaluate every this many iterations (and before the first and after the last)"""
     save_every: int = 2
     """checkpoint every this many iterations (and after the last)"""
+
+
+LLAMA3_8B = "meta-llama/Meta-Llama-3-8B-Instruct"
+SETTING_TWO = dict(  # official setting_two/*/refuel.py and its README: the dataset's own user turns, online
+    model=LLAMA3_8B, user="dataset", reward_model="sfairXC/FsfairX-LLaMA3-RM-v0.1", eta=1.0, temperature=1.0,
+    lr=3e-7, lr_schedule="linear", warmup_ratio=0.0, horizon_sampling="uniform", horizon=5, num_epochs=4,
+    dialogues_per_rank=4, minibatch_pairs=4, micro_batch_pairs=1, num_iterations=31_250, max_prompt_tokens=1024)
+PRESETS = {
+    # official setting_one (README, generate.py, refuel.py): 64k on-policy dialogues per iteration with the 70B
+    # user, ArmoRM on the dialogue at H', 128 pairs per optimizer step on 8 GPUs, each iteration a fresh run
+    "refuel-setting-one": dict(
+        task="chat", model=LLAMA3_8B, user="server", user_model="meta-llama/Llama-3.1-70B-Instruct",
+        reward_model="RLHFlow/ArmoRM-Llama3-8B-v0.1", trust_remote_code=True, dataset="openbmb/UltraInteract_pair",
+        prompt_column="trajectory", eta=1e3, temperature=0.8, max_new_tokens=1024, user_max_tokens=1024,
+        lr=3e-7, lr_schedule="cosine", warmup_ratio=0.1, schedule_scope="iteration", horizon_sampling="paper",
+        horizon=5, num_iterations=2, dialogues_per_rank=8000, minibatch_pairs=16, micro_batch_pairs=1,
+        val_fraction=500 / 64_000),
+    "refuel-setting-two-hh": dict(
+        task="chat", dataset="trl-internal-testing/hh-rlhf-trl-style", prompt_column="chosen", kl_coef=0.05,
+        penalty_reward=-10.0, max_new_tokens=512, **SETTING_TWO),
+    "refuel-setting-two-ultrainteract": dict(
+        task="chat", dataset="openbmb/UltraInteract_pair", prompt_column="trajectory", kl_coef=0.0,
+        penalty_reward=-4.0, max_new_tokens=1024, **SETTING_TWO),
+}
+"""The paper's runs as flag values: `--preset NAME`, then any flag to override one of them."""
+
+
+def parse_args() -> Args:
+    """The command line, read over the values of `--preset NAME` when one is given."""
+    argv = sys.argv[1:]
+    named = [a.split("=", 1)[1] if "=" in a else argv[i + 1] if i + 1 < len(argv) else ""
+             for i, a in enumerate(argv) if a.split("=", 1)[0] == "--preset"]
+    if not named:
+        return tyro.cli(Args, args=argv)
+    if named[-1] not in PRESETS:
+        raise SystemExit(f"--preset {named[-1]!r}: choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[named[-1]], "preset": named[-1]}
+    task_fields = {f.name for f in dataclasses.fields(TaskArgs)}
+    default = Args(task_args=TaskArgs(**{k: v for k, v in values.items() if k in task_fields}),
+                   **{k: v for k, v in values.items() if k not in task_fields})
+    return tyro.cli(Args, default=default, args=argv)
 
 
 def refuel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, returns: torch.Tensor, eta: float,
@@ -209,7 +260,7 @@ def check_args(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = parse_args()
     check_args(args)
     utils.quiet_third_party(args.verbose)
 
@@ -223,9 +274,10 @@ if __name__ == "__main__":
     sync_tolerance = args.sync_tolerance if args.sync_tolerance is not None else (0.5 if args.bf16 else 1e-3)
 
     # the task: openings, a user, a reward, a horizon H; then the policy it is played with
+    kv_cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
     task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16, model=args.model,
                      max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                     engine_memory_share=args.engine_memory_share, kv_cache_gib=args.kv_cache_gib,
+                     engine_memory_share=args.engine_memory_share, kv_cache_bytes=kv_cache_bytes,
                      rollout_backend=args.rollout_backend)
     horizon = task.horizon
     policy_path = utils.resolve_model_path(args.model or task.policy or utils.EMBEDDED_SMOLLM2)
@@ -248,16 +300,20 @@ if __name__ == "__main__":
     num_val = min(max(1, int(args.val_fraction * args.dialogues_per_rank)), args.dialogues_per_rank - 1)
     num_train = args.dialogues_per_rank - num_val
     steps_per_iteration = args.num_epochs * -(-num_train // args.minibatch_pairs)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
-                                  weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, utils.lr_lambda("cosine", args.num_iterations * steps_per_iteration, args.warmup_ratio))
+
+    def make_optimizer() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
+                                      weight_decay=args.weight_decay)
+        steps = steps_per_iteration * (1 if args.schedule_scope == "iteration" else args.num_iterations)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(
+            optimizer, utils.lr_lambda(args.lr_schedule, steps, args.warmup_ratio))
+
+    optimizer, scheduler = make_optimizer()
 
     # the policy's rollout engine, colocated on this rank
     turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
     engine = utils.make_engine(policy_path, device, args.max_prompt_tokens + horizon * turn_tokens, args.seed,
-                               args.bf16, args.engine_memory_share, int(args.kv_cache_gib * 2**30),
-                               args.rollout_backend)
+                               args.bf16, args.engine_memory_share, kv_cache_bytes, args.rollout_backend)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
                  + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
 
@@ -315,6 +371,8 @@ if __name__ == "__main__":
     for iteration in range(start_iteration, args.num_iterations + 1):
         timings = {}
         rng = np.random.default_rng([args.seed, iteration, rank])
+        if args.schedule_scope == "iteration":
+            optimizer, scheduler = make_optimizer()
 
         # 1. roll in and out with pi_t: dialogue A is played to its horizon H' with the simulated user
         t0 = time.time()
@@ -396,7 +454,8 @@ if __name__ == "__main__":
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
         metrics = utils.mean_over_ranks({
-            "reward/score": scores[:, 0].tolist(), "loss/refuel": losses, "val/loss": val_loss.item(),
+            "reward/score": scores[:, 0].tolist(), "reward/return": returns[weights > 0].flatten().tolist(),
+            "loss/refuel": losses, "val/loss": val_loss.item(),
             "val/sign_align": aligned.float().tolist(), "policy/grad_norm": grad_norm,
             "data/horizon": lengths.tolist(), "data/branch_turn": [h + 1 for h in branch_turns],
             "data/turns_played": [e.turns for e in a_side],

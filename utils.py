@@ -497,12 +497,20 @@ class TransformersEngine:
         del self.model
 
 
+CPU_KV_CACHE_BYTES = 2**28
+"""vLLM's KV cache on CPU when no size is given: 0.25 GiB"""
+
+
 def make_engine(model_path: str, device: torch.device, max_model_len: int, seed: int, bf16: bool,
                 gpu_memory_utilization: float, kv_cache_memory_bytes: int | None, backend: str = "auto"):
-    """vLLM when it is installed (or `backend="vllm"`), else transformers `generate`."""
+    """vLLM when it is installed (or `backend="vllm"`), else transformers `generate`. The KV cache has
+    `kv_cache_memory_bytes`; None sizes it from the memory `gpu_memory_utilization` leaves (vLLM's own sizing)
+    on a GPU, and `CPU_KV_CACHE_BYTES` on a CPU."""
     if backend == "auto":
         backend = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
     if backend == "vllm":
+        if kv_cache_memory_bytes is None and device.type == "cpu":
+            kv_cache_memory_bytes = CPU_KV_CACHE_BYTES  # on CPU vLLM would take a share of the whole node
         threads = torch.get_num_threads()
         # on CPU, vLLM's torch.compile warm-up costs over a minute per engine start for a ~20% faster decode
         engine = VLLMEngine(model_path, max_model_len, seed, "bfloat16" if bf16 else "float32",
@@ -622,12 +630,17 @@ class RewardModel:
 def import_function(spec: str) -> Callable:
     """`module:function` or `path/to/file.py:function`, for rewards and tasks that forks bring."""
     module_name, _, name = spec.partition(":")
+    if module_name.endswith(".py") and not os.path.isfile(module_name):
+        raise ValueError(f"{spec!r}: no file {module_name}")
     if module_name.endswith(".py"):
         module_spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            raise ValueError(f"{spec!r}: cannot import {module_name} ({e})") from e
     if not hasattr(module, name):
         raise ValueError(f"{spec!r}: {module_name} has no {name!r}")
     return getattr(module, name)
@@ -739,8 +752,9 @@ class Task:
 
 def lr_lambda(schedule: str, total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
     """Multiplier of the base LR at optimizer step `step`: linear decay (REBEL online) or cosine with warmup
-    (REFUEL and REBEL offline iterations, `get_cosine_schedule_with_warmup`)."""
-    warmup = int(warmup_ratio * total_steps)
+    (REFUEL and REBEL offline iterations, `get_cosine_schedule_with_warmup`). A positive `warmup_ratio` warms up
+    for at least one step (transformers' int() rounds a short run's warmup to none)."""
+    warmup = math.ceil(warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -142,36 +142,22 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
               reward_model: str | None = None, reward_function: str = "tasks.chat:brevity_reward",
               trust_remote_code: bool = False, reward_max_length: int = 4096, max_prompt_tokens: int = 1024,
               max_new_tokens: int = 1024,
-              engine_memory_share: float = 0.3, kv_cache_gib: float = 0.25,
+              engine_memory_share: float = 0.3, kv_cache_bytes: int | None = None,
               rollout_backend: str = "auto") -> utils.Task:
     """The chat task; the first `num_eval_prompts` openings are held out for evaluation. `horizon` None is the
     paper's 5 turns. The `llm` user defaults to the policy's own base model (`model`, else the embedded SmolLM2),
     frozen, on an engine of its own; its task's `engines` list holds it so the script can close it."""
     horizon = horizon or 5
+    if user not in ("llm", "server", "dataset"):
+        raise ValueError(f"unknown --user {user!r}: use llm, server or dataset")
+    if user == "server" and (user_url is None or user_model is None):
+        raise ValueError("--user server needs --user_url and --user_model")
     openings, skipped = dataset_openings(dataset, prompt_column, dataset_split)
     if skipped:
         utils.print0(f"{dataset}: skipped rows {skipped}")
     if len(openings) <= num_eval_prompts:
         raise ValueError(f"{dataset}: {len(openings)} openings, fewer than num_eval_prompts + 1 (skipped: {skipped})")
-    engines = []
-    user_seed = utils.sample_seed(seed, "user", rank)
-    if user == "llm":
-        user_path = utils.resolve_model_path(user_model or model or utils.EMBEDDED_SMOLLM2)
-        context = max_prompt_tokens + horizon * (max_new_tokens + user_max_tokens + TEMPLATE_TOKENS_PER_TURN)
-        engine = utils.make_engine(user_path, device, context + USER_PROMPT_TOKENS, seed + 1, bf16,
-                                   engine_memory_share, int(kv_cache_gib * 2**30), rollout_backend)
-        engines.append(engine)
-        simulated_user = LLMUser(engine, utils.load_tokenizer(user_path), user_max_tokens, user_temperature,
-                                       user_seed)
-    elif user == "server":
-        if user_url is None or user_model is None:
-            raise ValueError("--user server needs --user_url and --user_model")
-        simulated_user = ServerUser(user_url, user_model, user_max_tokens, user_temperature, user_seed,
-                                          user_timeout, user_retries)
-    elif user == "dataset":
-        simulated_user = DatasetUser()
-    else:
-        raise ValueError(f"unknown --user {user!r}: use llm, server or dataset")
+    # the reward first: a reward function that cannot be imported fails before an engine starts
     if reward_model is not None:
         scorer = utils.RewardModel(reward_model, device, torch.bfloat16 if bf16 else torch.float32,
                                    reward_max_length, trust_remote_code)
@@ -183,5 +169,20 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
 
         def reward(episodes):
             return [float(score_dialogue(e.messages)) for e in episodes]
+    engines = []
+    user_seed = utils.sample_seed(seed, "user", rank)
+    if user == "llm":
+        user_path = utils.resolve_model_path(user_model or model or utils.EMBEDDED_SMOLLM2)
+        context = max_prompt_tokens + horizon * (max_new_tokens + user_max_tokens + TEMPLATE_TOKENS_PER_TURN)
+        engine = utils.make_engine(user_path, device, context + USER_PROMPT_TOKENS, seed + 1, bf16,
+                                   engine_memory_share, kv_cache_bytes, rollout_backend)
+        engines.append(engine)
+        simulated_user = LLMUser(engine, utils.load_tokenizer(user_path), user_max_tokens, user_temperature,
+                                 user_seed)
+    elif user == "server":
+        simulated_user = ServerUser(user_url, user_model, user_max_tokens, user_temperature, user_seed,
+                                    user_timeout, user_retries)
+    else:
+        simulated_user = DatasetUser()
     return utils.Task(train=openings[num_eval_prompts:], eval=openings[:num_eval_prompts], user=simulated_user,
                       reward=reward, horizon=horizon, engines=engines)

@@ -31,7 +31,8 @@ def test_chat_task_with_an_llm_user_and_a_reward_model(tmp_path, tiny_model, tin
     assert [m["iteration"] for m in metrics] == [0, 1]
     assert {"eval/score_turn1", "eval/score_turn2", "eval/winrate_vs_initial_turn2"} <= metrics[1].keys()
     assert metrics[1]["data/turns_played"] == 2  # the LLM user kept every dialogue going to the horizon
-    assert metrics[1]["reward/score"] == -1  # tiny random models never end a 4-token turn: all penalised
+    assert metrics[1]["reward/return"] == -1  # tiny random models never end a 4-token turn: all penalised (and
+    # the KL term is 0: pi_t is the reference in the first iteration)
 
 
 def test_a_plugged_in_task_needs_no_edit(tmp_path, tiny_model, script_env):
