@@ -3,13 +3,13 @@
 Three measurements, taken side by side in one run, because a shared machine is noisy and only ratios
 measured together compare well:
   (a) rollout throughput: the vLLM engine vs the transformers `generate` fallback, same model, prompts and seeds;
-  (b) time per REBEL update, split into generate / score / old log-probs / train / sync (from rebel.py's metrics);
+  (b) time per REBEL iteration, split into rollout / reward / old log-probs / train / sync (rebel.py's metrics);
   (c) a learning check: greedy reward on the held-out prompts before and after training, and the training reward
-      over the first vs the last updates.
+      over the first vs the last iterations.
 
 Run:
     python benchmarks/rebel_bench.py                                   # about 6 minutes on 2 CPU cores
-    python benchmarks/rebel_bench.py --skip_throughput --num_updates 32 --rebel_args "--lr 3e-5"
+    python benchmarks/rebel_bench.py --skip_throughput --num_iterations 32 --rebel_args "--lr 3e-5"
     python benchmarks/rebel_bench.py --report /tmp/rebel_bench.md     # also write the tables to a file
 """
 
@@ -30,12 +30,9 @@ import tyro
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-# vLLM's INFO lines would land between the tables; keep its warnings
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-
 import utils  # noqa: E402
 
-PHASES = ["gen", "score", "old_logprobs", "train", "sync"]
+PHASES = ["rollout", "reward", "old_logprobs", "train", "sync"]
 LAUNCH_VARIABLES = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
 
 
@@ -57,16 +54,18 @@ class Args:
     # (b), (c) a rebel.py run
     skip_training: bool = False
     """skip the rebel.py run (phase times and learning check)"""
-    num_updates: int = 16
-    """rebel.py --num_updates"""
+    num_iterations: int = 16
+    """rebel.py --num_iterations"""
     rebel_args: str = ""
     """extra rebel.py flags, one string (e.g. "--lr 3e-5 --eta 2"); the model and reward stay rebel.py's defaults"""
     window: int = 4
-    """updates averaged for the "first" and "last" training reward"""
+    """iterations averaged for the "first" and "last" training reward"""
     output_dir: str | None = None
     """where the rebel.py run is written; default a temporary folder, deleted at the end"""
     report: str | None = None
     """also write the markdown report to this file"""
+    plot: str | None = os.path.join(REPO, "docs", "rebel_bench.png")
+    """where the learning curve (greedy evaluation reward against iteration) is saved; docs/rebel.md shows it"""
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -104,8 +103,8 @@ def throughput(args: Args) -> str:
     bf16 = device.type == "cuda"  # as rebel.py: fp32 on the CPU
 
     t0 = time.time()
-    vllm_engine = utils.make_engine(path, device, 256 + args.max_new_tokens, args.seed, bf16, 0.3,
-                                    int(0.25 * 2**30), backend="vllm")
+    vllm_engine = utils.make_engine(path, device, 256 + args.max_new_tokens, args.seed, bf16, 0.3, None,
+                                    backend="vllm")
     vllm_start = time.time() - t0
     t0 = time.time()
     hf_engine = utils.TransformersEngine(path, device, torch.bfloat16 if bf16 else torch.float32)
@@ -164,9 +163,9 @@ def training(args: Args) -> str:
     run_dir = os.path.join(output_dir, "bench")
     if os.path.exists(run_dir):
         raise SystemExit(f"{run_dir} exists; give another --output_dir")
-    n = args.num_updates
-    # eval at update 0 (always) and at the last; one checkpoint, at the last update
-    flags = ["--output_dir", output_dir, "--run_name", "bench", "--seed", str(args.seed), "--num_updates", str(n),
+    n = args.num_iterations
+    # eval at iteration 0 (always) and at the last; one checkpoint, at the last iteration
+    flags = ["--output_dir", output_dir, "--run_name", "bench", "--seed", str(args.seed), "--num_iterations", str(n),
              "--eval_every", str(n), "--save_every", str(n), *shlex.split(args.rebel_args)]
     command = [sys.executable, os.path.join(REPO, "rebel.py"), *flags]
     shown = "python rebel.py " + " ".join(shlex.quote(f) for f in flags)
@@ -179,7 +178,7 @@ def training(args: Args) -> str:
                                    text=True)
         for line in process.stdout:
             log_file.write(line)
-            if line.startswith("update "):
+            if line.startswith("iteration "):
                 log("    " + line.rstrip())
         process.wait()
     wall = time.time() - t0
@@ -188,29 +187,31 @@ def training(args: Args) -> str:
             sys.stderr.write(f.read()[-5000:])
         raise SystemExit(f"rebel.py failed with exit code {process.returncode}; log in {output_dir}/rebel.log")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        records = {r["update"]: r for r in map(json.loads, f)}
+        records = {r["iteration"]: r for r in map(json.loads, f)}
     with open(os.path.join(run_dir, "args.json")) as f:
         run_args = json.load(f)
+    if args.plot:
+        utils.plot_curves(list(records.values()), args.plot)
     if args.output_dir is None:
         shutil.rmtree(output_dir)
-    updates = [records[u] for u in range(1, n + 1)]
+    iterations = [records[u] for u in range(1, n + 1)]
 
     # (b) time per phase
-    per_phase = {p: [r[f"time/{p}"] for r in updates] for p in PHASES}
-    totals = [sum(r[f"time/{p}"] for p in PHASES) for r in updates]
+    per_phase = {p: [r[f"time/{p}"] for r in iterations] for p in PHASES}
+    totals = [sum(r[f"time/{p}"] for p in PHASES) for r in iterations]
     total = statistics.mean(totals)
     rows = [[p, statistics.mean(v), statistics.median(v), statistics.mean(v[1:]) if n > 1 else float("nan"),
              f"{100 * statistics.mean(v) / total:.1f}%"] for p, v in per_phase.items()]
-    rows.append(["**update**", total, statistics.median(totals), statistics.mean(totals[1:]) if n > 1 else float("nan"),
+    rows.append(["**iteration**", total, statistics.median(totals), statistics.mean(totals[1:]) if n > 1 else float("nan"),
                  "100%"])
     sequences = 2 * run_args["prompts_per_rank"]
-    gen_rate = [r["policy/response_tokens"] * sequences / r["time/gen"] for r in updates]
+    gen_rate = [r["policy/response_tokens"] * sequences / r["time/rollout"] for r in iterations]
     phases = "\n".join([
-        f"### (b) Time per update ({n} updates, one process; rebel.py defaults except the flags shown)\n",
+        f"### (b) Time per iteration ({n} iterations, one process; rebel.py defaults except the flags shown)\n",
         f"Command: `{shown}`\n",
-        table(["phase", "mean s", "median s", "mean s, updates 2+", "share of update"], rows),
+        table(["phase", "mean s", "median s", "mean s, iterations 2+", "share of iteration"], rows),
         "",
-        f"Rollouts inside training: {sequences} responses per update, "
+        f"Rollouts inside training: {sequences} responses per iteration, "
         f"{statistics.mean(gen_rate):.4g} generated tokens/s on average. Wall time of the whole run "
         f"{wall:.0f}s, of which {sum(totals):.0f}s in the timed phases; the rest is start-up (model loading, "
         f"engine start), the two greedy evaluations and the checkpoint.",
@@ -219,26 +220,27 @@ def training(args: Args) -> str:
 
     # (c) learning check
     k = max(1, min(args.window, n // 2))
-    first, last = updates[:k], updates[-k:]
+    first, last = iterations[:k], iterations[-k:]
     avg = lambda rs, key: statistics.mean(r[key] for r in rs)  # noqa: E731
-    rows = [["eval/reward (greedy, 16 held-out prompts)", records[0]["eval/reward"], records[n]["eval/reward"],
-             records[n]["eval/reward"] - records[0]["eval/reward"]]]
+    score = "eval/score_turn1"
+    rows = [[f"{score} (greedy reward, 16 held-out prompts)", records[0][score], records[n][score],
+             records[n][score] - records[0][score]]]
     for key in ["reward/score", "reward/total", "policy/response_tokens", "policy/finished", "reward/kl"]:
         rows.append([f"{key} (training samples)", avg(first, key), avg(last, key), avg(last, key) - avg(first, key)])
     trace = [[u, records[u]["reward/score"], records[u]["policy/response_tokens"], records[u]["policy/finished"],
-              records[u]["loss/rebel"], records[u]["reward/kl"], records[u].get("eval/reward", "")]
+              records[u]["loss/rebel"], records[u]["reward/kl"], records[u].get(score, "")]
              for u in range(1, n + 1)]
     learning = "\n".join([
         f"### (c) Learning check (seed {args.seed})\n",
-        f"Reward: `utils.brevity_reward` (1 for an empty answer, 0 at 64 words; an unfinished response gets "
-        f"penalty_reward {run_args['penalty_reward']}). \"before\" is eval/reward at update 0 and the mean of "
-        f"updates 1-{k} for training metrics; \"after\" is eval/reward at update {n} and the mean of updates "
+        f"Reward: `tasks.chat:brevity_reward` (1 for an empty answer, 0 at 64 words; an unfinished response gets "
+        f"penalty_reward {run_args['penalty_reward']}). \"before\" is {score} at iteration 0 and the mean of "
+        f"iterations 1-{k} for training metrics; \"after\" is {score} at iteration {n} and the mean of iterations "
         f"{n - k + 1}-{n}.\n",
         table(["metric", "before", "after", "change"], rows),
         "",
-        "Per update:\n",
-        table(["update", "reward/score", "response_tokens", "finished", "loss/rebel", "reward/kl", "eval/reward"],
-              [[0, "", "", "", "", "", records[0]["eval/reward"]]] + trace),
+        "Per iteration:\n",
+        table(["iteration", "reward/score", "response_tokens", "finished", "loss/rebel", "reward/kl", score],
+              [[0, "", "", "", "", "", records[0][score]]] + trace),
         "",
     ])
     return phases + "\n" + learning
@@ -246,6 +248,7 @@ def training(args: Args) -> str:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    utils.quiet_third_party(verbose=False)
     started = time.time()
     sections = [f"## rebel.py benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, "
                 f"{os.cpu_count()} CPU cores)\n",

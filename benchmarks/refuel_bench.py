@@ -22,14 +22,14 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import utils  # noqa: E402
+from tasks.guess_number import GuessNumber, warm_start_policy  # noqa: E402
 
 SAMPLINGS = ("paper", "uniform")
 
 
-def first_guesses(policy: str, game: utils.GuessNumber, seed: int, games: int = 512) -> list[int | None]:
+def first_guesses(policy: str, game: GuessNumber, seed: int, games: int = 512) -> list[int | None]:
     """The opening guess of `games` games at the training temperature. Turn 1 sees the same state in every
     game, so its choice pays off only through the later turns: the midpoint is best, an end worst."""
     tokenizer = utils.load_tokenizer(policy)
@@ -41,12 +41,39 @@ def first_guesses(policy: str, game: utils.GuessNumber, seed: int, games: int = 
     return [game.parse(c.text) for c in completions]
 
 
+def plot_scores_by_turn(metrics: dict[str, list[dict]], turns: list[int], path: str) -> None:
+    """Grouped bars: the share of games solved by turn h, for the initial policy, each trained one and the
+    task's references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    initial = metrics[SAMPLINGS[0]][0]
+    bars = {"initial policy": [initial[f"eval/score_turn{t}"] for t in turns]}
+    bars.update({f"REFUEL, {s} h": [metrics[s][-1][f"eval/score_turn{t}"] for t in turns] for s in SAMPLINGS})
+    for name in ("random consistent", "binary search (optimal)"):
+        bars[name] = [initial[f"reference/{name}_turn{t}"] for t in turns]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(bars)
+    for i, (name, values) in enumerate(bars.items()):
+        ax.bar([t + (i - (len(bars) - 1) / 2) * width for t in turns], values, width, label=name)
+    ax.set_xticks(turns, [f"by turn {t}" for t in turns])
+    ax.set_ylabel("share of games solved")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_iterations", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--nproc", type=int, default=1, help="ranks (torchrun) for each run")
+    parser.add_argument("--plot", default=os.path.join(REPO, "docs", "refuel_bench.png"), help="where the plot goes")
     args, extra = parser.parse_known_args()
+    utils.quiet_third_party(verbose=False)
 
     output_dir = tempfile.mkdtemp(prefix="refuel_bench_")
     metrics, walls = {}, {}
@@ -78,6 +105,9 @@ if __name__ == "__main__":
               f"{initial[f'reference/random consistent_turn{t}']:.3f} | "
               f"{initial[f'reference/binary search (optimal)_turn{t}']:.3f} |")
 
+    plot_scores_by_turn(metrics, turns, args.plot)
+    print(f"\nplot: {args.plot}")
+
     phases = [k for k in metrics[SAMPLINGS[0]][1] if k.startswith("time/")]
     print("\n| phase | " + " | ".join(f"{s} h: s / iteration (share)" for s in SAMPLINGS) + " |")
     print("|---|" + "---|" * len(SAMPLINGS))
@@ -90,13 +120,13 @@ if __name__ == "__main__":
             cells.append(f"{spent / len(iterations):.2f} ({spent / total:.0%})")
         print(f"| {k[5:]} | " + " | ".join(cells) + " |")
 
-    game = utils.GuessNumber(run_args["guess_max"], len(turns))
+    game = GuessNumber(run_args["guess_max"], len(turns))
     middle = (game.n + 1) / 2
-    policies = {"initial policy": utils.guess_number_policy(
+    policies = {"initial policy": warm_start_policy(
         game, utils.resolve_model_path(utils.EMBEDDED_SMOLLM2), run_args["warm_start_steps"])}
     for s in SAMPLINGS:
         policies[f"REFUEL, {s} h"] = os.path.join(output_dir, s, "checkpoints",
-                                                  f"update_{args.num_iterations:06d}", "hf")
+                                                  f"iteration_{args.num_iterations:06d}", "hf")
     print(f"\n| first guess (512 games, T 0.8) | share within 1 of {middle:g} | mean distance from {middle:g} "
           "| most common |\n|---|---|---|---|")
     for name, path in policies.items():
@@ -110,6 +140,6 @@ if __name__ == "__main__":
         print(f"\n{s} h:\n\n| iteration | train reward (dialogue A) | loss | val/loss | val/sign_align |"
               "\n|---|---|---|---|---|")
         for m in metrics[s][1:]:
-            print(f"| {m['update']} | {m['reward/score']:.3f} | {m['loss/refuel']:.3f} | {m['val/loss']:.3f} | "
+            print(f"| {m['iteration']} | {m['reward/score']:.3f} | {m['loss/refuel']:.3f} | {m['val/loss']:.3f} | "
                   f"{m['val/sign_align']:.3f} |")
     utils.shutdown()
