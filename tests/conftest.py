@@ -2,7 +2,10 @@
 group and one vLLM engine shared by the tests (an engine start costs seconds on a 2-core machine)."""
 
 import os
+import socket
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -91,3 +94,36 @@ def vllm_engine(process_group, tiny_model):
     engine = utils.make_engine(tiny_model, process_group[2], 512, 0, False, 0.05, 64 * 2**20, "vllm")
     yield engine
     engine.close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def user_server(tiny_model, script_env):
+    """A real vLLM OpenAI-compatible server of the tiny model on 127.0.0.1 (the simulated user of `--user server`),
+    started once for the tests that need it; its model name is the tiny model's folder."""
+    port = free_port()
+    log = open(os.path.join(os.path.dirname(tiny_model), "server.log"), "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model, "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+         "--kv-cache-memory-bytes", str(64 * 2**20)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=script_env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    import urllib.request
+
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
+            time.sleep(1)
+    yield url
+    os.killpg(server.pid, 9)
+    server.wait()

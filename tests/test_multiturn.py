@@ -1,9 +1,5 @@
 """The multi-turn machinery: the rollout loop, branching, the simulated users, the guessing task."""
 
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -11,6 +7,7 @@ import pytest
 import torch
 
 import utils
+from conftest import free_port
 from refuel import refuel_loss, sample_horizons
 from tasks.chat import (DatasetUser, LLMUser, ServerUser, UserServerError, parse_user_reply,
                         user_simulator_prompt)
@@ -104,38 +101,6 @@ def test_llm_user_with_smollm2_asks_a_question(process_group, smollm2_path):
                        {"role": "assistant", "content": "The capital of France is Paris."}])
     (reply,) = user([e])
     assert len(reply.split()) >= 3 and "Question:" not in reply
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def user_server(tiny_model, script_env):
-    """A real vLLM OpenAI-compatible server of the tiny model on 127.0.0.1, started for these tests."""
-    port = free_port()
-    log = open(os.path.join(os.path.dirname(tiny_model), "server.log"), "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model, "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-         "--kv-cache-memory-bytes", str(64 * 2**20)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=script_env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    import urllib.request
-
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            assert server.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
-            time.sleep(1)
-    yield url
-    os.killpg(server.pid, 9)
-    server.wait()
 
 
 @pytest.mark.slow
