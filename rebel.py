@@ -12,12 +12,7 @@ sequence KL to the frozen reference, with a fixed penalty for a response that ne
 Run:
     python rebel.py                                   # one process, embedded SmolLM2 + brevity reward, CPU
     torchrun --nproc_per_node 2 rebel.py              # FSDP2 over 2 ranks, one colocated vLLM engine per rank
-    torchrun --nproc_per_node 8 rebel.py \\
-        --model meta-llama/Meta-Llama-3-8B-Instruct --reward_model sfairXC/FsfairX-LLaMA3-RM-v0.1 \\
-        --dataset HuggingFaceH4/ultrafeedback_binarized --dataset_split train_prefs --prompt_column prompt \\
-        --lr 1e-7 --adam_eps 1e-8 --eta 1.0 --temperature 0.5 --max_new_tokens 1024 --max_prompt_tokens 1024 \\
-        --kl_coef 0.05 --penalty_reward -4 --prompts_per_rank 4 --num_iterations 2000 --kv_cache_gib 20
-                                                      # the paper's UltraFeedback setting (8 GPUs)
+    torchrun --nproc_per_node 8 rebel.py --preset rebel-ultrafeedback   # the paper's UltraFeedback run (PRESETS)
 """
 
 import dataclasses
@@ -27,7 +22,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import tyro
 
 import utils
 
@@ -53,6 +47,8 @@ class Args:
     """wandb entity (team)"""
     verbose: bool = False
     """show third-party warnings (vLLM, transformers) on the console"""
+    preset: str | None = None
+    """start from the paper's configuration (`PRESETS`: rebel-ultrafeedback); flags given with it override it"""
 
     # models
     model: str = utils.EMBEDDED_SMOLLM2
@@ -133,6 +129,17 @@ class Args:
     """checkpoint every this many iterations (and at the last)"""
 
 
+PRESETS = {
+    # the official src/ultrafeedback/rebel.py run (README): Llama-3-8B-Instruct, FsfairX reward, 8 GPUs
+    "rebel-ultrafeedback": dict(
+        model="meta-llama/Meta-Llama-3-8B-Instruct", reward_model="sfairXC/FsfairX-LLaMA3-RM-v0.1",
+        dataset="HuggingFaceH4/ultrafeedback_binarized", dataset_split="train_prefs", prompt_column="prompt",
+        lr=1e-7, adam_eps=1e-8, eta=1.0, temperature=0.5, max_new_tokens=1024, max_prompt_tokens=1024,
+        kl_coef=0.05, penalty_reward=-4.0, prompts_per_rank=4, num_iterations=2000),
+}
+"""The paper's run as flag values: `--preset NAME`, then any flag to override one of them."""
+
+
 def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor, eta: float,
                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """REBEL's squared regression loss over pairs; tensors are [pairs, 2] (y in column 0, y' in column 1).
@@ -177,7 +184,7 @@ def prompt_indices(num_prompts: int, iteration: int, per_iteration: int, seed: i
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = utils.parse_args(Args, PRESETS)
     check_args(args)
     utils.quiet_third_party(args.verbose)
 

@@ -27,7 +27,6 @@ Run:
 import copy
 import dataclasses
 import os
-import sys
 import time
 from typing import Annotated, Literal
 
@@ -167,22 +166,6 @@ PRESETS = {
 """The paper's runs as flag values: `--preset NAME`, then any flag to override one of them."""
 
 
-def parse_args() -> Args:
-    """The command line, read over the values of `--preset NAME` when one is given."""
-    argv = sys.argv[1:]
-    named = [a.split("=", 1)[1] if "=" in a else argv[i + 1] if i + 1 < len(argv) else ""
-             for i, a in enumerate(argv) if a.split("=", 1)[0] == "--preset"]
-    if not named:
-        return tyro.cli(Args, args=argv)
-    if named[-1] not in PRESETS:
-        raise SystemExit(f"--preset {named[-1]!r}: choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[named[-1]], "preset": named[-1]}
-    task_fields = {f.name for f in dataclasses.fields(TaskArgs)}
-    default = Args(task_args=TaskArgs(**{k: v for k, v in values.items() if k in task_fields}),
-                   **{k: v for k, v in values.items() if k not in task_fields})
-    return tyro.cli(Args, default=default, args=argv)
-
-
 def refuel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, returns: torch.Tensor, eta: float,
                 weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """REFUEL's regression loss (paper Eq. 5; official `refuel.py`), tensors [pairs, 2] for (y, y') at turn h.
@@ -260,7 +243,7 @@ def check_args(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    args = parse_args()
+    args = utils.parse_args(Args, PRESETS)
     check_args(args)
     utils.quiet_third_party(args.verbose)
 

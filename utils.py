@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import time
 from typing import Callable
 
@@ -793,6 +794,28 @@ def quiet_third_party(verbose: bool) -> None:
     datasets.logging.set_verbosity_error()
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
+
+
+def parse_args(args_class, presets: dict[str, dict]):
+    """The command line (tyro), read over the values of `--preset NAME` when one is given: a preset is a dict of
+    flag names (those of nested groups included) to values, and any flag given with it overrides one."""
+    import tyro
+
+    argv = sys.argv[1:]
+    named = [a.split("=", 1)[1] if "=" in a else argv[i + 1] if i + 1 < len(argv) else ""
+             for i, a in enumerate(argv) if a.split("=", 1)[0] == "--preset"]
+    if not named:
+        return tyro.cli(args_class, args=argv)
+    if named[-1] not in presets:
+        raise SystemExit(f"--preset {named[-1]!r}: choose one of {', '.join(presets)}")
+    values, default = {**presets[named[-1]], "preset": named[-1]}, args_class()
+    groups = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)
+              if dataclasses.is_dataclass(getattr(default, f.name))}
+    in_group = {k: name for name, group in groups.items() for k in (f.name for f in dataclasses.fields(group))}
+    top = {k: v for k, v in values.items() if k not in in_group}
+    for name, group in groups.items():
+        top[name] = dataclasses.replace(group, **{k: v for k, v in values.items() if in_group.get(k) == name})
+    return tyro.cli(args_class, default=dataclasses.replace(default, **top), args=argv)
 
 
 def flat_args(args) -> dict:

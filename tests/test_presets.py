@@ -1,0 +1,95 @@
+"""The paper's runs (`--preset`) end to end at toy scale: the preset's flags, with tiny local models in place of the
+8B/70B ones, a real local vLLM server as the 70B user, and a few rows in the official datasets' own formats."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here starts refuel.py
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = ["--num_iterations", "1", "--dialogues_per_rank", "4", "--max_new_tokens", "4", "--num_eval_prompts", "2",
+       "--kv_cache_gib", "0.0625", "--max_prompt_tokens", "256"]
+
+
+def ultrainteract_pair_rows(n):
+    """openbmb/UltraInteract_pair rows: `trajectory` holds the dialogue so far as {"from", "value"} messages."""
+    return [{"task": "Math_CoT", "dataset": "gsm8k", "id": f"row{i}", "parent_id": f"p{i}",
+             "instruction": f"How much is {i} + {i}?",
+             "trajectory": [{"from": "user", "value": f"How much is {i} + {i}?"},
+                            {"from": "assistant", "value": f"It is {i + i + 1}."},
+                            {"from": "user", "value": "Your answer is wrong. Check it again."}][: 1 + 2 * (i % 2)],
+             "chosen": f"It is {2 * i}.", "rejected": f"It is {2 * i + 1}."} for i in range(n)]
+
+
+def hh_trl_style_rows(n):
+    """trl-internal-testing/hh-rlhf-trl-style rows: `chosen`/`rejected` are whole role/content dialogues."""
+    rows = []
+    for i in range(n):
+        turns = [{"role": "user", "content": f"Tell me about animal {i}."},
+                 {"role": "assistant", "content": "It is a mammal."},
+                 {"role": "user", "content": "Where does it live?"},
+                 {"role": "assistant", "content": "In forests."}][: 2 + 2 * (i % 2)]
+        rows.append({"prompt": turns[0]["content"], "chosen": turns,
+                     "rejected": turns[:-1] + [{"role": "assistant", "content": "No idea."}]})
+    return rows
+
+
+def run_preset(tmp_path, env, preset, rows, *flags):
+    dataset = tmp_path / "data.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    subprocess.run([sys.executable, os.path.join(REPO, "refuel.py"), "--preset", preset, "--dataset", str(dataset),
+                    "--output_dir", str(tmp_path), "--run_name", "r", *TOY, *flags], check=True, timeout=600, env=env)
+    with open(tmp_path / "r" / "metrics.jsonl") as f:
+        metrics = [json.loads(line) for line in f]
+    return metrics, json.load(open(tmp_path / "r" / "args.json"))
+
+
+def test_setting_one(tmp_path, script_env, tiny_model, tiny_reward_model, user_server):
+    metrics, args = run_preset(tmp_path, script_env, "refuel-setting-one", ultrainteract_pair_rows(8),
+                               "--model", tiny_model, "--user_url", user_server, "--user_model", tiny_model,
+                               "--user_max_tokens", "4", "--reward_model", tiny_reward_model, "--horizon", "2",
+                               "--minibatch_pairs", "2", "--val_fraction", "0.25")
+    assert args["preset"] == "refuel-setting-one" and args["eta"] == 1000 and args["schedule_scope"] == "iteration"
+    assert args["user"] == "server" and args["prompt_column"] == "trajectory" and args["trust_remote_code"]
+    assert [m["iteration"] for m in metrics] == [0, 1]
+    assert metrics[1]["data/turns_played"] == 2 and "eval/score_turn2" in metrics[1]  # the server user answered
+
+
+@pytest.mark.parametrize("preset,kl,penalty", [("refuel-setting-two-hh", 0.05, -10.0),
+                                               ("refuel-setting-two-ultrainteract", 0.0, -4.0)])
+def test_setting_two(tmp_path, script_env, tiny_model, tiny_reward_model, preset, kl, penalty):
+    rows = hh_trl_style_rows(8) if preset.endswith("hh") else ultrainteract_pair_rows(8)
+    metrics, args = run_preset(tmp_path, script_env, preset, rows, "--model", tiny_model,
+                               "--reward_model", tiny_reward_model)
+    assert args["user"] == "dataset" and args["kl_coef"] == kl and args["penalty_reward"] == penalty
+    assert args["num_epochs"] == 4 and args["lr_schedule"] == "linear" and args["temperature"] == 1.0
+    # the dataset's dialogues have 1 or 2 user turns: the dataset user ends them there, before H = 5
+    assert 1 <= metrics[1]["data/turns_played"] <= 2 and metrics[1]["data/branch_turn"] <= 2
+    assert metrics[1]["reward/return"] == penalty  # tiny random models never end a 4-token turn
+
+
+def test_rebel_ultrafeedback(tmp_path, script_env, tiny_model, tiny_reward_model):
+    """HuggingFaceH4/ultrafeedback_binarized rows: `prompt` is the first user message; the other columns ride along."""
+    rows = [{"prompt": f"Write one line about topic {i}.", "prompt_id": f"id{i}",
+             "chosen": [{"role": "user", "content": f"Write one line about topic {i}."},
+                        {"role": "assistant", "content": "A line."}],
+             "rejected": [{"role": "user", "content": f"Write one line about topic {i}."},
+                          {"role": "assistant", "content": "No."}],
+             "messages": [{"role": "user", "content": f"Write one line about topic {i}."},
+                          {"role": "assistant", "content": "A line."}],
+             "score_chosen": 8.0, "score_rejected": 3.0} for i in range(8)]
+    dataset = tmp_path / "ultrafeedback.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    subprocess.run([sys.executable, os.path.join(REPO, "rebel.py"), "--preset", "rebel-ultrafeedback",
+                    "--model", tiny_model, "--reward_model", tiny_reward_model, "--dataset", str(dataset),
+                    "--output_dir", str(tmp_path), "--run_name", "r", "--num_iterations", "1", "--prompts_per_rank",
+                    "2", "--max_new_tokens", "4", "--num_eval_prompts", "2", "--kv_cache_gib", "0.0625"],
+                   check=True, timeout=600, env=script_env)
+    args = json.load(open(tmp_path / "r" / "args.json"))
+    assert args["preset"] == "rebel-ultrafeedback" and args["kl_coef"] == 0.05 and args["temperature"] == 0.5
+    metrics = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert [m["iteration"] for m in metrics] == [0, 1] and metrics[1]["policy/finished"] == 0  # 4 tokens never end
