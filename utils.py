@@ -12,6 +12,7 @@ Copy it along with the script you fork; it is not a library.
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import gc
 import hashlib
 import importlib
@@ -32,6 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 Message = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": str}
 Dialogue = list[Message]
@@ -225,11 +227,14 @@ def shard_model(model: torch.nn.Module, bf16: bool, gradient_checkpointing: bool
 
     With bf16 the forward and backward run in bf16 while the sharded master weights, the gradient
     reduction and the optimizer stay in fp32. With `gradient_checkpointing` each decoder layer keeps only its
-    input for the backward and recomputes the rest (transformers' non-reentrant checkpoint, which calls the
-    layer's `__call__`, so FSDP2's gather hooks run again for the recompute): the same losses and gradients.
+    input for the backward and recomputes the rest (non-reentrant `torch.utils.checkpoint`), in train and eval
+    mode alike (transformers' own switch acts in train mode only, and the scripts train in eval mode): the same
+    losses and gradients. The recompute runs after FSDP2's pre-backward hook has gathered the layer again, as
+    with torchtitan's checkpoint-then-shard order, and the parameter names do not change.
     """
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in model.model.layers:
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
     mp = MixedPrecisionPolicy()
     if bf16:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

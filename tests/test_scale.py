@@ -98,8 +98,8 @@ def test_gradient_checkpointing_same_losses_and_gradients(process_group, tiny_mo
     batch = torch.randint(0, 1000, (3, 24), generator=torch.Generator().manual_seed(0)).to(device)
     results = []
     for checkpointing in (False, True):
+        # eval mode, as the scripts train: the checkpointing must not depend on it
         model = utils.shard_model(utils.load_causal_lm(tiny_model, torch.float32, device), False, checkpointing)
-        model.train()
         calls = []
         # a pre-hook: the checkpoint's recompute stops as soon as the saved tensors are back, before a layer's
         # forward hooks would run
