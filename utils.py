@@ -12,6 +12,7 @@ Copy it along with the script you fork; it is not a library.
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import gc
 import hashlib
 import importlib
@@ -34,6 +35,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 Message = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": str}
 Dialogue = list[Message]
@@ -223,12 +225,19 @@ def make_tiny_model(folder: str, tokenizer_path: str, seed: int = 0, reward_mode
 # FSDP2
 
 
-def shard_model(model: torch.nn.Module, bf16: bool) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, bf16: bool, gradient_checkpointing: bool = False) -> torch.nn.Module:
     """FSDP2: each decoder layer is its own unit (gathered just in time), then the root (embeddings, head).
 
     With bf16 the forward and backward run in bf16 while the sharded master weights, the gradient
-    reduction and the optimizer stay in fp32.
+    reduction and the optimizer stay in fp32. With `gradient_checkpointing` each decoder layer keeps only its
+    input for the backward and recomputes the rest (non-reentrant `torch.utils.checkpoint`), in train and eval
+    mode alike (transformers' own switch acts in train mode only, and the scripts train in eval mode): the same
+    losses and gradients. The recompute runs after FSDP2's pre-backward hook has gathered the layer again, as
+    with torchtitan's checkpoint-then-shard order, and the parameter names do not change.
     """
+    if gradient_checkpointing:
+        for layer in model.model.layers:
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
     mp = MixedPrecisionPolicy()
     if bf16:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -239,11 +248,52 @@ def shard_model(model: torch.nn.Module, bf16: bool) -> torch.nn.Module:
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer unsharded, on every rank (a collective: all ranks must call it)."""
+    """Every parameter and buffer unsharded, on every rank (a collective: all ranks must call it).
+
+    It holds the whole model in fp32 at once: weight syncs use `stream_weights`; this stays for checkpoints of
+    small models, tests and the sync benchmark's baseline.
+    """
     return {
         name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
         for name, tensor in model.state_dict().items()
     }
+
+
+def sync_buckets(nbytes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Groups consecutive tensors (their sizes in bytes) into buckets of at most `bucket_bytes`; a tensor larger
+    than that is a bucket of its own. Returns the tensors' indices per bucket."""
+    buckets, size = [], 0
+    for i, n in enumerate(nbytes):
+        if not buckets or size + n > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(i)
+        size += n
+    return buckets
+
+
+def weights_to_sync(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors an engine needs, in the model's order: the state dict's parameters (a tied head under its own
+    name too: vLLM's reload waits for `lm_head.weight`) and persistent buffers. Non-persistent buffers such as
+    rotary `inv_freq` are derived from the config and are not handed over."""
+    keys = model.state_dict().keys()
+    return [(n, t) for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()] if n in keys]
+
+
+def stream_weights(model: torch.nn.Module, dtype: torch.dtype, bucket_bytes: int):
+    """Yields `(name, tensor)` unsharded in `dtype`, one bucket of at most `bucket_bytes` gathered at a time (a
+    collective: all ranks must consume it in step). Each shard is cast before the all-gather, so the traffic and
+    the gathered copy are in the engine's dtype; a bucket is dropped before the next is gathered, so the extra
+    memory of a sync is one bucket (or the largest tensor), not the model."""
+    tensors = weights_to_sync(model)
+    for bucket in sync_buckets([t.numel() * dtype.itemsize for _, t in tensors], bucket_bytes):
+        gathered = []
+        for i in bucket:
+            name, tensor = tensors[i]
+            tensor = tensor.detach().to(dtype)
+            gathered.append((name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor))
+        yield from gathered
+        del gathered
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
@@ -417,6 +467,7 @@ class VLLMEngine:
             enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.dtype = getattr(torch, dtype)
 
     def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float,
                  seeds: list[int]) -> list[Completion]:
@@ -431,8 +482,34 @@ class VLLMEngine:
             for o in outputs
         ]
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+    def load_weights(self, weights) -> None:
+        """Loads `(name, tensor)` pairs (or a state dict) in the checkpoint's names; an iterator is consumed
+        lazily, so a streamed sync never holds more than the bucket being loaded."""
+        weights = weights.items() if isinstance(weights, dict) else weights
+
+        def reload(worker) -> None:
+            from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+            # vLLM's layerwise reload (model_loader/reload/layerwise.py) recreates each module's tensors from
+            # metadata recorded at start-up and, in finalize_layerwise_processing, warns about every module that
+            # received none. RotaryEmbedding holds only its cos/sin cache, a non-persistent buffer computed from
+            # the config that no checkpoint has: each reload logged "RotaryEmbedding: Failed to load weights"
+            # and put the old cache back. For such modules the reload is told there is nothing to load (empty
+            # metadata); it then puts their tensors back silently, and the metadata is restored afterwards.
+            derived = [get_layerwise_info(m) for m in worker.model_runner.model.modules()
+                       if not m._parameters and m._buffers and set(m._buffers) <= m._non_persistent_buffers_set]
+            recorded = [info.restore_metadata for info in derived]
+            for info in derived:
+                info.restore_metadata = ({}, {})
+            try:
+                worker.model_runner.reload_weights(weights_iterator=iter(weights))
+            finally:
+                for info, metadata in zip(derived, recorded):
+                    info.restore_metadata = metadata
+
+        # in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, external_launcher) the callable runs on this rank's
+        # worker, so the iterator is not serialized
+        self.llm.collective_rpc(reload)
         # cached prefixes hold keys/values computed with the old weights
         self.llm.reset_prefix_cache()
 
@@ -457,7 +534,7 @@ class TransformersEngine:
     def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype, batch_size: int = 64):
         self.model = load_causal_lm(model_path, dtype, device).eval()
         self.tokenizer = load_tokenizer(model_path)
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.dtype = device, batch_size, dtype
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
 
@@ -488,8 +565,15 @@ class TransformersEngine:
                 completions.append(Completion(tokens, text, end is not None))
         return completions
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state_dict)
+    def load_weights(self, weights) -> None:
+        """Copies `(name, tensor)` pairs (or a whole state dict, checked for completeness) into the model."""
+        if isinstance(weights, dict):
+            self.model.load_state_dict(weights)
+            return
+        targets = dict(self.model.named_parameters(remove_duplicate=False)) | dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name, tensor in weights:
+                targets[name].copy_(tensor)
 
     def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         return probe_logprobs(self.model, token_ids, self.device)
@@ -525,14 +609,16 @@ class WeightSyncError(RuntimeError):
     pass
 
 
-def sync_weights(engine, model: torch.nn.Module, probe_ids: list[int], device: torch.device, tolerance: float) -> float:
-    """Pushes the trainer's weights into the rollout engine, then proves they arrived.
+def sync_weights(engine, model: torch.nn.Module, probe_ids: list[int], device: torch.device, tolerance: float,
+                 bucket_mb: float = 512) -> float:
+    """Pushes the trainer's weights into the rollout engine, streamed in buckets of `bucket_mb` MiB in the
+    engine's dtype (see `stream_weights`), then proves they arrived.
 
     Peers' quietest bug is an engine that keeps sampling from stale weights. After loading, the engine's
     log-probs of a fixed sequence are compared with the trainer's; the largest difference is returned, and
     above `tolerance` the run stops.
     """
-    engine.load_weights(full_state_dict(model))
+    engine.load_weights(stream_weights(model, engine.dtype, int(bucket_mb * 2**20)))
     return check_logprob_parity(engine, model, probe_ids, device, tolerance)
 
 

@@ -1,0 +1,28 @@
+"""Builds a model from a config.json on the meta device and shards it with FSDP2 as one rank of a simulated
+8-rank job (torch's fake process group: collectives return without moving data), then prints that rank's shard
+shapes and what a weight sync would stream, as JSON. No weights are allocated.
+
+Usage: python tests/simulate_fsdp.py CONFIG_JSON RANK WORLD_SIZE
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import memory_plan  # noqa: E402
+import utils  # noqa: E402
+
+if __name__ == "__main__":
+    config, rank, world_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    model = utils.shard_model(memory_plan.meta_model(config), bf16=True, gradient_checkpointing=True)
+    local = {name: list(p.to_local().shape) for name, p in model.named_parameters()}
+    streamed = [(name, list(t.shape), str(t.dtype)) for name, t in utils.stream_weights(model, torch.bfloat16, 2**29)]
+    print(json.dumps({"local": local, "streamed": streamed,
+                      "meta": all(p.device.type == "meta" for p in model.parameters())}))
+    dist.destroy_process_group()
