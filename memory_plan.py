@@ -62,9 +62,11 @@ def shard_numel(shape: torch.Size, world_size: int) -> int:
 
 
 def plan_memory(model: torch.nn.Module, world_size: int, bf16: bool, gradient_checkpointing: bool,
-                kv_cache_bytes: int, sync_bucket_bytes: int, tokens: int, reference: bool = False) -> MemoryPlan:
+                kv_cache_bytes: int | None, sync_bucket_bytes: int, tokens: int, reference: bool = False,
+                engine_memory_bytes: int = 0) -> MemoryPlan:
     """The plan for an unsharded (meta or real) `model` trained on `world_size` ranks with micro-batches of
-    `tokens` tokens (sequences x length) per rank."""
+    `tokens` tokens (sequences x length) per rank. `kv_cache_bytes` None is vLLM's own sizing: what
+    `engine_memory_bytes` (its share of the device) leaves after the engine's weights."""
     compute = 2 if bf16 else 4
     tensors = utils.weights_to_sync(model)
     parameters = sum(p.numel() for p in model.parameters())  # tied weights once, as the engine holds them
@@ -83,7 +85,8 @@ def plan_memory(model: torch.nn.Module, world_size: int, bf16: bool, gradient_ch
     return MemoryPlan(
         parameters=parameters, weights=4 * shard, gradients=4 * shard, optimizer=8 * shard,
         reference=4 * shard if reference else 0, gathered_layers=2 * layer * compute,
-        engine_weights=parameters * compute, kv_cache=kv_cache_bytes,
+        engine_weights=parameters * compute,
+        kv_cache=kv_cache_bytes if kv_cache_bytes is not None else max(0, engine_memory_bytes - parameters * compute),
         sync_bucket=max(sum(tensors[i][1].numel() * compute for i in b) for b in buckets),
         activations=tokens * saved * compute + logits,
     )

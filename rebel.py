@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+import memory_plan
 import utils
 
 
@@ -64,6 +65,11 @@ class Args:
     on a CPU 0.25"""
     sync_tolerance: float | None = None
     """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
+    sync_bucket_mb: float = 512
+    """largest bucket a weight sync gathers at once, in MiB of the engine's dtype"""
+    gradient_checkpointing: bool = torch.cuda.is_available()
+    """recompute each decoder layer's activations in the backward instead of keeping them (on by default with a
+    GPU)"""
 
     # data
     dataset: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prompts.jsonl")
@@ -211,8 +217,21 @@ if __name__ == "__main__":
     dialogues, prompts = dialogues[args.num_eval_prompts :], prompts[args.num_eval_prompts :]
     utils.print0(f"{len(prompts)} training prompts, {len(eval_prompts)} held out; skipped rows: {skipped}")
 
+    # the memory plan of this rank, checked against the device before anything large is loaded
+    kv_cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
+    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    plan = memory_plan.plan_memory(
+        memory_plan.meta_model(policy_path), world_size, args.bf16, args.gradient_checkpointing,
+        kv_cache_bytes if kv_cache_bytes is not None or capacity else utils.CPU_KV_CACHE_BYTES,
+        int(args.sync_bucket_mb * 2**20), 2 * args.micro_batch_pairs * (args.max_prompt_tokens + args.max_new_tokens),
+        reference=args.kl_coef > 0, engine_memory_bytes=int(args.engine_memory_share * capacity))
+    utils.print0(memory_plan.format_plan(plan, world_size))
+    if capacity:
+        memory_plan.check_fits(plan, capacity)
+
     # models: the policy and the frozen reference, both sharded with FSDP2
-    policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16)
+    policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16,
+                               args.gradient_checkpointing)
     reference = None
     if args.kl_coef > 0:
         reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
@@ -232,8 +251,7 @@ if __name__ == "__main__":
 
     # rollout engine, colocated on this rank; a fixed probe sequence checks every weight sync
     engine = utils.make_engine(policy_path, device, args.max_prompt_tokens + args.max_new_tokens, args.seed, args.bf16,
-                               args.engine_memory_share, None if args.kv_cache_gib is None else
-                               int(args.kv_cache_gib * 2**30), args.rollout_backend)
+                               args.engine_memory_share, kv_cache_bytes, args.rollout_backend)
     probe_answer = tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids
     probe_ids = prompts[0] + probe_answer + [tokenizer.eos_token_id]
 
@@ -256,7 +274,7 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         start_iteration = state["iteration"] + 1
         logger.truncate_after(state["iteration"])
-        utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance)
+        utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
     else:
         if args.resume:
@@ -347,7 +365,7 @@ if __name__ == "__main__":
 
         # 5. push the new weights into this rank's engine, and check that they arrived
         t0 = time.time()
-        sync_gap = utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance)
+        sync_gap = utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import tyro
 
+import memory_plan
 import utils
 from tasks import TaskArgs, load_task, task_factory
 
@@ -84,6 +85,11 @@ class Args:
     weights, on a CPU 0.25"""
     sync_tolerance: float | None = None
     """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
+    sync_bucket_mb: float = 512
+    """largest bucket a weight sync gathers at once, in MiB of the engine's dtype"""
+    gradient_checkpointing: bool = torch.cuda.is_available()
+    """recompute each decoder layer's activations in the backward instead of keeping them (on by default with a
+    GPU)"""
 
     # REFUEL
     horizon_sampling: Literal["paper", "uniform"] = "paper"
@@ -274,8 +280,22 @@ if __name__ == "__main__":
                  f"({too_long} and {too_long_eval} over --max_prompt_tokens, skipped), horizon {horizon}"
                  + (f"; reference scores at turn {horizon}: {references}" if references else ""))
 
+    # the memory plan of this rank, checked against the device before anything large is loaded
+    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
+    max_model_len = args.max_prompt_tokens + horizon * turn_tokens
+    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    plan = memory_plan.plan_memory(
+        memory_plan.meta_model(policy_path), world_size, args.bf16, args.gradient_checkpointing,
+        kv_cache_bytes if kv_cache_bytes is not None or capacity else utils.CPU_KV_CACHE_BYTES,
+        int(args.sync_bucket_mb * 2**20), 2 * args.micro_batch_pairs * max_model_len, reference=args.kl_coef > 0,
+        engine_memory_bytes=int(args.engine_memory_share * capacity))
+    utils.print0(memory_plan.format_plan(plan, world_size))
+    if capacity:
+        memory_plan.check_fits(plan, capacity)
+
     # models: the policy and (with a KL term) the frozen reference, sharded with FSDP2
-    policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16)
+    policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16,
+                               args.gradient_checkpointing)
     reference = None
     if args.kl_coef > 0:
         reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
@@ -294,9 +314,8 @@ if __name__ == "__main__":
     optimizer, scheduler = make_optimizer()
 
     # the policy's rollout engine, colocated on this rank
-    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
-    engine = utils.make_engine(policy_path, device, args.max_prompt_tokens + horizon * turn_tokens, args.seed,
-                               args.bf16, args.engine_memory_share, kv_cache_bytes, args.rollout_backend)
+    engine = utils.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
+                               kv_cache_bytes, args.rollout_backend)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
                  + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
 
@@ -335,7 +354,7 @@ if __name__ == "__main__":
         initial_scores = state["initial_scores"]
         start_iteration = state["iteration"] + 1
         logger.truncate_after(state["iteration"])
-        utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance)
+        utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
     else:
         if args.resume:
@@ -432,7 +451,7 @@ if __name__ == "__main__":
 
         # 7. push the new weights into this rank's engine, and check that they arrived
         t0 = time.time()
-        sync_gap = utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance)
+        sync_gap = utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
@@ -448,7 +467,8 @@ if __name__ == "__main__":
         })
         metrics.update(utils.sum_over_ranks({
             "skipped/identical_pairs": identical.sum().item(),
-            "skipped/nan_reward_pairs": ((weights == 0) & ~identical).sum().item(), "data/branch_turn_redrawn": redrawn}))
+            "skipped/nan_reward_pairs": ((weights == 0) & ~identical).sum().item(),
+            "data/branch_turn_redrawn": redrawn}))
         metrics["policy/lr"] = scheduler.get_last_lr()[0]
         if iteration % args.eval_every == 0 or iteration == args.num_iterations:
             metrics.update(eval_metrics(evaluate(), initial_scores))

@@ -1047,7 +1047,8 @@ def plot_curves(metrics: list[dict], path: str, prefix: str = "eval/score_turn")
     turns = sorted({int(k[len(prefix):]) for m in metrics for k in m if k.startswith(prefix)})
     if not turns:
         return
-    references = sorted({k[len("reference/") :].rsplit("_turn", 1)[0] for k in metrics[0] if k.startswith("reference/")})
+    references = sorted({k[len("reference/") :].rsplit("_turn", 1)[0]
+                         for k in metrics[0] if k.startswith("reference/")})
     fig, axes = plt.subplots(1, len(turns), figsize=(4 * len(turns), 3.2), sharey=True, squeeze=False)
     for ax, t in zip(axes[0], turns):
         points = [(m["iteration"], m[f"{prefix}{t}"]) for m in metrics if f"{prefix}{t}" in m]

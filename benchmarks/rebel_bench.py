@@ -146,7 +146,8 @@ def throughput(args: Args) -> str:
         f"one generate call of all prompts per repeat, {args.repeats} repeats after one warm-up call each, the same "
         f"per-request seeds for both engines. Embedded SmolLM2-135M-Instruct, "
         f"{'bf16' if bf16 else 'fp32'}, device `{device}`, {os.cpu_count()} CPU cores, {torch.get_num_threads()} "
-        f"torch threads; torch {torch.__version__}, vllm {vllm.__version__}, transformers {transformers.__version__}.\n",
+        f"torch threads; torch {torch.__version__}, vllm {vllm.__version__}, "
+        f"transformers {transformers.__version__}.\n",
         table(["engine", "generated tokens/s (mean ± sd)", "s per call", "tokens per call", "finished",
                "engine start s"], rows),
         "",
@@ -202,8 +203,8 @@ def training(args: Args) -> str:
     total = statistics.mean(totals)
     rows = [[p, statistics.mean(v), statistics.median(v), statistics.mean(v[1:]) if n > 1 else float("nan"),
              f"{100 * statistics.mean(v) / total:.1f}%"] for p, v in per_phase.items()]
-    rows.append(["**iteration**", total, statistics.median(totals), statistics.mean(totals[1:]) if n > 1 else float("nan"),
-                 "100%"])
+    rows.append(["**iteration**", total, statistics.median(totals),
+                 statistics.mean(totals[1:]) if n > 1 else float("nan"), "100%"])
     sequences = 2 * run_args["prompts_per_rank"]
     gen_rate = [r["policy/response_tokens"] * sequences / r["time/rollout"] for r in iterations]
     phases = "\n".join([

@@ -85,9 +85,9 @@ def load_task(args: TaskArgs, **run_values) -> utils.Task:
     parameters = inspect.signature(factory).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     offered = {**{k: v for k, v in dataclasses.asdict(args).items() if k != "task"}, **run_values}
-    ignored = [f"--{f.name}" for f in dataclasses.fields(TaskArgs)
-               if f.name != "task" and f.name not in parameters and not takes_all
-               and getattr(args, f.name) != (f.default if f.default is not dataclasses.MISSING else f.default_factory())]
+    defaults = TaskArgs()
+    ignored = [f"--{f.name}" for f in dataclasses.fields(TaskArgs) if f.name != "task" and f.name not in parameters
+               and not takes_all and getattr(args, f.name) != getattr(defaults, f.name)]
     if ignored:
         utils.print0(f"warning: task {args.task!r} does not use {', '.join(ignored)}; those flags have no effect")
     task = factory(**{k: v for k, v in offered.items() if takes_all or k in parameters})
