@@ -206,6 +206,8 @@ if __name__ == "__main__":
     tokenizer = utils.load_tokenizer(policy_path)
     # data (before the models, so that bad data fails fast): prompts that fit, minus a held-out evaluation set
     dialogues, skipped = utils.load_prompts(args.dataset, args.prompt_column, args.dataset_split)
+    # a recorded dialogue is answered after its last user message (a transcript's final answer is dropped)
+    dialogues = [d[: max(i for i, m in enumerate(d) if m["role"] == "user") + 1] for d in dialogues]
     prompts = [utils.chat_token_ids(tokenizer, d, add_generation_prompt=True) for d in dialogues]
     keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_tokens]
     skipped["too_long"] = len(prompts) - len(keep)

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -638,39 +639,93 @@ def check_logprob_parity(engine, model, probe_ids: list[int], device: torch.devi
 # prompts
 
 
-def load_prompts(source: str, column: str, split: str = "train") -> tuple[list[Dialogue], dict[str, int]]:
-    """Dialogue openings from a dataset: a local .json/.jsonl/.parquet/.csv file, a saved folder, or a hub id.
+ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+"""role names of the common chat formats (role/content, ShareGPT from/value, HH-RLHF transcripts), normalised"""
 
-    A row's `column` holds either the first user message (a string) or a list of {"role", "content"}
-    messages ending with a user turn. Malformed rows are skipped and counted (the returned dict), never
-    silently dropped; a missing column or a dataset with no usable row is an error.
-    """
+
+def as_messages(value) -> Dialogue:
+    """A dataset cell as chat messages: a list of {"role", "content"} or ShareGPT {"from", "value"} dicts, an
+    HH-RLHF transcript ("\n\nHuman: ... \n\nAssistant: ..."), or a plain string (one user message). Raises
+    ValueError saying what is wrong: an empty cell, an unknown role, a message of another shape."""
+    if value is None or (isinstance(value, (str, list)) and not value):
+        raise ValueError("empty")
+    if isinstance(value, str):
+        parts = re.split(r"(?:^|\n\n)(Human|Assistant): ", value)  # [before the first marker, role, text, ...]
+        if len(parts) == 1 or parts[0].strip():
+            messages = [{"role": "user", "content": value}]
+        else:
+            messages = [{"role": ROLE_NAMES[r.lower()], "content": c} for r, c in zip(parts[1::2], parts[2::2])]
+    elif isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        messages = []
+        for m in value:
+            role, content = (m.get("role"), m.get("content")) if "role" in m else (m.get("from"), m.get("value"))
+            if str(role).lower() not in ROLE_NAMES:
+                raise ValueError(f"unknown role {role!r} (expected one of {sorted(ROLE_NAMES)})")
+            if not isinstance(content, str):
+                raise ValueError("a message without text: expected {'role', 'content'} or {'from', 'value'} strings")
+            messages.append({"role": ROLE_NAMES[str(role).lower()], "content": content})
+    else:
+        raise ValueError(f"a {type(value).__name__} cell: expected a string or a list of chat messages")
+    if not any(m["content"].strip() for m in messages):
+        raise ValueError("empty")
+    if not any(m["role"] == "user" for m in messages):
+        raise ValueError("no user message")
+    return messages
+
+
+def load_rows(source: str, split: str = "train"):
+    """A `datasets.Dataset` from a local .json/.jsonl/.parquet/.csv file, a saved folder, or a hub id. A .jsonl
+    file with broken lines keeps its good rows; the broken lines are reported by number and counted."""
     import datasets
 
     extension = os.path.splitext(source)[1].lstrip(".")
-    if os.path.isfile(source):
-        kind = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(extension)
-        if kind is None:
-            raise ValueError(f"{source}: unknown data file type {extension!r} (use json, jsonl, parquet or csv)")
-        dataset = datasets.load_dataset(kind, data_files=source, split="train")
-    elif os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_info.json")):
-        dataset = datasets.load_from_disk(source)
-    else:
-        dataset = datasets.load_dataset(source, split=split)
+    if not os.path.isfile(source):
+        if os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_info.json")):
+            return datasets.load_from_disk(source), {}
+        return datasets.load_dataset(source, split=split), {}
+    kind = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(extension)
+    if kind is None:
+        raise ValueError(f"{source}: unknown data file type {extension!r} (use json, jsonl, parquet or csv)")
+    if os.path.getsize(source) == 0:
+        raise ValueError(f"{source}: the file is empty")
+    try:
+        return datasets.load_dataset(kind, data_files=source, split="train"), {}
+    except Exception:  # datasets rejects a whole JSON-lines file for one bad line: read it line by line
+        if extension != "jsonl":
+            raise
+    rows, bad = [], []
+    with open(source) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line)) if line.strip() else None
+            except json.JSONDecodeError:
+                bad.append(number)
+    print0(f"warning: {source}: {len(bad)} lines are not JSON and were skipped (lines {bad[:10]})")
+    if not rows:
+        raise ValueError(f"{source}: no line is JSON")
+    return datasets.Dataset.from_list(rows), {"bad_json_line": len(bad)}
+
+
+def load_prompts(source: str, column: str, split: str = "train") -> tuple[list[Dialogue], dict[str, int]]:
+    """Dialogues from a dataset's `column` (any shape `as_messages` reads), with at least one user message.
+
+    A row that cannot be read is skipped and counted by cause (the returned dict: "empty", "unknown role", ...);
+    a missing column, or a dataset with no usable row, is an error that names the first bad row and its cause.
+    """
+    dataset, skipped = load_rows(source, split)
     if column not in dataset.column_names:
         raise ValueError(f"{source}: no column {column!r}; its columns are {dataset.column_names}")
-    dialogues, skipped = [], {}
-    for row in dataset[column]:
-        if isinstance(row, str) and row.strip():
-            dialogues.append([{"role": "user", "content": row}])
-        elif (isinstance(row, list) and row and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in row)
-              and row[-1]["role"] == "user"):
-            dialogues.append([{"role": m["role"], "content": m["content"]} for m in row])
-        else:
-            reason = "empty" if not row else "malformed"
-            skipped[reason] = skipped.get(reason, 0) + 1
+    dialogues, first_problem = [], None
+    for index, cell in enumerate(dataset[column]):
+        try:
+            dialogues.append(as_messages(cell))
+        except ValueError as e:
+            cause = str(e).split(" (")[0].split(":")[0]
+            skipped[cause] = skipped.get(cause, 0) + 1
+            first_problem = first_problem or f"row {index}: {e}"
     if not dialogues:
-        raise ValueError(f"{source}: no usable prompt in column {column!r} ({len(dataset)} rows, skipped {skipped})")
+        raise ValueError(f"{source}: no usable prompt in column {column!r} ({len(dataset)} rows, skipped {skipped}; "
+                         f"{first_problem})")
     return dialogues, skipped
 
 

@@ -21,13 +21,56 @@ def test_strings_and_chat_lists_are_read(tmp_path):
     assert skipped == {}
 
 
-def test_malformed_rows_are_skipped_and_counted(tmp_path):
+def test_bad_rows_are_skipped_and_counted_by_cause(tmp_path):
     source = write_jsonl(tmp_path / "p.jsonl", [
-        {"prompt": "fine"}, {"prompt": ""}, {"prompt": [{"role": "user", "content": "a"},
-                                                         {"role": "assistant", "content": "ends with assistant"}]},
+        {"prompt": "fine"}, {"prompt": ""}, {"prompt": None}, {"prompt": [{"role": "wizard", "content": "a"}]},
+        {"prompt": [{"role": "assistant", "content": "no question"}]},
+        {"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "a recorded answer"}]},
     ])
     dialogues, skipped = utils.load_prompts(source, "prompt")
-    assert len(dialogues) == 1 and skipped == {"empty": 1, "malformed": 1}
+    assert len(dialogues) == 2 and dialogues[1][-1]["role"] == "assistant"  # a whole recorded dialogue is kept
+    assert skipped == {"empty": 2, "unknown role 'wizard'": 1, "no user message": 1}
+
+
+@pytest.mark.parametrize("cell,expected", [
+    ("Hello?", [("user", "Hello?")]),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+     [("system", "Be brief."), ("user", "Hi?")]),
+    # openbmb/UltraInteract_pair `trajectory`, ShareGPT: {"from", "value"}
+    ([{"from": "user", "value": "Solve x + 1 = 2."}, {"from": "assistant", "value": "x = 1"},
+      {"from": "user", "value": "Check it."}],
+     [("user", "Solve x + 1 = 2."), ("assistant", "x = 1"), ("user", "Check it.")]),
+    ([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], [("user", "Hi"), ("assistant", "Hello")]),
+    # Anthropic/hh-rlhf transcripts
+    ("\n\nHuman: What is tea?\n\nAssistant: A drink.\n\nHuman: Hot?",
+     [("user", "What is tea?"), ("assistant", "A drink."), ("user", "Hot?")]),
+    ("A plain question that mentions Human: inside.", [("user", "A plain question that mentions Human: inside.")]),
+])
+def test_each_message_shape_is_read(cell, expected):
+    assert [(m["role"], m["content"]) for m in utils.as_messages(cell)] == expected
+
+
+@pytest.mark.parametrize("cell,message", [
+    (None, "empty"), ([], "empty"), ("   ", "empty"), (7, "a int cell: expected a string or a list of chat messages"),
+    ([{"role": "user"}], "a message without text"), ([{"speaker": "user", "text": "x"}], "unknown role None"),
+])
+def test_bad_cells_say_what_is_wrong(cell, message):
+    with pytest.raises(ValueError, match=message):
+        utils.as_messages(cell)
+
+
+def test_one_broken_json_line_keeps_the_good_rows(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a?"}\n{"prompt": "b?"\n{"prompt": "c?"}\n')
+    dialogues, skipped = utils.load_prompts(str(path), "prompt")
+    assert [d[0]["content"] for d in dialogues] == ["a?", "c?"] and skipped == {"bad_json_line": 1}
+    assert "lines [2]" in capsys.readouterr().out
+
+
+def test_a_column_of_the_wrong_type_names_the_first_bad_row(tmp_path):
+    source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": 1}, {"prompt": 2}])
+    with pytest.raises(ValueError, match=r"row 0: a int cell"):
+        utils.load_prompts(source, "prompt")
 
 
 def test_missing_column_names_the_columns(tmp_path):
@@ -44,7 +87,7 @@ def test_dataset_without_usable_rows_is_an_error(tmp_path):
 
 def test_empty_file_is_an_error(tmp_path):
     (tmp_path / "p.jsonl").write_text("")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="the file is empty"):
         utils.load_prompts(str(tmp_path / "p.jsonl"), "prompt")
 
 
