@@ -72,8 +72,9 @@ class UserServerError(RuntimeError):
 class ServerUser:
     """The same simulated user served by a vLLM OpenAI-compatible server (e.g. a 70B model with its own GPUs).
 
-    Each request is retried `retries` times with a growing pause; a server that stays down or slow raises
-    `UserServerError` naming the URL, so no dialogue is silently dropped. Seeds as in `LLMUser`.
+    Each request waits `timeout` seconds and is retried `retries` times with a growing pause, except a request
+    the server refuses (4xx but 408/429); a failure raises `UserServerError` with the URL and the server's own
+    error text, so no dialogue is silently dropped. Seeds as in `LLMUser`.
     """
 
     def __init__(self, url: str, model: str, max_tokens: int, temperature: float, seed: int, timeout: float = 120,
@@ -94,10 +95,17 @@ class ServerUser:
                                                  {"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return json.load(response)["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as e:
+                # keep the server's own words (vLLM explains a 400 or a 404 in the body)
+                error = f"HTTP {e.code} {e.reason}: {e.read().decode(errors='replace')[:500]}"
+                if 400 <= e.code < 500 and e.code not in (408, 429):
+                    break  # a request the server refuses will be refused again
             except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, json.JSONDecodeError) as e:
-                error = e
+                error = repr(e)
+            if attempt < self.retries:
                 time.sleep(min(2**attempt, 10))
-        raise UserServerError(f"the user server at {self.url} failed {self.retries + 1} times; last error: {error!r}")
+        raise UserServerError(f"the user server at {self.url} failed after {attempt + 1} tries (--user_timeout "
+                              f"{self.timeout:g} s, --user_retries {self.retries}); last error: {error}")
 
     def __call__(self, episodes: list[utils.Episode]) -> list[str]:
         from concurrent.futures import ThreadPoolExecutor

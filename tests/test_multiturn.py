@@ -113,9 +113,70 @@ def test_server_user_answers_every_dialogue(user_server, tiny_model):
 def test_server_down_is_a_clear_error_after_bounded_retries(tiny_model):
     user = ServerUser(f"http://127.0.0.1:{free_port()}", tiny_model, 8, 0.8, 0, timeout=2, retries=2)
     started = time.time()
-    with pytest.raises(UserServerError, match=r"failed 3 times"):
+    with pytest.raises(UserServerError, match=r"failed after 3 tries"):
         user([opening()])
     assert time.time() - started < 30
+
+
+@pytest.fixture
+def local_http_server():
+    """A standard-library HTTP server on 127.0.0.1 with a handler given by the test, stopped afterwards."""
+    import http.server
+    import threading
+
+    servers = []
+
+    def start(handler_class):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_refused_request_keeps_the_servers_reason_and_is_not_retried(local_http_server):
+    import http.server
+
+    calls = []
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            calls.append(self.path)
+            body = b'{"error": {"message": "The model `big-user` does not exist."}}'
+            self.send_response(404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    user = ServerUser(local_http_server(NotFound), "big-user", 8, 0.8, 0, timeout=5, retries=3)
+    with pytest.raises(UserServerError, match=r"HTTP 404 Not Found.*The model `big-user` does not exist"):
+        user([opening()])
+    assert len(calls) == 1
+
+
+def test_a_server_that_never_answers_fails_within_the_timeout(local_http_server):
+    import http.server
+
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            time.sleep(5)  # accepts the connection, answers too late
+
+        def log_message(self, *args):
+            pass
+
+    user = ServerUser(local_http_server(Silent), "m", 8, 0.8, 0, timeout=0.5, retries=1)
+    started = time.time()
+    expected = r"failed after 2 tries \(--user_timeout 0.5 s, --user_retries 1\).*timed out"
+    with pytest.raises(UserServerError, match=expected):
+        user([opening()])
+    assert time.time() - started < 4  # two waits of 0.5 s and one pause of 1 s, not minutes
 
 
 def test_guess_number_user_and_reward():
