@@ -305,6 +305,9 @@ if __name__ == "__main__":
     steps_per_iteration = args.num_epochs * -(-num_train // args.minibatch_pairs)
 
     def make_optimizer() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        # FSDP2 leaves the root's parameters unsharded after a forward without backward (an evaluation, a sync
+        # check): reshard so that the optimizer holds the sharded parameters the training steps update
+        policy.reshard()
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                       weight_decay=args.weight_decay)
         steps = steps_per_iteration * (1 if args.schedule_scope == "iteration" else args.num_iterations)

@@ -1144,6 +1144,7 @@ def save_checkpoint(run_dir: str, iteration: int, trained: dict[str, tuple[torch
     dist.barrier()
     state = {}
     for name, (model, optimizer) in trained.items():
+        model.reshard()  # a forward without backward leaves FSDP2's root parameters unsharded
         state[f"model/{name}"], state[f"optim/{name}"] = get_state_dict(model, optimizer)
     dcp.save(state, checkpoint_id=os.path.join(tmp, "dcp"))
     policy = trained[export][0]
@@ -1207,6 +1208,7 @@ def load_checkpoint(path: str, trained: dict[str, tuple[torch.nn.Module, torch.o
     """Restores every trained model and optimizer and this rank's random states; returns the loop's saved state."""
     state = {}
     for name, (model, optimizer) in trained.items():
+        model.reshard()
         state[f"model/{name}"], state[f"optim/{name}"] = get_state_dict(model, optimizer)
     dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
     for name, (model, optimizer) in trained.items():

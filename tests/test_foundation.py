@@ -111,3 +111,16 @@ def test_curves_and_the_summary_table(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = utils.score_table({"initial": [0.1, 0.3], "optimal": [0.5, 1.0]}).splitlines()
     assert table[0].split("|")[1:] == [" turn  1 ", " turn  2"] and table[2].endswith("0.500 |   1.000")
+
+
+def test_an_optimizer_made_after_an_inference_forward_holds_the_shards(tiny_model, process_group):
+    """FSDP2 leaves the root's parameters unsharded after a forward without backward; refuel.py's per-iteration
+    optimizer (--schedule_scope iteration) is made after evaluations, so it must reshard first."""
+    from torch.distributed.tensor import DTensor
+
+    policy = utils.shard_model(utils.load_causal_lm(tiny_model), bf16=False)
+    with torch.no_grad():
+        policy(input_ids=torch.tensor([[1, 2, 3]]))
+    assert not isinstance(policy.model.embed_tokens.weight, DTensor)  # the trap
+    policy.reshard()
+    assert all(isinstance(p, DTensor) for p in policy.parameters())
