@@ -466,6 +466,7 @@ class VLLMEngine:
             # vLLM's CPU sampler cannot rewind a seeded generator when a chunked prompt's token is discarded
             # ("CPU Generator does not use offset"), so every prompt is prefilled whole
             enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
+            use_tqdm_on_load=False,  # no progress bar per engine start
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.dtype = getattr(torch, dtype)

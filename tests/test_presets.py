@@ -56,7 +56,8 @@ def test_setting_one(tmp_path, script_env, tiny_model, tiny_reward_model, user_s
     assert args["preset"] == "refuel-setting-one" and args["eta"] == 1000 and args["schedule_scope"] == "iteration"
     assert args["user"] == "server" and args["prompt_column"] == "trajectory" and args["trust_remote_code"]
     assert [m["iteration"] for m in metrics] == [0, 1]
-    assert metrics[1]["data/turns_played"] == 2 and "eval/score_turn2" in metrics[1]  # the server user answered
+    # the paper's horizon sampling plays A to H' in {1, 2}; the server user answered every dialogue to its H'
+    assert metrics[1]["data/turns_played"] == metrics[1]["data/horizon"] and "eval/score_turn2" in metrics[1]
 
 
 @pytest.mark.parametrize("preset,kl,penalty", [("refuel-setting-two-hh", 0.05, -10.0),
