@@ -834,6 +834,16 @@ def openings_that_fit(openings: list[Episode], tokenizer, max_tokens: int) -> tu
     return fits, len(openings) - len(fits)
 
 
+def generated_tokens(episodes: list[Episode], tokenizer, first_turns: list[int]) -> tuple[int, int]:
+    """Tokens generated in `episodes` from assistant turn `first_turns[i]` on: the policy's sampled tokens, and the
+    user's replies after those turns (counted in the policy's tokenizer). What a method's data cost."""
+    policy = sum(len(r) for e, first in zip(episodes, first_turns) for r in e.responses[first:])
+    replies = [m["content"] for e, first in zip(episodes, first_turns)
+               for m in [m for m in e.messages if m["role"] == "user"][first + 1 :]]
+    user = sum(map(len, tokenizer(replies, add_special_tokens=False).input_ids)) if replies else 0
+    return policy, user
+
+
 def sample_seed(*parts) -> int:
     """A sampling seed fixed by its parts (seed, iteration, rank, dialogue, turn, ...): reruns draw the same."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
@@ -887,6 +897,9 @@ class Task:
     """a policy that suits the task (a warm-started model folder), used when the script is given no model"""
     engines: list = dataclasses.field(default_factory=list)
     """rollout engines the task started (an LLM user's), for the script to close at the end"""
+    recorded: list[Episode] = dataclasses.field(default_factory=list)
+    """whole dialogues played by some other policy (a dataset's own, the guessing game's random consistent play):
+    the offline contexts of the single-turn baselines (dpo_multiturn.py --contexts offline)"""
 
 
 # ----------------------------------------------------------------------------------------------------------

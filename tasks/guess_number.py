@@ -85,10 +85,12 @@ class GuessNumber:
                 _, low, high = self.answer(guess, secret, low, high)
         return [s / games for s in solved]
 
-    def random_consistent_game(self, rng: random.Random) -> utils.Dialogue:
-        """A full game of random consistent play, as chat messages: the supervised warm-start data."""
+    def random_consistent_game(self, rng: random.Random) -> utils.Episode:
+        """A full game of random consistent play: the supervised warm-start data, and the recorded dialogues the
+        baselines take their offline contexts from."""
         secret, low, high = rng.randint(1, self.n), 1, self.n
-        messages = self.new_episode(secret).messages
+        episode = self.new_episode(secret)
+        messages = episode.messages
         for _ in range(self.horizon):
             guess = rng.randint(low, high)
             messages.append({"role": "assistant", "content": str(guess)})
@@ -98,7 +100,7 @@ class GuessNumber:
             messages.append({"role": "user", "content": text})
         if messages[-1]["role"] == "user":
             messages.pop()
-        return messages
+        return episode
 
 
 def warm_start_policy(game: GuessNumber, tokenizer_path: str, steps: int = 800, seed: int = 0) -> str:
@@ -127,7 +129,8 @@ def warm_start_policy(game: GuessNumber, tokenizer_path: str, steps: int = 800, 
         torch.set_num_threads(1)  # the ops of a model this small are too small to share between threads
         rng = random.Random(seed)
         for step in range(steps):
-            batch = [utils.tokenize_dialogue(tokenizer, game.random_consistent_game(rng)) for _ in range(32)]
+            games = [game.random_consistent_game(rng).messages for _ in range(32)]
+            batch = [utils.tokenize_dialogue(tokenizer, messages) for messages in games]
             input_ids = utils.pad_right([ids for ids, _ in batch], tokenizer.pad_token_id)
             attention_mask = utils.pad_right([[1] * len(ids) for ids, _ in batch], 0)
             # next-token loss on the assistant tokens only; the vocabulary projection is applied to those
@@ -153,13 +156,15 @@ def warm_start_policy(game: GuessNumber, tokenizer_path: str, steps: int = 800, 
 
 
 def make_task(seed: int, model: str | None = None, horizon: int | None = None, guess_max: int = 7,
-              warm_start_steps: int = 800, num_train: int = 4096, num_eval: int = 1024) -> utils.Task:
+              warm_start_steps: int = 800, num_train: int = 4096, num_eval: int = 1024,
+              num_recorded: int = 4096) -> utils.Task:
     """The game's task: `num_train` openings with secrets drawn with `seed`, `num_eval` with a fixed seed (every run
-    evaluates on the same games), the game's reference scores, and, when no `model` is given, the warm-started
+    evaluates on the same games), `num_recorded` games of random consistent play (the baselines' offline
+    dialogues), the game's reference scores, and, when no `model` is given, the warm-started
     policy (trained once per machine and cached; with a `model` nothing is trained). `horizon` None keeps the
     game's own."""
     game = GuessNumber(guess_max, horizon) if horizon else GuessNumber(guess_max)
-    rng, eval_rng = random.Random(seed), random.Random(12345)
+    rng, eval_rng, recorded_rng = random.Random(seed), random.Random(12345), random.Random(seed + 1)
     policy = None
     if model is None:
         tokenizer_path = utils.resolve_model_path(utils.EMBEDDED_SMOLLM2)  # its tokenizer, for the tiny policy
@@ -170,5 +175,5 @@ def make_task(seed: int, model: str | None = None, horizon: int | None = None, g
         user=game.users, reward=game.rewards, horizon=game.horizon,
         reference_scores={"binary search (optimal)": game.solved_by_turn("binary"),
                           "random consistent": game.solved_by_turn("random")},
-        policy=policy,
+        policy=policy, recorded=[game.random_consistent_game(recorded_rng) for _ in range(num_recorded)],
     )

@@ -198,7 +198,7 @@ def test_warm_start_games_are_consistent_play():
 
     game = GuessNumber(n=32, horizon=5)
     for seed in range(50):
-        messages = game.random_consistent_game(random.Random(seed))
+        messages = game.random_consistent_game(random.Random(seed)).messages
         low, high = 1, 32
         for m in messages[2:]:
             if m["role"] == "assistant":
