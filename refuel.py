@@ -327,26 +327,8 @@ if __name__ == "__main__":
                                        args.temperature, seed)
 
     def evaluate() -> list[list[float]]:
-        """Per-turn scores of this rank's evaluation dialogues, played to the horizon with the same user seeds."""
-        mine = task.eval[rank::world_size]
-        episodes = play([fresh(e) for e in mine], [horizon] * len(mine), (args.seed, "eval", rank))
-        return [task.reward([e.truncated(t) for e in episodes]) for t in range(1, horizon + 1)]
-
-    def eval_metrics(scores: list[list[float]], initial: list[list[float]]) -> dict:
-        """Mean score per turn h and the win rate against the initial policy on the same openings (ties 1/2).
-        A NaN score stays NaN: it is left out of the means, and a turn with no finite score is NaN."""
-        per_dialogue = {}
-        for t, (now, before) in enumerate(zip(scores, initial), start=1):
-            per_dialogue[f"eval/score_turn{t}"] = now
-            per_dialogue[f"eval/winrate_vs_initial_turn{t}"] = [
-                float(a > b) + 0.5 * float(a == b) if np.isfinite([a, b]).all() else float("nan")
-                for a, b in zip(now, before)]
-        metrics = utils.mean_over_ranks(per_dialogue)
-        metrics.update(utils.sum_over_ranks({"eval/nan_scores": float(np.isnan(scores).sum())}))
-        if metrics["eval/nan_scores"]:
-            utils.print0(f"warning: {metrics['eval/nan_scores']:.0f} evaluation scores are NaN (the reward gave no "
-                         "number); they are left out of the means, and a turn with no number at all reads NaN")
-        return metrics
+        return utils.evaluate_by_turn(task, engine, tokenizer, args.max_new_tokens, args.temperature, args.seed,
+                                      rank, world_size)
 
     logger = utils.MetricsLogger(run_dir, utils.flat_args(args), args.track, args.wandb_project,
                                  args.wandb_entity, run_name, args.resume)
@@ -366,7 +348,7 @@ if __name__ == "__main__":
         start_iteration = 1
         utils.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
         initial_scores = evaluate()
-        initial = eval_metrics(initial_scores, initial_scores)
+        initial = utils.eval_metrics(initial_scores, initial_scores)
         logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
                                   for t, v in enumerate(scores, start=1)}}, iteration=0)
         utils.print0("initial evaluation, score by turn: "
@@ -474,7 +456,7 @@ if __name__ == "__main__":
             "data/branch_turn_redrawn": redrawn}))
         metrics["policy/lr"] = scheduler.get_last_lr()[0]
         if iteration % args.eval_every == 0 or iteration == args.num_iterations:
-            metrics.update(eval_metrics(evaluate(), initial_scores))
+            metrics.update(utils.eval_metrics(evaluate(), initial_scores))
         logger.log(metrics, iteration=iteration)
         shown = {"reward": metrics["reward/score"], "loss": metrics["loss/refuel"],
                  "sign_align": metrics["val/sign_align"]}

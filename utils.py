@@ -10,6 +10,7 @@ Copy it along with the script you fork; it is not a library.
 """
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import functools
@@ -900,6 +901,35 @@ class Task:
     recorded: list[Episode] = dataclasses.field(default_factory=list)
     """whole dialogues played by some other policy (a dataset's own, the guessing game's random consistent play):
     the offline contexts of the single-turn baselines (dpo_multiturn.py --contexts offline)"""
+
+
+def evaluate_by_turn(task: Task, engine, tokenizer, max_tokens: int, temperature: float, seed: int, rank: int,
+                     world_size: int) -> list[list[float]]:
+    """Scores after each turn h = 1..H of this rank's share of the task's evaluation dialogues, played to H. The
+    sampling seeds depend on (seed, rank, dialogue, turn) only and users answer a conversation the same way
+    whenever asked, so evaluations of two policies stay paired until their dialogues differ."""
+    mine = [Episode(copy.deepcopy(e.messages), copy.deepcopy(e.info)) for e in task.eval[rank::world_size]]
+    episodes = rollout_dialogues(mine, engine, tokenizer, task.user, [task.horizon] * len(mine), max_tokens,
+                                 temperature, (seed, "eval", rank))
+    return [task.reward([e.truncated(t) for e in episodes]) for t in range(1, task.horizon + 1)]
+
+
+def eval_metrics(scores: list[list[float]], initial: list[list[float]]) -> dict[str, float]:
+    """`eval/score_turn{h}` and the win rate against the initial policy on the same dialogues (ties 1/2), pooled
+    over ranks. A NaN score stays NaN: left out of the means (a turn with none finite is NaN), counted in
+    `eval/nan_scores` and reported on the console."""
+    per_dialogue = {}
+    for t, (now, before) in enumerate(zip(scores, initial), start=1):
+        per_dialogue[f"eval/score_turn{t}"] = now
+        per_dialogue[f"eval/winrate_vs_initial_turn{t}"] = [
+            float(a > b) + 0.5 * float(a == b) if math.isfinite(a) and math.isfinite(b) else float("nan")
+            for a, b in zip(now, before)]
+    metrics = mean_over_ranks(per_dialogue)
+    metrics.update(sum_over_ranks({"eval/nan_scores": float(sum(not math.isfinite(x) for s in scores for x in s))}))
+    if metrics["eval/nan_scores"]:
+        print0(f"warning: {metrics['eval/nan_scores']:.0f} evaluation scores are NaN (the reward gave no number); "
+               "they are left out of the means, and a turn with no number at all reads NaN")
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------

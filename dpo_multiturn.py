@@ -1,0 +1,444 @@
+"""Multi-turn DPO (and REBEL) as single-turn methods on dialogues: the baselines of the REFUEL paper
+(Gao et al. 2024, arXiv 2410.04612), DPO by Rafailov et al. 2023 (arXiv 2305.18290).
+
+A baseline treats the dialogue before turn h as a fixed prompt: at a state s_h it draws two answers y, y', ranks
+them by a score, and fits the policy with the DPO loss on the preferred (w) and the other (l) answer,
+
+    L = -log sigmoid( beta * [ (ln pi(y_w|s_h) - ln pi_ref(y_w|s_h)) - (ln pi(y_l|s_h) - ln pi_ref(y_l|s_h)) ] )
+
+or, with `--loss rebel`, REBEL's regression of the log-ratio difference onto eta times the score difference. The
+log-probs are summed over the tokens of turn h only. The paper's claim is that such methods suffer covariate shift:
+their states s_h come from another policy than the one being trained. Three flags isolate each difference from
+REFUEL, one at a time:
+
+    --turns     last (LT: the dialogue's last turn) | all (MT: every turn) | sampled (MT: REFUEL's h distribution)
+    --contexts  offline (a dataset's recorded dialogues) | initial (rolled once by pi_0 with the simulated user:
+                the paper's MIXED data) | onpolicy (rolled again every iteration by pi_t, as REFUEL)
+    --target    immediate (the score of the dialogue through turn h) | future (both answers played on to the
+                horizon with pi_t and the user, and the finished dialogues scored: REFUEL's target)
+
+REFUEL itself is `--contexts onpolicy --target future --loss rebel` with its own horizon sampling (refuel.py).
+The answers are always drawn from the current policy pi_t, so the contexts and the target are the only axes.
+
+Run:
+    python dpo_multiturn.py                                   # DPO-LT on pi_0's dialogues, guessing task, CPU
+    python dpo_multiturn.py --turns sampled --loss rebel      # REBEL-MT
+    torchrun --nproc_per_node 2 dpo_multiturn.py --contexts onpolicy --target future
+"""
+
+import copy
+import dataclasses
+import os
+import time
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+
+import utils
+from tasks import TaskArgs, load_task, task_factory
+
+TEMPLATE_TOKENS_PER_TURN = 64
+"""room per turn for the chat template's role headers and end-of-turn tokens when sizing the engine's context"""
+
+
+@dataclasses.dataclass
+class Args:
+    # experiment
+    exp_name: str = "dpo_multiturn"
+    """name of this experiment, part of the run name"""
+    seed: int = 1
+    """seed of the experiment (contexts, turns, sampling)"""
+    run_name: str | None = None
+    """folder name under `output_dir`; default `<exp_name>__<task>__<seed>__<unix time>`. Give it to `--resume`"""
+    output_dir: str = "runs"
+    """where run folders (args, metrics, checkpoints, curves) are written"""
+    resume: bool = False
+    """continue `runs/<run_name>` from its last complete checkpoint, with the same schedule"""
+    track: bool = False
+    """log to Weights & Biases as well"""
+    wandb_project: str = "multiturn-rlhf"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team)"""
+    verbose: bool = False
+    """show third-party warnings (vLLM, transformers) on the console"""
+
+    # the task: openings, a simulated user, a reward, a horizon (flags of tasks.TaskArgs)
+    task_args: Annotated[TaskArgs, tyro.conf.arg(name="")] = dataclasses.field(default_factory=TaskArgs)
+
+    # models and engines
+    model: str | None = None
+    """policy: hub id or folder; default the task's own policy (the guessing game's warm start), else the
+    embedded SmolLM2 (paper: Llama-3-8B-Instruct)"""
+    bf16: bool = torch.cuda.is_available()
+    """bf16 forward/backward with fp32 master weights (on by default with a GPU)"""
+    rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
+    """`auto`: vLLM if installed, else transformers `generate`"""
+    engine_memory_share: float = 0.3
+    """vLLM's `gpu_memory_utilization` per engine (on CPU: the share of the NUMA node's memory it may reserve)"""
+    kv_cache_gib: float | None = None
+    """vLLM KV cache per engine and rank, in GiB; default: on a GPU what `engine_memory_share` leaves, on a CPU 0.25"""
+    sync_tolerance: float | None = None
+    """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
+    sync_bucket_mb: float = 512
+    """largest bucket a weight sync gathers at once, in MiB of the engine's dtype"""
+
+    # the baseline
+    turns: Literal["last", "all", "sampled"] = "last"
+    """which turn h of a dialogue trains: `last` (LT), `all` (MT: every turn), `sampled` (MT: REFUEL's h)"""
+    contexts: Literal["offline", "initial", "onpolicy"] = "initial"
+    """where the states s_h come from: the task's recorded dialogues, dialogues pi_0 played once with the user
+    (the paper's MIXED data), or dialogues pi_t plays every iteration"""
+    target: Literal["immediate", "future"] = "immediate"
+    """what ranks the two answers: the score of the dialogue through turn h, or of both branches played on to H"""
+    loss: Literal["dpo", "rebel"] = "dpo"
+    """DPO on the preferred and the other answer, or REBEL's regression on the score difference"""
+    reference: Literal["initial", "iteration"] = "initial"
+    """DPO's pi_ref: the initial policy (offline DPO), or pi_t, the policy at the start of each iteration
+    (iterative DPO, like REFUEL's pi_t)"""
+    beta: float = 0.1
+    """DPO's inverse temperature (DPO paper: 0.1 for dialogue, 0.5 for summaries; the REFUEL paper does not give
+    its value: sweep 0.01-1)"""
+    eta: float = 5.0
+    """`--loss rebel`: the log-ratio difference is regressed onto eta times the score difference (as refuel.py)"""
+    num_recorded_dialogues: int = 4096
+    """`--contexts initial`: dialogues pi_0 plays once with the user, shared by all ranks' draws"""
+    temperature: float = 0.8
+    """sampling temperature; log-probs are taken from logits / temperature too (REFUEL paper: 0.8)"""
+    max_new_tokens: int = 8
+    """length cap of an assistant turn (paper: 1024)"""
+    max_prompt_tokens: int = 1024
+    """openings longer than this (templated), for training and evaluation, are skipped and counted"""
+    num_iterations: int = 8
+    """iterations; each draws fresh states and answers"""
+    states_per_rank: int = 512
+    """states s_h (so answer pairs) per iteration per rank"""
+    num_epochs: int = 1
+    """passes over an iteration's pairs"""
+    minibatch_pairs: int = 64
+    """pairs per optimizer step per rank"""
+    micro_batch_pairs: int = 16
+    """pairs per forward/backward; gradients accumulate over a minibatch"""
+    lr: float = 5e-4
+    """learning rate (paper: 3e-7 for Llama-3-8B)"""
+    lr_schedule: Literal["cosine", "linear"] = "cosine"
+    """learning-rate decay after the warmup (paper: cosine)"""
+    warmup_ratio: float = 0.1
+    """linear warmup over this share of all optimizer steps (paper: 0.1)"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (paper: 0.9, 0.95)"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon (paper: 1e-8)"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay (paper: 1e-6)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    token_budget: int | None = None
+    """stop after the iteration in which the generated tokens (policy and user, all ranks) reach this many, so that
+    methods can be compared at equal generation cost"""
+
+    # bookkeeping
+    eval_every: int = 2
+    """evaluate every this many iterations (and before the first and after the last)"""
+    save_every: int = 2
+    """checkpoint every this many iterations (and after the last)"""
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO's loss per pair (DPO paper Eq. 7) from summed log-probs, and the implicit reward margin
+    beta * (log-ratio of the chosen answer - log-ratio of the other). logsigmoid keeps large margins finite."""
+    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    return -F.logsigmoid(margin), margin
+
+
+def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, scores: torch.Tensor, eta: float) -> torch.Tensor:
+    """REBEL's squared regression residual per pair, tensors [pairs, 2] (as refuel_loss, without the weights)."""
+    log_ratio = new_lp - old_lp
+    return ((log_ratio[:, 0] - log_ratio[:, 1]) - eta * (scores[:, 0] - scores[:, 1])) ** 2
+
+
+def training_states(rng: np.random.Generator, turns_played: list[int], n: int, mode: str,
+                    horizon: int) -> list[tuple[int, int]]:
+    """`n` states (dialogue index, turn h, 0-indexed) from dialogues with `turns_played` assistant turns each.
+
+    `last`: one dialogue after another (as drawn), at its last turn. `all`: every (dialogue, turn) state, n of them
+    uniformly. `sampled`: REFUEL's draw (official generate.py: H' ~ U{1..H}, h ~ U{1..H'}), redrawn uniformly over
+    a dialogue's turns when it has fewer than h (refuel.py's `redraw_past_the_end`; scripts do not import each other).
+    """
+    dialogues = rng.integers(0, len(turns_played), n)
+    turns = np.asarray(turns_played)[dialogues]
+    if mode == "last":
+        return [(int(d), int(t) - 1) for d, t in zip(dialogues, turns)]
+    if mode == "all":
+        every = [(d, h) for d, t in enumerate(turns_played) for h in range(t)]
+        return [every[i] for i in rng.choice(len(every), n)]
+    h = rng.integers(0, rng.integers(0, horizon, n) + 1)
+    h = np.where(h >= turns, rng.integers(0, np.maximum(turns, 1)), h)
+    return [(int(d), int(t)) for d, t in zip(dialogues, h)]
+
+
+def preference_pairs(scores: torch.Tensor, identical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which answer of each pair [pairs, 2] is preferred (0 or 1), and which pairs count: pairs with identical
+    answers or tied (or non-finite) scores carry no preference and are dropped (weight 0)."""
+    keep = ~identical & torch.isfinite(scores).all(1) & (scores[:, 0] != scores[:, 1])
+    return (scores[:, 1] > scores[:, 0]).long(), keep
+
+
+def fresh(episode: utils.Episode) -> utils.Episode:
+    return utils.Episode(copy.deepcopy(episode.messages), copy.deepcopy(episode.info))
+
+
+def state(episode: utils.Episode, h: int) -> utils.Episode:
+    """The dialogue through user turn h, ready for its answer at turn h. A recorded dialogue has no token lists:
+    the earlier turns get empty ones, so that the episode counts h turns played and records turn h's tokens."""
+    cut = [i for i, m in enumerate(episode.messages) if m["role"] == "user"][h] + 1
+    return utils.Episode(copy.deepcopy(episode.messages[:cut]), copy.deepcopy(episode.info),
+                         [[] for _ in range(h)], [[] for _ in range(h)], [True] * h)
+
+
+def check_args(args: Args) -> None:
+    """Flags that cannot work are refused before anything loads."""
+    problems = [message for bad, message in [
+        (args.temperature <= 0, "--temperature must be > 0: log-probs divide the logits by it"),
+        (args.beta <= 0 or args.eta <= 0, "--beta and --eta must be > 0"),
+        (min(args.states_per_rank, args.minibatch_pairs, args.micro_batch_pairs, args.num_epochs,
+             args.num_iterations) < 1,
+         "--states_per_rank, --minibatch_pairs, --micro_batch_pairs, --num_epochs, --num_iterations must be >= 1"),
+        (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
+    ] if bad]
+    if problems:
+        raise SystemExit("\n".join(problems))
+    task_factory(args.task_args.task)
+
+
+if __name__ == "__main__":
+    args = utils.parse_args(Args, {})
+    check_args(args)
+    utils.quiet_third_party(args.verbose)
+
+    # TRY NOT TO MODIFY: processes, run folder, seeding
+    rank, world_size, device = utils.init_distributed()
+    task_name = args.task_args.task.replace("/", "_").replace(":", "_")
+    run_name = args.run_name or utils.broadcast_object(
+        f"{args.exp_name}__{task_name}__{args.seed}__{int(time.time())}")
+    run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume)
+    utils.seed_everything(args.seed + rank)
+    sync_tolerance = args.sync_tolerance if args.sync_tolerance is not None else (0.5 if args.bf16 else 1e-3)
+
+    # the task and the policy it is played with
+    kv_cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
+    task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16, model=args.model,
+                     max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                     engine_memory_share=args.engine_memory_share, kv_cache_bytes=kv_cache_bytes,
+                     rollout_backend=args.rollout_backend)
+    horizon = task.horizon
+    if args.contexts == "offline" and not task.recorded:
+        raise SystemExit(f"--contexts offline: task {args.task_args.task!r} has no recorded dialogues")
+    policy_path = utils.resolve_model_path(args.model or task.policy or utils.EMBEDDED_SMOLLM2)
+    tokenizer = utils.load_tokenizer(policy_path)
+    task.train, too_long = utils.openings_that_fit(task.train, tokenizer, args.max_prompt_tokens)
+    task.eval, too_long_eval = utils.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
+    if not task.train or not task.eval:
+        raise SystemExit(f"no training or no evaluation opening fits --max_prompt_tokens {args.max_prompt_tokens}")
+    utils.print0(f"task {args.task_args.task}: {len(task.train)} training and {len(task.eval)} evaluation openings "
+                 f"({too_long} and {too_long_eval} over --max_prompt_tokens, skipped), horizon {horizon}; "
+                 f"{args.loss.upper()}, turns {args.turns}, contexts {args.contexts}, target {args.target}")
+
+    # models: the policy and (DPO against pi_0) the frozen reference, sharded with FSDP2
+    policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16)
+    reference = None
+    if args.loss == "dpo" and args.reference == "initial":
+        reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
+        reference.requires_grad_(False)
+    steps = args.num_iterations * args.num_epochs * -(-args.states_per_rank // args.minibatch_pairs)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  utils.lr_lambda(args.lr_schedule, steps, args.warmup_ratio))
+
+    # the policy's rollout engine, colocated on this rank
+    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
+    engine = utils.make_engine(policy_path, device, args.max_prompt_tokens + horizon * turn_tokens, args.seed,
+                               args.bf16, args.engine_memory_share, kv_cache_bytes, args.rollout_backend)
+    probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
+                 + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
+
+    def play(openings: list[utils.Episode], horizons: list[int], seed: tuple) -> list[utils.Episode]:
+        return utils.rollout_dialogues(openings, engine, tokenizer, task.user, horizons, args.max_new_tokens,
+                                       args.temperature, seed)
+
+    def evaluate() -> list[list[float]]:
+        return utils.evaluate_by_turn(task, engine, tokenizer, args.max_new_tokens, args.temperature, args.seed,
+                                      rank, world_size)
+
+    logger = utils.MetricsLogger(run_dir, utils.flat_args(args), args.track, args.wandb_project,
+                                 args.wandb_entity, run_name, args.resume)
+    checkpoint = utils.latest_checkpoint(run_dir) if args.resume else None
+    if checkpoint is not None:
+        saved = utils.load_checkpoint(checkpoint, {"policy": (policy, optimizer)})
+        scheduler.load_state_dict(saved["scheduler"])
+        initial_scores, recorded, spent = saved["initial_scores"], saved["recorded"] or task.recorded, saved["spent"]
+        start_iteration = saved["iteration"] + 1
+        logger.truncate_after(saved["iteration"])
+        utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        utils.print0(f"resumed from {checkpoint}")
+    else:
+        if args.resume:
+            utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
+            logger.truncate_after(-1)
+        start_iteration, spent = 1, {"policy_tokens": 0, "user_tokens": 0, "reward_calls": 0}
+        utils.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
+        initial_scores = evaluate()
+        initial = utils.eval_metrics(initial_scores, initial_scores)
+        logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
+                                  for t, v in enumerate(scores, start=1)}}, iteration=0)
+        utils.print0("initial evaluation, score by turn: "
+                     + " ".join(f"{initial[f'eval/score_turn{t}']:.3f}" for t in range(1, horizon + 1)))
+        recorded = task.recorded
+        if args.contexts == "initial":
+            # the paper's MIXED data: pi_0 plays its dialogues once with the user; kept in the checkpoints, so a
+            # resumed run trains on the same ones
+            rng = np.random.default_rng([args.seed, 0, rank])
+            openings = [task.train[i] for i in rng.choice(len(task.train), args.num_recorded_dialogues)]
+            recorded = play([fresh(e) for e in openings], [horizon] * len(openings), (args.seed, "initial", rank))
+            policy_tokens, user_tokens = utils.generated_tokens(recorded, tokenizer, [0] * len(recorded))
+            spent = {"policy_tokens": policy_tokens, "user_tokens": user_tokens, "reward_calls": 0}
+
+    started = time.time()
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        timings = {}
+        rng = np.random.default_rng([args.seed, iteration, rank])
+
+        # 1. the states s_h: turns of recorded dialogues, or of dialogues pi_t plays now with the user
+        t0 = time.time()
+        dialogues = recorded
+        if args.contexts == "onpolicy":
+            openings = [task.train[i] for i in rng.choice(len(task.train), args.states_per_rank)]
+            dialogues = play([fresh(e) for e in openings], [horizon] * len(openings), (args.seed, iteration, rank))
+            policy_tokens, user_tokens = utils.generated_tokens(dialogues, tokenizer, [0] * len(dialogues))
+            spent["policy_tokens"] += policy_tokens
+            spent["user_tokens"] += user_tokens
+        chosen_states = training_states(rng, [len([m for m in d.messages if m["role"] == "assistant"])
+                                              for d in dialogues], args.states_per_rank, args.turns, horizon)
+        states = [state(dialogues[d], h) for d, h in chosen_states]
+        turns = [h for _, h in chosen_states]
+
+        # 2. two answers to each state from pi_t; with the future target both are played on to the horizon
+        until = [h + 1 for h in turns] if args.target == "immediate" else [horizon] * len(turns)
+        answered = [play([copy.deepcopy(s) for s in states], until, (args.seed, iteration, rank, side))
+                    for side in "AB"]
+        for side in answered:
+            policy_tokens, user_tokens = utils.generated_tokens(side, tokenizer, turns)
+            spent["policy_tokens"] += policy_tokens
+            spent["user_tokens"] += user_tokens
+        timings["rollout"] = time.time() - t0
+
+        # 3. the scores that rank them: the dialogue through turn h, or the finished branch
+        t0 = time.time()
+        scores = torch.tensor([task.reward(side) for side in answered], dtype=torch.float32).T  # [pairs, 2]
+        spent["reward_calls"] += 2 * len(states)
+        responses = [[side[i].responses[h] for side in answered] for i, h in enumerate(turns)]
+        identical = torch.tensor([a == b for a, b in responses])
+        preferred, keep = preference_pairs(scores, identical)
+        timings["reward"] = time.time() - t0
+
+        # 4. log-probs of the two turn-h answers under pi_t (training forward) and the reference
+        t0 = time.time()
+        prompts = [answered[0][i].prompts[h] for i, h in enumerate(turns) for _ in range(2)]
+        input_ids, attention_mask, response_mask = (t.to(device) for t in utils.batch_for_logprobs(
+            prompts, [r for pair in responses for r in pair], tokenizer.pad_token_id))
+        chunk = 2 * args.micro_batch_pairs
+        old_lp = utils.token_logprobs_in_chunks(policy, input_ids, attention_mask, response_mask, args.temperature,
+                                                chunk).sum(-1).view(-1, 2)
+        ref_lp = old_lp if reference is None else utils.token_logprobs_in_chunks(
+            reference, input_ids, attention_mask, response_mask, args.temperature, chunk).sum(-1).view(-1, 2)
+        # DPO needs a preference; REBEL regresses any score difference, a tie included (as refuel.py)
+        weights = (keep if args.loss == "dpo" else ~identical & torch.isfinite(scores).all(1)).float()
+        targets = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
+        timings["old_logprobs"] = time.time() - t0
+
+        # 5. fit the policy to the preferences, in minibatches of accumulated micro-batches
+        t0 = time.time()
+        losses, margins = [], []
+        for epoch in range(args.num_epochs):
+            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
+            order = torch.randperm(len(states), generator=shuffle)
+            for mb_start in range(0, len(states), args.minibatch_pairs):
+                mb = order[mb_start : mb_start + args.minibatch_pairs]
+                mb_weight = weights[mb].sum().clamp(min=1)
+                for micro_start in range(0, len(mb), args.micro_batch_pairs):
+                    pairs = mb[micro_start : micro_start + args.micro_batch_pairs]
+                    rows = torch.stack([2 * pairs, 2 * pairs + 1], 1).flatten().to(device)
+                    new_lp = utils.token_logprobs(policy, input_ids[rows], attention_mask[rows], response_mask[rows],
+                                                  args.temperature).sum(-1).view(-1, 2)
+                    w = weights[pairs].to(device)
+                    if args.loss == "dpo":
+                        # column 0 of the gathered pairs is the preferred answer
+                        pick = torch.stack([preferred[pairs], 1 - preferred[pairs]], 1).to(device)
+                        per_pair, margin = dpo_loss(*new_lp.gather(1, pick).unbind(1),
+                                                    *ref_lp[pairs].to(device).gather(1, pick).unbind(1), args.beta)
+                        margins += margin.detach()[w > 0].tolist()
+                    else:
+                        per_pair = rebel_loss(new_lp, old_lp[pairs].to(device), targets[pairs].to(device), args.eta)
+                    # pairs of weight 0 still run the forward, so that every rank makes the same FSDP2 collectives
+                    ((w * per_pair).sum() / mb_weight).backward()
+                    losses += per_pair.detach()[w > 0].tolist()
+                grad_norm = utils.clip_grad_norm(policy, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        timings["train"] = time.time() - t0
+
+        # 6. push the new weights into this rank's engine, and check that they arrived
+        t0 = time.time()
+        sync_gap = utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        timings["sync"] = time.time() - t0
+
+        # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
+        metrics = utils.mean_over_ranks({
+            "reward/score": scores.flatten().tolist(), f"loss/{args.loss}": losses, "policy/grad_norm": grad_norm,
+            "data/branch_turn": [h + 1 for h in turns], "data/pairs_kept": keep.float().tolist(),
+            "sync/logprob_gap": sync_gap, **{f"time/{k}": v for k, v in timings.items()},
+            **({"loss/dpo_margin": margins} if args.loss == "dpo" else {}),
+        })
+        metrics.update(utils.sum_over_ranks({
+            "skipped/identical_pairs": identical.sum().item(),
+            "skipped/tied_pairs": (~keep & ~identical).sum().item(),
+            **{f"budget/{k}": v for k, v in spent.items()}}))
+        metrics["budget/generated_tokens"] = metrics["budget/policy_tokens"] + metrics["budget/user_tokens"]
+        metrics["policy/lr"] = scheduler.get_last_lr()[0]
+        over_budget = args.token_budget is not None and metrics["budget/generated_tokens"] >= args.token_budget
+        last = iteration == args.num_iterations or over_budget
+        if iteration % args.eval_every == 0 or last:
+            metrics.update(utils.eval_metrics(evaluate(), initial_scores))
+        logger.log(metrics, iteration=iteration)
+        shown = {"reward": metrics["reward/score"], "loss": metrics[f"loss/{args.loss}"],
+                 "kept": metrics["data/pairs_kept"]}
+        if f"eval/score_turn{horizon}" in metrics:
+            shown[f"eval_turn{horizon}"] = metrics[f"eval/score_turn{horizon}"]
+            if rank == 0:
+                utils.plot_curves(logger.read(), os.path.join(run_dir, "curves.png"))
+        utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1, shown, timings))
+        if iteration % args.save_every == 0 or last:
+            utils.save_checkpoint(run_dir, iteration, {"policy": (policy, optimizer)}, {
+                "iteration": iteration, "scheduler": scheduler.state_dict(), "initial_scores": initial_scores,
+                "recorded": recorded if args.contexts == "initial" else None, "spent": spent}, tokenizer)
+        if over_budget:
+            utils.print0(f"token budget reached: {metrics['budget/generated_tokens']:.0f} >= {args.token_budget}")
+            break
+
+    # TRY NOT TO MODIFY: the summary
+    if rank == 0:
+        logged = logger.read()
+        final = next(m for m in reversed(logged) if f"eval/score_turn{horizon}" in m)
+        rows = {name: [m[f"eval/score_turn{t}"] for t in range(1, horizon + 1)]
+                for name, m in [("initial policy", logged[0]), (f"after iteration {final['iteration']}", final)]}
+        rows.update(task.reference_scores)
+        utils.print0(f"\nscore by turn\n{utils.score_table(rows)}\n\n"
+                     f"run folder: {run_dir} (metrics.jsonl, curves.png, checkpoints/)")
+    logger.close()
+    utils.shutdown(engine, *task.engines)
