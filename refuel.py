@@ -139,6 +139,9 @@ class Args:
     """AdamW weight decay (paper: 1e-6)"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
+    token_budget: int | None = None
+    """stop after the iteration in which the generated tokens (policy and user, all ranks) reach this many, so that
+    REFUEL and the baselines (dpo_multiturn.py) can be compared at equal generation cost"""
 
     # bookkeeping
     eval_every: int = 2
@@ -336,7 +339,7 @@ if __name__ == "__main__":
     if checkpoint is not None:
         state = utils.load_checkpoint(checkpoint, {"policy": (policy, optimizer)})
         scheduler.load_state_dict(state["scheduler"])
-        initial_scores = state["initial_scores"]
+        initial_scores, spent = state["initial_scores"], state["spent"]
         start_iteration = state["iteration"] + 1
         logger.truncate_after(state["iteration"])
         utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
@@ -345,7 +348,7 @@ if __name__ == "__main__":
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
-        start_iteration = 1
+        start_iteration, spent = 1, {"policy_tokens": 0, "user_tokens": 0, "reward_calls": 0}
         utils.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
         initial_scores = evaluate()
         initial = utils.eval_metrics(initial_scores, initial_scores)
@@ -372,6 +375,11 @@ if __name__ == "__main__":
         b_side = play([e.prefix(h) for e, h in zip(a_side, branch_turns)], lengths.tolist(),
                       (args.seed, iteration, rank, "B"))
         timings["rollout"] = time.time() - t0
+        for side, first_turns in ((a_side, [0] * len(a_side)), (b_side, branch_turns)):
+            policy_tokens, user_tokens = utils.generated_tokens(side, tokenizer, first_turns)
+            spent["policy_tokens"] += policy_tokens
+            spent["user_tokens"] += user_tokens
+        spent["reward_calls"] += len(a_side) + len(b_side)
 
         # 3. the Monte-Carlo returns' scores: the reward of each finished dialogue
         t0 = time.time()
@@ -453,9 +461,12 @@ if __name__ == "__main__":
         metrics.update(utils.sum_over_ranks({
             "skipped/identical_pairs": identical.sum().item(),
             "skipped/nan_reward_pairs": ((weights == 0) & ~identical).sum().item(),
-            "data/branch_turn_redrawn": redrawn}))
+            "data/branch_turn_redrawn": redrawn, **{f"budget/{k}": v for k, v in spent.items()}}))
+        metrics["budget/generated_tokens"] = metrics["budget/policy_tokens"] + metrics["budget/user_tokens"]
         metrics["policy/lr"] = scheduler.get_last_lr()[0]
-        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+        over_budget = args.token_budget is not None and metrics["budget/generated_tokens"] >= args.token_budget
+        last = iteration == args.num_iterations or over_budget
+        if iteration % args.eval_every == 0 or last:
             metrics.update(utils.eval_metrics(evaluate(), initial_scores))
         logger.log(metrics, iteration=iteration)
         shown = {"reward": metrics["reward/score"], "loss": metrics["loss/refuel"],
@@ -465,10 +476,13 @@ if __name__ == "__main__":
             if rank == 0:
                 utils.plot_curves(logger.read(), os.path.join(run_dir, "curves.png"))
         utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1, shown, timings))
-        if iteration % args.save_every == 0 or iteration == args.num_iterations:
+        if iteration % args.save_every == 0 or last:
             utils.save_checkpoint(run_dir, iteration, {"policy": (policy, optimizer)}, {
-                "iteration": iteration, "scheduler": scheduler.state_dict(), "initial_scores": initial_scores},
-                tokenizer)
+                "iteration": iteration, "scheduler": scheduler.state_dict(), "initial_scores": initial_scores,
+                "spent": spent}, tokenizer)
+        if over_budget:
+            utils.print0(f"token budget reached: {metrics['budget/generated_tokens']:.0f} >= {args.token_budget}")
+            break
 
     # TRY NOT TO MODIFY: the summary
     if rank == 0:

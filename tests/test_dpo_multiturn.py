@@ -1,0 +1,149 @@
+"""dpo_multiturn.py: the DPO loss by hand, the states each --turns mode trains, preferences on the guessing game
+where the right one is known, and the script end to end under torchrun (with a kill and a resume)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+from dpo_multiturn import dpo_loss, preference_pairs, rebel_loss, state, training_states
+from tasks.guess_number import GuessNumber
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_dpo_loss_by_hand():
+    # margin = 0.5 * ((-1 - -2) - (-3 - -2)) = 0.5 * (1 + 1) = 1; loss = -log sigmoid(1) = log(1 + e^-1)
+    loss, margin = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]),
+                            beta=0.5)
+    assert margin.item() == pytest.approx(1.0) and loss.item() == pytest.approx(math.log(1 + math.exp(-1)))
+
+
+def test_dpo_loss_is_log_2_when_the_log_ratios_are_equal():
+    policy = torch.tensor([-5.0, -1.0])
+    loss, margin = dpo_loss(policy[:1], policy[1:], policy[:1] - 0.3, policy[1:] - 0.3, beta=2.0)
+    assert margin.item() == pytest.approx(0, abs=1e-6) and loss.item() == pytest.approx(math.log(2))
+
+
+def test_dpo_gradient_raises_the_chosen_and_lowers_the_rejected():
+    chosen, rejected = torch.tensor([-2.0], requires_grad=True), torch.tensor([-2.0], requires_grad=True)
+    loss, _ = dpo_loss(chosen, rejected, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.1)
+    loss.sum().backward()
+    assert chosen.grad.item() < 0 < rejected.grad.item()  # gradient descent raises y_w's log-prob, lowers y_l's
+
+
+def test_rebel_loss_by_hand():
+    new, old = torch.tensor([[-1.0, -3.0]]), torch.tensor([[-2.0, -2.0]])
+    # ((1) - (-1)) - 2 * (1 - 0) = 0
+    assert rebel_loss(new, old, torch.tensor([[1.0, 0.0]]), eta=2.0).item() == 0
+
+
+def test_preferences_drop_ties_and_identical_answers():
+    scores = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [float("nan"), 0.0], [1.0, 0.0]])
+    preferred, keep = preference_pairs(scores, torch.tensor([False, False, False, False, True]))
+    assert preferred[:2].tolist() == [0, 1] and keep.tolist() == [True, True, False, False, False]
+
+
+def test_states_of_each_turns_mode():
+    rng = np.random.default_rng(0)
+    played = [3, 1, 2]
+    last = training_states(rng, played, 300, "last", 3)
+    assert all(h == played[d] - 1 for d, h in last)
+    every = training_states(rng, played, 6000, "all", 3)
+    counts = {s: every.count(s) / len(every) for s in set(every)}
+    assert set(counts) == {(0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (2, 1)}  # each (dialogue, turn) once, uniformly
+    assert all(abs(c - 1 / 6) < 0.02 for c in counts.values())
+    sampled = training_states(rng, [3] * 10, 100_000, "sampled", 3)
+    marginal = np.bincount([h for _, h in sampled]) / len(sampled)
+    assert marginal == pytest.approx([11 / 18, 5 / 18, 2 / 18], abs=0.01)  # REFUEL's h for H = 3
+
+
+def test_a_state_of_a_recorded_dialogue_counts_its_earlier_turns():
+    game = GuessNumber()
+    import random
+
+    recorded = game.random_consistent_game(random.Random(3))
+    s = state(recorded, 1)
+    assert s.turns == 1 and s.messages[-1]["role"] == "user" and s.messages == recorded.messages[: len(s.messages)]
+
+
+def scored(game, secret, guesses):
+    """The guessing game's reward of a dialogue with these guesses (the user's replies as the game gives them)."""
+    e = game.new_episode(secret)
+    for g in guesses:
+        e.messages.append({"role": "assistant", "content": str(g)})
+        reply = game.reply(e)
+        if reply is None:
+            break
+        e.messages.append({"role": "user", "content": reply})
+    return game.rewards([e])[0]
+
+
+def test_on_the_guessing_game_only_the_future_target_prefers_the_midpoint():
+    """Secret 6 in 1..7: an opening 4 (the midpoint) and an opening 1 are both wrong now, so the immediate target
+    ties them (the pair is dropped); played on by binary search, the midpoint finds 6 by turn 3 and 1 does not."""
+    game = GuessNumber()
+    immediate = torch.tensor([[scored(game, 6, [4]), scored(game, 6, [1])]])
+    future = torch.tensor([[scored(game, 6, [4, 6]), scored(game, 6, [1, 4, 5])]])
+    assert not preference_pairs(immediate, torch.tensor([False]))[1].item()
+    preferred, keep = preference_pairs(future, torch.tensor([False]))
+    assert keep.item() and preferred.item() == 0
+    # at the last turn the immediate target knows the answer: naming the secret beats any other guess
+    last = torch.tensor([[scored(game, 6, [4, 5, 7]), scored(game, 6, [4, 5, 6])]])
+    assert preference_pairs(last, torch.tensor([False]))[0].item() == 1
+
+
+def command(output_dir, run_name, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(REPO, "dpo_multiturn.py"), "--output_dir", output_dir, "--run_name", run_name,
+            "--num_iterations", "3", "--states_per_rank", "8", "--minibatch_pairs", "4", "--micro_batch_pairs", "4",
+            "--num_recorded_dialogues", "16", "--eval_every", "2", "--save_every", "1", "--warm_start_steps", "50",
+            *extra]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--turns", "sampled", "--contexts", "onpolicy", "--target", "future", "--loss",
+                                    "rebel"], ["--turns", "all", "--contexts", "offline", "--token_budget", "40"]],
+                         ids=["rebel-mt-onpolicy-future", "dpo-mt-offline-budget"])
+def test_two_ranks_in_other_modes(tmp_path, script_env, flags):
+    subprocess.run(command(str(tmp_path), "r", *flags), check=True, timeout=900, env=script_env)
+    metrics = read_metrics(tmp_path / "r")
+    for m in metrics[1:]:
+        assert m["sync/logprob_gap"] < 1e-3 and m["budget/generated_tokens"] > 0
+    if "--token_budget" in flags:  # stops after the iteration that spent the budget, evaluated and saved
+        assert metrics[-1]["budget/generated_tokens"] >= 40 and metrics[-2]["budget/generated_tokens"] < 40
+        assert "eval/score_turn3" in metrics[-1]
+    else:
+        assert [m["iteration"] for m in metrics] == [0, 1, 2, 3] and math.isfinite(metrics[3]["loss/rebel"])
+
+
+@pytest.mark.slow
+def test_resume_after_kill_continues_the_same_schedule(tmp_path, script_env, kill_run):
+    """DPO-LT on pi_0's dialogues (the defaults): the recorded dialogues travel in the checkpoint."""
+    subprocess.run(command(str(tmp_path), "full"), check=True, timeout=900, env=script_env)
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(command(str(tmp_path), "killed"), env=script_env)
+    deadline = time.time() + 900
+    while not (run_dir / "checkpoints" / "iteration_000001").is_dir():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.5)
+    kill_run(process)
+    subprocess.run(command(str(tmp_path), "killed", "--resume"), check=True, timeout=900, env=script_env)
+    resumed, uninterrupted = read_metrics(run_dir), read_metrics(tmp_path / "full")
+    assert [m["iteration"] for m in resumed] == [0, 1, 2, 3]
+    for a, b in zip(resumed[2:], uninterrupted[2:]):
+        for key in ("reward/score", "loss/dpo", "policy/lr", "data/branch_turn", "budget/generated_tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), (a["iteration"], key)
+    assert utils.latest_checkpoint(str(run_dir)).endswith("iteration_000003")
