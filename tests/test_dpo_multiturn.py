@@ -115,7 +115,7 @@ def read_metrics(run_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--turns", "sampled", "--contexts", "onpolicy", "--target", "future", "--loss",
-                                    "rebel"], ["--turns", "all", "--contexts", "offline", "--token_budget", "40"]],
+                                    "rebel"], ["--turns", "all", "--contexts", "offline", "--token_budget", "100"]],
                          ids=["rebel-mt-onpolicy-future", "dpo-mt-offline-budget"])
 def test_two_ranks_in_other_modes(tmp_path, script_env, flags):
     subprocess.run(command(str(tmp_path), "r", *flags), check=True, timeout=900, env=script_env)
@@ -123,8 +123,9 @@ def test_two_ranks_in_other_modes(tmp_path, script_env, flags):
     for m in metrics[1:]:
         assert m["sync/logprob_gap"] < 1e-3 and m["budget/generated_tokens"] > 0
     if "--token_budget" in flags:  # stops after the iteration that spent the budget, evaluated and saved
-        assert metrics[-1]["budget/generated_tokens"] >= 40 and metrics[-2]["budget/generated_tokens"] < 40
-        assert "eval/score_turn3" in metrics[-1]
+        # 8 states x 2 ranks x 2 answers of a few tokens: about 64 tokens an iteration
+        assert metrics[-1]["budget/generated_tokens"] >= 100 and metrics[-1]["iteration"] < 3
+        assert all(m["budget/generated_tokens"] < 100 for m in metrics[1:-1]) and "eval/score_turn3" in metrics[-1]
     else:
         assert [m["iteration"] for m in metrics] == [0, 1, 2, 3] and math.isfinite(metrics[3]["loss/rebel"])
 
