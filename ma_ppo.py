@@ -1,0 +1,545 @@
+"""MA-PPO: PPO with macro actions (MA-RLHF, Chai et al. 2024, arXiv 2410.02743), single- and multi-turn.
+
+The policy still samples one token at a time; macro actions only regroup credit assignment afterwards. Each
+response is cut into macro actions w_1..w_K (runs of consecutive tokens, never across a turn), and PPO's advantage
+estimation runs over macro steps instead of tokens:
+
+    r_t = -kl_coef * (ln pi(a_t|s_t) - ln pi_ref(a_t|s_t))      (+ the clipped score on the dialogue's last token)
+    R_k = sum_{t in w_k} r_t            V_k = sum_{t in w_k} sigma_t V(s_t)      (sigma: equal | unit | position)
+    delta_k = R_k + gamma V_{k+1} - V_k       A_k = delta_k + gamma lambda A_{k+1}       G_k = A_k + V_k
+
+A_k and G_k are broadcast to the tokens of w_k; the actor takes PPO's clipped loss with each token's own ratio and
+its macro's advantage, the critic a clipped regression of each token's value onto its macro's return. With one
+token per macro (`--ngram 1`) this is token-level PPO exactly. In a dialogue with the simulated user the
+assistant's tokens of every turn are actions and the user's are not; the reward comes at the end of the dialogue.
+
+Run:
+    python ma_ppo.py                                  # guessing task, warm-started tiny policy, CPU (n = 5)
+    python ma_ppo.py --ngram 1                        # token-level PPO, for comparison
+    python ma_ppo.py --task chat --horizon 1          # single turn: dataset prompts, brevity reward
+    torchrun --nproc_per_node 2 ma_ppo.py --termination perplexity
+"""
+
+import copy
+import dataclasses
+import os
+import time
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+import tyro
+
+import utils
+from tasks import TaskArgs, load_task, task_factory
+
+TEMPLATE_TOKENS_PER_TURN = 64
+"""room per turn for the chat template's role headers and end-of-turn tokens when sizing the engine's context"""
+CLAUSE_ENDS = (".", ",", ";", ":", "!", "?", "\n")
+"""`--termination punctuation` ends a macro action after a token whose text ends with one of these"""
+
+
+@dataclasses.dataclass
+class Args:
+    # experiment
+    exp_name: str = "ma_ppo"
+    """name of this experiment, part of the run name"""
+    seed: int = 1
+    """seed of the experiment (data order, sampling, random macro lengths)"""
+    run_name: str | None = None
+    """folder name under `output_dir`; default `<exp_name>__<task>__<seed>__<unix time>`. Give it to `--resume`"""
+    output_dir: str = "runs"
+    """where run folders (args, metrics, checkpoints, curves) are written"""
+    resume: bool = False
+    """continue `runs/<run_name>` from its last complete checkpoint, with the same schedule"""
+    track: bool = False
+    """log to Weights & Biases as well"""
+    wandb_project: str = "multiturn-rlhf"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team)"""
+    verbose: bool = False
+    """show third-party warnings (vLLM, transformers) on the console"""
+    preset: str | None = None
+    """start from the paper's configuration (`PRESETS`: ma-ppo-tldr); flags given with it override it"""
+
+    # the task: openings, a simulated user, a reward, a horizon (flags of tasks.TaskArgs)
+    task_args: Annotated[TaskArgs, tyro.conf.arg(name="")] = dataclasses.field(default_factory=TaskArgs)
+
+    # models and engines
+    model: str | None = None
+    """actor: hub id or folder; default the task's own policy, else the embedded SmolLM2 (paper: Gemma SFT)"""
+    critic_model: str | None = None
+    """the critic's initial weights (a reward model, as the paper; or any model of the actor's family); default the
+    actor's, with a fresh value head"""
+    bf16: bool = torch.cuda.is_available()
+    """bf16 forward/backward with fp32 master weights (on by default with a GPU)"""
+    rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
+    """`auto`: vLLM if installed, else transformers `generate`"""
+    engine_memory_share: float = 0.3
+    """vLLM's `gpu_memory_utilization` per engine (on CPU: the share of the NUMA node's memory it may reserve)"""
+    kv_cache_gib: float | None = None
+    """vLLM KV cache per engine and rank, in GiB; default: on a GPU what `engine_memory_share` leaves, on a CPU 0.25"""
+    sync_tolerance: float | None = None
+    """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
+    sync_bucket_mb: float = 512
+    """largest bucket a weight sync gathers at once, in MiB of the engine's dtype"""
+
+    # macro actions
+    termination: Literal["ngram", "randomized", "perplexity", "punctuation"] = "ngram"
+    """how responses are cut: every `ngram` tokens; random lengths; where a token's NLL under the reference rises
+    above its macro's mean; or after clause-ending punctuation (a light stand-in for the paper's parser)"""
+    ngram: int = 5
+    """tokens per macro action for `ngram` (paper: 5; 1 is token-level PPO)"""
+    random_lengths: tuple[int, ...] = (2, 3, 5, 10)
+    """`randomized`: macro lengths, each used `random_repeats` times in a shuffled order, then one macro for the
+    rest (paper's appendix: 2, 3, 5, 10 three times)"""
+    random_repeats: int = 3
+    """`randomized`: how often each length is used"""
+    isolate_last_token: bool = True
+    """the dialogue's last token (it carries the score) is a macro of its own, as the official code"""
+    value_weights: Literal["equal", "unit", "position"] = "equal"
+    """sigma for the macro value: the mean of its tokens' values (paper's default), the last token's, or weights
+    1/(i+1) normalised (first tokens weigh most)"""
+    reward_aggregation: Literal["sum", "mean"] = "sum"
+    """macro reward: the sum of its tokens' rewards (paper) or their mean (official code)"""
+
+    # PPO
+    kl_coef: float = 0.05
+    """per-token KL penalty to the reference (paper: 0.05)"""
+    reward_clip: float = 2.5
+    """the score is clipped to [-reward_clip, reward_clip] (paper: 2.5)"""
+    gamma: float = 1.0
+    """discount per macro step (paper: 1)"""
+    lam: float = 0.95
+    """GAE lambda per macro step (paper: 0.95)"""
+    clip_eps: float = 0.2
+    """policy ratio clip (paper: 0.2)"""
+    value_clip: float = 0.2
+    """value clip around the rollout's values (paper: 0.2)"""
+    temperature: float = 0.8
+    """sampling temperature; log-probs, ratios and KL are taken from logits / temperature too (paper: 0.8)"""
+    max_new_tokens: int = 8
+    """length cap of an assistant turn (paper: 512)"""
+    max_prompt_tokens: int = 1024
+    """openings longer than this (templated), for training and evaluation, are skipped and counted"""
+    num_iterations: int = 8
+    """iterations; each plays fresh dialogues with the current policy"""
+    dialogues_per_rank: int = 256
+    """dialogues per iteration per rank (paper: 256 responses per rollout batch in all)"""
+    ppo_epochs: int = 1
+    """passes over an iteration's dialogues (paper: 1)"""
+    minibatch_dialogues: int = 64
+    """dialogues per optimizer step per rank"""
+    micro_batch_dialogues: int = 16
+    """dialogues per forward/backward; gradients accumulate over a minibatch"""
+    lr: float = 1e-4
+    """actor learning rate (paper: 1.5e-5 for Gemma)"""
+    critic_lr: float = 1e-4
+    """critic learning rate (paper: 1.5e-5)"""
+    warmup_ratio: float = 0.05
+    """linear warmup over this share of the steps, then linear decay (paper: 0.05)"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (paper: 0.9, 0.95)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (paper: 0.1 on non-bias, non-norm weights)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping of each model (paper: 1.0)"""
+
+    # bookkeeping
+    eval_every: int = 2
+    """evaluate every this many iterations (and before the first and after the last)"""
+    save_every: int = 2
+    """checkpoint every this many iterations (and after the last)"""
+
+
+PRESETS = {
+    # the paper's TL;DR run (official run_gemma.sh, README): Gemma-2B SFT policy, its reward model as critic and
+    # scorer, n = 5, 256 responses per rollout (32 per GPU on 8), one PPO epoch
+    "ma-ppo-tldr": dict(
+        task="chat", model="google/gemma-2b", critic_model="<your TL;DR reward model>", user="dataset",
+        reward_model="<your TL;DR reward model>", dataset="openai/summarize_from_feedback", prompt_column="prompt",
+        horizon=1, termination="ngram", ngram=5, kl_coef=0.05, reward_clip=2.5, gamma=1.0, lam=0.95,
+        temperature=0.8, max_new_tokens=512, max_prompt_tokens=512, dialogues_per_rank=32, minibatch_dialogues=32,
+        micro_batch_dialogues=4, lr=1.5e-5, critic_lr=1.5e-5, warmup_ratio=0.05, weight_decay=0.1, ppo_epochs=1),
+}
+"""The paper's run as flag values: `--preset NAME`, then any flag to override one of them (the models too)."""
+
+
+def macro_segments(turn_ids: torch.Tensor, rule: str, ngram: int = 5, nll: torch.Tensor | None = None,
+                   texts: list[str] | None = None, random_lengths: tuple[int, ...] = (2, 3, 5, 10),
+                   random_repeats: int = 3, generator: torch.Generator | None = None,
+                   isolate_last_token: bool = True) -> torch.Tensor:
+    """Macro index of each action token of one sample, consecutive from 0; -1 where `turn_ids` is -1 (not an action).
+
+    `turn_ids` [T] numbers the assistant turn of each action token; a macro never spans two turns, and the last
+    action token is a macro of its own with `isolate_last_token`. Rules: `ngram` (every n tokens of a turn),
+    `randomized` (lengths from a shuffled list, then the rest of the sample as one), `perplexity` (a new macro at a
+    token whose `nll` under the reference is above the mean of the macro so far), `punctuation` (after a token
+    whose text in `texts` ends a clause). No segment is ever empty: boundaries are positions of action tokens.
+    """
+    positions = (turn_ids >= 0).nonzero().flatten().tolist()
+    lengths = [n for n in random_lengths for _ in range(random_repeats)]
+    lengths = [lengths[i] for i in torch.randperm(len(lengths), generator=generator)] if rule == "randomized" else []
+    starts, run, budget, nll_sum = set(), 0, None, 0.0
+    for k, p in enumerate(positions):
+        new_turn = k == 0 or turn_ids[p] != turn_ids[positions[k - 1]]
+        if rule == "ngram":
+            cut = run == ngram
+        elif rule == "randomized":
+            cut = budget is not None and run == budget  # the list spent (budget None): one macro for the rest
+        elif rule == "perplexity":
+            cut = run > 0 and float(nll[p]) > nll_sum / run
+        else:
+            cut = k > 0 and texts[positions[k - 1]].endswith(CLAUSE_ENDS)
+        if new_turn or cut:
+            starts.add(p)
+            run, nll_sum = 0, 0.0
+            budget = lengths.pop(0) if lengths else None
+        run += 1
+        nll_sum += float(nll[p]) if nll is not None else 0.0
+    if isolate_last_token and positions:
+        starts.add(positions[-1])
+    segment_ids = torch.full_like(turn_ids, -1)
+    macro = -1
+    for p in positions:
+        macro += p in starts
+        segment_ids[p] = macro
+    return segment_ids
+
+
+def macro_weights(segment_ids: torch.Tensor, kind: str) -> torch.Tensor:
+    """sigma_t of every action token [rows, T] within its macro: `equal` 1/|w|, `unit` 1 on the macro's last
+    token, `position` 1/(i+1) normalised over the macro (i: the token's place in it); `sum` 1 everywhere."""
+    weights = torch.zeros(segment_ids.shape, dtype=torch.float64)
+    for row in range(segment_ids.shape[0]):
+        for macro in range(int(segment_ids[row].max()) + 1):
+            where = (segment_ids[row] == macro).nonzero().flatten()
+            size = len(where)
+            if kind == "equal":
+                w = torch.full((size,), 1.0 / size, dtype=torch.float64)
+            elif kind == "unit":
+                w = torch.zeros(size, dtype=torch.float64)
+                w[-1] = 1.0
+            elif kind == "position":
+                w = 1.0 / torch.arange(1, size + 1, dtype=torch.float64)
+                w = w / w.sum()
+            else:
+                w = torch.ones(size, dtype=torch.float64)
+            weights[row, where] = w
+    return weights
+
+
+def per_macro(values: torch.Tensor, weights: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """[rows, K_max]: sum over each macro's tokens of weight * value (0 for the macros a row does not have)."""
+    macros = int(segment_ids.max()) + 1
+    out = torch.zeros(segment_ids.shape[0], max(macros, 1), dtype=torch.float64)
+    index = segment_ids.clamp(min=0)
+    return out.scatter_add(1, index, (values.double() * weights * (segment_ids >= 0)))
+
+
+def macro_gae(rewards: torch.Tensor, values: torch.Tensor, num_macros: torch.Tensor, gamma: float,
+              lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over macro steps (the official trlx-style recursion, per row): delta_k = R_k + gamma V_{k+1} - V_k with
+    V = 0 after a row's last macro, A_k = delta_k + gamma lam A_{k+1}; returns (advantages, returns = A + V)."""
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    for k in reversed(range(rewards.shape[1])):
+        alive = (k < num_macros).to(rewards.dtype)
+        next_value = values[:, k + 1] * (k + 1 < num_macros) if k + 1 < rewards.shape[1] else 0.0
+        delta = rewards[:, k] + gamma * next_value - values[:, k]
+        next_advantage = (delta + gamma * lam * next_advantage) * alive
+        advantages[:, k] = next_advantage
+    return advantages, advantages + values
+
+
+def to_tokens(per_macro_values: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """[rows, T]: each action token gets its macro's value; 0 elsewhere."""
+    return per_macro_values.gather(1, segment_ids.clamp(min=0)) * (segment_ids >= 0)
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped loss with per-token ratios, averaged over the action tokens (official `actor_loss_fn`);
+    also the share of tokens whose ratio was clipped."""
+    ratio = torch.exp((logprobs - old_logprobs) * mask)
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    clipped = ((ratio - 1).abs() > clip).float()
+    return (losses * mask).sum() / mask.sum().clamp(min=1), (clipped * mask).sum() / mask.sum().clamp(min=1)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float) -> torch.Tensor:
+    """Half the larger of the squared errors of the value and of the value clipped around the rollout's, averaged
+    over the action tokens (official `critic_loss_fn`)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * (losses * mask).sum() / mask.sum().clamp(min=1)
+
+
+def dialogue_tensors(episodes: list[utils.Episode], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """(input_ids, attention_mask, action_mask, turn_ids) [rows, T] of whole dialogues, right-padded: each is its
+    last prompt plus its last response (every turn's prompt is a prefix of the next, token for token); action
+    tokens are the assistant's sampled tokens of every turn, `turn_ids` their turn (-1 elsewhere)."""
+    sequences, turns = [], []
+    for e in episodes:
+        ids = e.prompts[-1] + e.responses[-1]
+        turn = [-1] * len(ids)
+        for k, (prompt, response) in enumerate(zip(e.prompts, e.responses)):
+            turn[len(prompt) : len(prompt) + len(response)] = [k] * len(response)
+        sequences.append(ids)
+        turns.append(turn)
+    input_ids = utils.pad_right(sequences, pad_id)
+    attention_mask = utils.pad_right([[1] * len(s) for s in sequences], 0, input_ids.shape[1])
+    turn_ids = utils.pad_right(turns, -1, input_ids.shape[1])
+    return input_ids, attention_mask, (turn_ids >= 0).long(), turn_ids
+
+
+def token_values(critic: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """V(s_t) at each column t: the value head read at column t - 1 (the state before token t), fp32."""
+    out = critic(input_ids=input_ids, attention_mask=attention_mask).logits[..., 0].float()
+    return torch.nn.functional.pad(out[:, :-1], (1, 0))
+
+
+def fresh(episode: utils.Episode) -> utils.Episode:
+    return utils.Episode(copy.deepcopy(episode.messages), copy.deepcopy(episode.info))
+
+
+def check_args(args: Args) -> None:
+    """Flags that cannot work are refused before anything loads."""
+    problems = [message for bad, message in [
+        (args.temperature <= 0, "--temperature must be > 0: log-probs divide the logits by it"),
+        (args.ngram < 1, "--ngram must be at least 1"),
+        (min(args.dialogues_per_rank, args.minibatch_dialogues, args.micro_batch_dialogues, args.ppo_epochs,
+             args.num_iterations) < 1, "batch sizes, --ppo_epochs and --num_iterations must be at least 1"),
+        (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
+    ] if bad]
+    if problems:
+        raise SystemExit("\n".join(problems))
+    task_factory(args.task_args.task)
+
+
+if __name__ == "__main__":
+    args = utils.parse_args(Args, PRESETS)
+    check_args(args)
+    utils.quiet_third_party(args.verbose)
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    # TRY NOT TO MODIFY: processes, run folder, seeding
+    rank, world_size, device = utils.init_distributed()
+    task_name = args.task_args.task.replace("/", "_").replace(":", "_")
+    run_name = args.run_name or utils.broadcast_object(
+        f"{args.exp_name}__{task_name}__{args.seed}__{int(time.time())}")
+    run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume)
+    utils.seed_everything(args.seed + rank)
+    sync_tolerance = args.sync_tolerance if args.sync_tolerance is not None else (0.5 if args.bf16 else 1e-3)
+
+    # the task and the policy it is played with
+    kv_cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
+    task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16, model=args.model,
+                     max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                     engine_memory_share=args.engine_memory_share, kv_cache_bytes=kv_cache_bytes,
+                     rollout_backend=args.rollout_backend)
+    horizon = task.horizon
+    policy_path = utils.resolve_model_path(args.model or task.policy or utils.EMBEDDED_SMOLLM2)
+    tokenizer = utils.load_tokenizer(policy_path)
+    task.train, too_long = utils.openings_that_fit(task.train, tokenizer, args.max_prompt_tokens)
+    task.eval, too_long_eval = utils.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
+    if not task.train or not task.eval:
+        raise SystemExit(f"no training or no evaluation opening fits --max_prompt_tokens {args.max_prompt_tokens}")
+    utils.print0(f"task {args.task_args.task}: {len(task.train)} training and {len(task.eval)} evaluation openings "
+                 f"({too_long} and {too_long_eval} over --max_prompt_tokens, skipped), horizon {horizon}; "
+                 f"macro actions: {args.termination}" + (f" n={args.ngram}" if args.termination == "ngram" else ""))
+
+    # models: actor, critic (a value head on a transformer), frozen reference, each sharded with FSDP2
+    actor = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16)
+    critic_path = utils.resolve_model_path(args.critic_model or policy_path)
+    # a value head without bias, like a reward model's: the paper initialises the critic from the reward model
+    critic_config = AutoConfig.from_pretrained(critic_path, num_labels=1)
+    critic_config.token_classification_bias = False
+    critic = AutoModelForTokenClassification.from_pretrained(critic_path, config=critic_config,
+                                                             dtype=torch.float32).to(device)
+    critic = utils.shard_model(critic, args.bf16)
+    reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
+    reference.requires_grad_(False)
+    steps = args.num_iterations * args.ppo_epochs * -(-args.dialogues_per_rank // args.minibatch_dialogues)
+    optimizers, schedulers = {}, {}
+    for name, model, lr in (("actor", actor, args.lr), ("critic", critic, args.critic_lr)):
+        optimizers[name] = torch.optim.AdamW(model.parameters(), lr=lr, betas=args.adam_betas,
+                                             weight_decay=args.weight_decay)
+        schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
+            optimizers[name], utils.lr_lambda("linear", steps, args.warmup_ratio))
+    trained = {"actor": (actor, optimizers["actor"]), "critic": (critic, optimizers["critic"])}
+
+    # the actor's rollout engine, colocated on this rank
+    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
+    engine = utils.make_engine(policy_path, device, args.max_prompt_tokens + horizon * turn_tokens, args.seed,
+                               args.bf16, args.engine_memory_share, kv_cache_bytes, args.rollout_backend)
+    probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
+                 + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
+
+    def evaluate() -> list[list[float]]:
+        return utils.evaluate_by_turn(task, engine, tokenizer, args.max_new_tokens, args.temperature, args.seed,
+                                      rank, world_size)
+
+    logger = utils.MetricsLogger(run_dir, utils.flat_args(args), args.track, args.wandb_project,
+                                 args.wandb_entity, run_name, args.resume)
+    checkpoint = utils.latest_checkpoint(run_dir) if args.resume else None
+    if checkpoint is not None:
+        saved = utils.load_checkpoint(checkpoint, trained)
+        for name in schedulers:
+            schedulers[name].load_state_dict(saved["schedulers"][name])
+        initial_scores, start_iteration = saved["initial_scores"], saved["iteration"] + 1
+        logger.truncate_after(saved["iteration"])
+        utils.sync_weights(engine, actor, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        utils.print0(f"resumed from {checkpoint}")
+    else:
+        if args.resume:
+            utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
+            logger.truncate_after(-1)
+        start_iteration = 1
+        utils.check_logprob_parity(engine, actor, probe_ids, device, sync_tolerance)
+        initial_scores = evaluate()
+        initial = utils.eval_metrics(initial_scores, initial_scores)
+        logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
+                                  for t, v in enumerate(scores, start=1)}}, iteration=0)
+        utils.print0("initial evaluation, score by turn: "
+                     + " ".join(f"{initial[f'eval/score_turn{t}']:.3f}" for t in range(1, horizon + 1)))
+
+    started = time.time()
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        timings = {}
+        rng = np.random.default_rng([args.seed, iteration, rank])
+
+        # 1. play dialogues with pi_theta and the simulated user to the horizon
+        t0 = time.time()
+        openings = [task.train[i] for i in rng.choice(len(task.train), args.dialogues_per_rank)]
+        episodes = utils.rollout_dialogues([fresh(e) for e in openings], engine, tokenizer, task.user,
+                                           [horizon] * len(openings), args.max_new_tokens, args.temperature,
+                                           (args.seed, iteration, rank))
+        timings["rollout"] = time.time() - t0
+
+        # 2. the score of each finished dialogue, clipped (official clip_reward_value)
+        t0 = time.time()
+        scores = torch.tensor(task.reward(episodes), dtype=torch.float64)
+        if utils.sum_over_ranks({"finite": torch.isfinite(scores).sum().item()})["finite"] == 0:
+            raise SystemExit(f"iteration {iteration}: the reward is NaN for every dialogue on every rank")
+        finite = torch.isfinite(scores)
+        scores = torch.nan_to_num(scores, nan=0.0).clamp(-args.reward_clip, args.reward_clip)
+        timings["reward"] = time.time() - t0
+
+        # 3. old log-probs, reference log-probs and values from training forwards (never from the engine)
+        t0 = time.time()
+        input_ids, attention_mask, action_mask, turn_ids = dialogue_tensors(episodes, tokenizer.pad_token_id)
+        chunk = args.micro_batch_dialogues
+        with torch.no_grad():
+            old_lp = utils.token_logprobs_in_chunks(actor, input_ids.to(device), attention_mask.to(device),
+                                                    action_mask.to(device), args.temperature, chunk).double()
+            ref_lp = utils.token_logprobs_in_chunks(reference, input_ids.to(device), attention_mask.to(device),
+                                                    action_mask.to(device), args.temperature, chunk).double()
+            old_values = torch.cat([token_values(critic, input_ids[i : i + chunk].to(device),
+                                                 attention_mask[i : i + chunk].to(device)).cpu()
+                                    for i in range(0, len(input_ids), chunk)]).double() * action_mask
+        timings["old_logprobs"] = time.time() - t0
+
+        # 4. per-token rewards, macro actions, macro GAE, broadcast back to the tokens
+        token_rewards = -args.kl_coef * (old_lp - ref_lp) * action_mask
+        last = action_mask.shape[1] - 1 - action_mask.flip(1).argmax(1)  # each row's last action token
+        token_rewards[torch.arange(len(episodes)), last] += scores * finite  # a NaN score leaves only the KL
+        texts = [[tokenizer.decode([t]) for t in row] for row in input_ids.tolist()] \
+            if args.termination == "punctuation" else None
+        generator = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, "macro"))
+        segment_ids = torch.stack([macro_segments(
+            turn_ids[i], args.termination, args.ngram, nll=-(ref_lp[i]) if args.termination == "perplexity" else None,
+            texts=texts[i] if texts else None, random_lengths=args.random_lengths,
+            random_repeats=args.random_repeats, generator=generator,
+            isolate_last_token=args.isolate_last_token) for i in range(len(episodes))])
+        num_macros = segment_ids.max(1).values + 1
+        reward_weights = macro_weights(segment_ids, "equal" if args.reward_aggregation == "mean" else "sum")
+        macro_rewards = per_macro(token_rewards, reward_weights, segment_ids)
+        macro_values = per_macro(old_values, macro_weights(segment_ids, args.value_weights), segment_ids)
+        advantages, returns = macro_gae(macro_rewards, macro_values, num_macros, args.gamma, args.lam)
+        token_advantages, token_returns = to_tokens(advantages, segment_ids), to_tokens(returns, segment_ids)
+
+        # 5. PPO epochs over minibatches: the actor's clipped loss, the critic's clipped regression
+        t0 = time.time()
+        actor_losses, critic_losses, clip_fractions = [], [], []
+        for epoch in range(args.ppo_epochs):
+            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
+            order = torch.randperm(len(episodes), generator=shuffle)
+            for mb_start in range(0, len(episodes), args.minibatch_dialogues):
+                mb = order[mb_start : mb_start + args.minibatch_dialogues]
+                mb_tokens = action_mask[mb].sum().clamp(min=1)
+                for micro_start in range(0, len(mb), args.micro_batch_dialogues):
+                    rows = mb[micro_start : micro_start + args.micro_batch_dialogues]
+                    ids, attention, mask = input_ids[rows].to(device), attention_mask[rows].to(device), \
+                        action_mask[rows].to(device)
+                    share = mask.sum() / mb_tokens  # a micro-batch's token mean weighs by its tokens
+                    logprobs = utils.token_logprobs(actor, ids, attention, mask, args.temperature)
+                    loss, clipped = policy_loss(logprobs, old_lp[rows].to(device).float(),
+                                                token_advantages[rows].to(device).float(), mask, args.clip_eps)
+                    (loss * share).backward()
+                    values = token_values(critic, ids, attention)
+                    v_loss = value_loss(values, old_values[rows].to(device).float(),
+                                        token_returns[rows].to(device).float(), mask, args.value_clip)
+                    (v_loss * share).backward()
+                    actor_losses.append(loss.item())
+                    critic_losses.append(v_loss.item())
+                    clip_fractions.append(clipped.item())
+                grad_norms = {name: utils.clip_grad_norm(model, args.max_grad_norm) for name, (model, _) in
+                              trained.items()}
+                for name in optimizers:
+                    optimizers[name].step()
+                    schedulers[name].step()
+                    optimizers[name].zero_grad(set_to_none=True)
+        timings["train"] = time.time() - t0
+
+        # 6. push the actor's new weights into this rank's engine, and check that they arrived
+        t0 = time.time()
+        sync_gap = utils.sync_weights(engine, actor, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        timings["sync"] = time.time() - t0
+
+        # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
+        actions = action_mask.bool()
+        residual = (token_returns - old_values)[actions]
+        macro_lengths = [int((segment_ids[i] == k).sum()) for i in range(len(episodes)) for k in range(num_macros[i])]
+        metrics = utils.mean_over_ranks({
+            "reward/score": scores[finite].tolist(), "reward/kl": ((old_lp - ref_lp) * action_mask).sum(1).tolist(),
+            "loss/policy": actor_losses, "loss/value": critic_losses, "policy/clip_fraction": clip_fractions,
+            "policy/entropy": (-old_lp[actions]).tolist(), "policy/actor_grad_norm": grad_norms["actor"],
+            "policy/critic_grad_norm": grad_norms["critic"], "value/error": (residual**2).tolist(),
+            "macro/length": macro_lengths, "macro/per_dialogue": num_macros.tolist(),
+            "data/turns_played": [e.turns for e in episodes], "sync/logprob_gap": sync_gap,
+            **{f"time/{k}": v for k, v in timings.items()}})
+        variance = utils.mean_over_ranks({"returns": token_returns[actions].tolist(),
+                                          "returns_sq": (token_returns[actions] ** 2).tolist()})
+        metrics["value/explained_variance"] = 1 - metrics["value/error"] / max(
+            variance["returns_sq"] - variance["returns"] ** 2, 1e-12)
+        metrics.update(utils.sum_over_ranks({"skipped/nan_reward_dialogues": (~finite).sum().item()}))
+        metrics["policy/lr"] = schedulers["actor"].get_last_lr()[0]
+        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+            metrics.update(utils.eval_metrics(evaluate(), initial_scores))
+        logger.log(metrics, iteration=iteration)
+        shown = {"reward": metrics["reward/score"], "kl": metrics["reward/kl"], "macros": metrics["macro/per_dialogue"],
+                 "clip": metrics["policy/clip_fraction"]}
+        if f"eval/score_turn{horizon}" in metrics:
+            shown[f"eval_turn{horizon}"] = metrics[f"eval/score_turn{horizon}"]
+            if rank == 0:
+                utils.plot_curves(logger.read(), os.path.join(run_dir, "curves.png"))
+        utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1, shown, timings))
+        if iteration % args.save_every == 0 or iteration == args.num_iterations:
+            utils.save_checkpoint(run_dir, iteration, trained, {
+                "iteration": iteration, "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+                "initial_scores": initial_scores}, tokenizer, export="actor")
+
+    # TRY NOT TO MODIFY: the summary
+    if rank == 0:
+        logged = logger.read()
+        final = next(m for m in reversed(logged) if f"eval/score_turn{horizon}" in m)
+        rows = {name: [m[f"eval/score_turn{t}"] for t in range(1, horizon + 1)]
+                for name, m in [("initial policy", logged[0]), (f"after iteration {final['iteration']}", final)]}
+        rows.update(task.reference_scores)
+        utils.print0(f"\nscore by turn\n{utils.score_table(rows)}\n\n"
+                     f"run folder: {run_dir} (metrics.jsonl, curves.png, checkpoints/)")
+    logger.close()
+    utils.shutdown(engine, *task.engines)
