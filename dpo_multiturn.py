@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
+import memory_plan
 import utils
 from tasks import TaskArgs, load_task, task_factory
 
@@ -85,6 +86,9 @@ class Args:
     """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
     sync_bucket_mb: float = 512
     """largest bucket a weight sync gathers at once, in MiB of the engine's dtype"""
+    gradient_checkpointing: bool = torch.cuda.is_available()
+    """recompute each decoder layer's activations in the backward instead of keeping them (on by default with a
+    GPU)"""
 
     # the baseline
     turns: Literal["last", "all", "sampled"] = "last"
@@ -248,10 +252,19 @@ if __name__ == "__main__":
                  f"({too_long} and {too_long_eval} over --max_prompt_tokens, skipped), horizon {horizon}; "
                  f"{args.loss.upper()}, turns {args.turns}, contexts {args.contexts}, target {args.target}")
 
+    # the memory plan of this rank, checked against the device before anything large is loaded
+    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
+    max_model_len = args.max_prompt_tokens + horizon * turn_tokens
+    uses_reference = args.loss == "dpo" and args.reference == "initial"
+    memory_plan.plan_and_check(policy_path, device, world_size, args.bf16, args.gradient_checkpointing,
+                               kv_cache_bytes, args.sync_bucket_mb, 2 * args.micro_batch_pairs * max_model_len,
+                               uses_reference, args.engine_memory_share)
+
     # models: the policy and (DPO against pi_0) the frozen reference, sharded with FSDP2
-    policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16)
+    policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16,
+                               args.gradient_checkpointing)
     reference = None
-    if args.loss == "dpo" and args.reference == "initial":
+    if uses_reference:
         reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
         reference.requires_grad_(False)
     steps = args.num_iterations * args.num_epochs * -(-args.states_per_rank // args.minibatch_pairs)
@@ -261,9 +274,8 @@ if __name__ == "__main__":
                                                   utils.lr_lambda(args.lr_schedule, steps, args.warmup_ratio))
 
     # the policy's rollout engine, colocated on this rank
-    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
-    engine = utils.make_engine(policy_path, device, args.max_prompt_tokens + horizon * turn_tokens, args.seed,
-                               args.bf16, args.engine_memory_share, kv_cache_bytes, args.rollout_backend)
+    engine = utils.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
+                               kv_cache_bytes, args.rollout_backend)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
                  + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
 

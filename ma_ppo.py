@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import tyro
 
+import memory_plan
 import utils
 from tasks import TaskArgs, load_task, task_factory
 
@@ -84,6 +85,9 @@ class Args:
     """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
     sync_bucket_mb: float = 512
     """largest bucket a weight sync gathers at once, in MiB of the engine's dtype"""
+    gradient_checkpointing: bool = torch.cuda.is_available()
+    """recompute each decoder layer's activations in the backward instead of keeping them (on by default with a
+    GPU)"""
 
     # macro actions
     termination: Literal["ngram", "randomized", "perplexity", "punctuation"] = "ngram"
@@ -351,15 +355,24 @@ if __name__ == "__main__":
                  f"({too_long} and {too_long_eval} over --max_prompt_tokens, skipped), horizon {horizon}; "
                  f"macro actions: {args.termination}" + (f" n={args.ngram}" if args.termination == "ngram" else ""))
 
+    # the memory plan of this rank for the actor and its engine (the critic is another model of about the same
+    # size: its shards, gradients and optimizer state come on top), checked on CUDA before anything large loads
+    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
+    max_model_len = args.max_prompt_tokens + horizon * turn_tokens
+    memory_plan.plan_and_check(policy_path, device, world_size, args.bf16, args.gradient_checkpointing,
+                               kv_cache_bytes, args.sync_bucket_mb, args.micro_batch_dialogues * max_model_len, True,
+                               args.engine_memory_share)
+
     # models: actor, critic (a value head on a transformer), frozen reference, each sharded with FSDP2
-    actor = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16)
+    actor = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16,
+                              args.gradient_checkpointing)
     critic_path = utils.resolve_model_path(args.critic_model or policy_path)
     # a value head without bias, like a reward model's: the paper initialises the critic from the reward model
     critic_config = AutoConfig.from_pretrained(critic_path, num_labels=1)
     critic_config.token_classification_bias = False
     critic = AutoModelForTokenClassification.from_pretrained(critic_path, config=critic_config,
                                                              dtype=torch.float32).to(device)
-    critic = utils.shard_model(critic, args.bf16)
+    critic = utils.shard_model(critic, args.bf16, args.gradient_checkpointing)
     reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
     reference.requires_grad_(False)
     steps = args.num_iterations * args.ppo_epochs * -(-args.dialogues_per_rank // args.minibatch_dialogues)
@@ -372,9 +385,8 @@ if __name__ == "__main__":
     trained = {"actor": (actor, optimizers["actor"]), "critic": (critic, optimizers["critic"])}
 
     # the actor's rollout engine, colocated on this rank
-    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
-    engine = utils.make_engine(policy_path, device, args.max_prompt_tokens + horizon * turn_tokens, args.seed,
-                               args.bf16, args.engine_memory_share, kv_cache_bytes, args.rollout_backend)
+    engine = utils.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
+                               kv_cache_bytes, args.rollout_backend)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
                  + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
 

@@ -119,3 +119,19 @@ def check_fits(plan: MemoryPlan, capacity: int) -> None:
     raise SystemExit(f"the memory plan needs {plan.total / GiB:.1f} GiB per rank but the device has "
                      f"{capacity / GiB:.1f} GiB; the largest reducible term is {worst} "
                      f"({getattr(plan, worst) / GiB:.1f} GiB): {advice[worst]}")
+
+
+def plan_and_check(model_path: str, device: torch.device, world_size: int, bf16: bool, gradient_checkpointing: bool,
+                   kv_cache_bytes: int | None, sync_bucket_mb: float, tokens: int, reference: bool,
+                   engine_memory_share: float) -> MemoryPlan:
+    """A run's plan for this rank, printed (rank 0) and, on CUDA, checked against the device before anything large
+    is loaded. Without a KV size vLLM sizes the cache itself: from its memory share on a GPU, a fixed size on CPU."""
+    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    if kv_cache_bytes is None and not capacity:
+        kv_cache_bytes = utils.CPU_KV_CACHE_BYTES
+    plan = plan_memory(meta_model(model_path), world_size, bf16, gradient_checkpointing, kv_cache_bytes,
+                       int(sync_bucket_mb * 2**20), tokens, reference, int(engine_memory_share * capacity))
+    utils.print0(format_plan(plan, world_size))
+    if capacity:
+        check_fits(plan, capacity)
+    return plan

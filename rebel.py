@@ -221,15 +221,10 @@ if __name__ == "__main__":
 
     # the memory plan of this rank, checked against the device before anything large is loaded
     kv_cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
-    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
-    plan = memory_plan.plan_memory(
-        memory_plan.meta_model(policy_path), world_size, args.bf16, args.gradient_checkpointing,
-        kv_cache_bytes if kv_cache_bytes is not None or capacity else utils.CPU_KV_CACHE_BYTES,
-        int(args.sync_bucket_mb * 2**20), 2 * args.micro_batch_pairs * (args.max_prompt_tokens + args.max_new_tokens),
-        reference=args.kl_coef > 0, engine_memory_bytes=int(args.engine_memory_share * capacity))
-    utils.print0(memory_plan.format_plan(plan, world_size))
-    if capacity:
-        memory_plan.check_fits(plan, capacity)
+    memory_plan.plan_and_check(policy_path, device, world_size, args.bf16, args.gradient_checkpointing,
+                               kv_cache_bytes, args.sync_bucket_mb,
+                               2 * args.micro_batch_pairs * (args.max_prompt_tokens + args.max_new_tokens),
+                               args.kl_coef > 0, args.engine_memory_share)
 
     # models: the policy and the frozen reference, both sharded with FSDP2
     policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16,

@@ -286,15 +286,9 @@ if __name__ == "__main__":
     # the memory plan of this rank, checked against the device before anything large is loaded
     turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
     max_model_len = args.max_prompt_tokens + horizon * turn_tokens
-    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
-    plan = memory_plan.plan_memory(
-        memory_plan.meta_model(policy_path), world_size, args.bf16, args.gradient_checkpointing,
-        kv_cache_bytes if kv_cache_bytes is not None or capacity else utils.CPU_KV_CACHE_BYTES,
-        int(args.sync_bucket_mb * 2**20), 2 * args.micro_batch_pairs * max_model_len, reference=args.kl_coef > 0,
-        engine_memory_bytes=int(args.engine_memory_share * capacity))
-    utils.print0(memory_plan.format_plan(plan, world_size))
-    if capacity:
-        memory_plan.check_fits(plan, capacity)
+    memory_plan.plan_and_check(policy_path, device, world_size, args.bf16, args.gradient_checkpointing,
+                               kv_cache_bytes, args.sync_bucket_mb, 2 * args.micro_batch_pairs * max_model_len,
+                               args.kl_coef > 0, args.engine_memory_share)
 
     # models: the policy and (with a KL term) the frozen reference, sharded with FSDP2
     policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16,
