@@ -307,7 +307,9 @@ if __name__ == "__main__":
         initial_scores = evaluate()
         initial = utils.eval_metrics(initial_scores, initial_scores)
         logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
-                                  for t, v in enumerate(scores, start=1)}}, iteration=0)
+                                  for t, v in enumerate(scores, start=1)},
+                    **{f"skipped/rows_{cause}": n for cause, n in task.skipped.items()},
+                    "skipped/too_long_openings": too_long + too_long_eval}, iteration=0)
         utils.print0("initial evaluation, score by turn: "
                      + " ".join(f"{initial[f'eval/score_turn{t}']:.3f}" for t in range(1, horizon + 1)))
         recorded = task.recorded

@@ -280,7 +280,7 @@ if __name__ == "__main__":
         start_iteration = 1
         utils.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
         initial = evaluate()
-        logger.log(initial, iteration=0)
+        logger.log({**initial, **{f"skipped/rows_{cause}": n for cause, n in skipped.items()}}, iteration=0)
         utils.print0(f"initial evaluation: greedy reward {initial['eval/score_turn1']:.3f} on "
                      f"{len(eval_prompts)} held-out prompts")
 

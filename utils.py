@@ -898,6 +898,8 @@ class Task:
     """a policy that suits the task (a warm-started model folder), used when the script is given no model"""
     engines: list = dataclasses.field(default_factory=list)
     """rollout engines the task started (an LLM user's), for the script to close at the end"""
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    """dataset rows the task could not read, by cause (the scripts log them as `skipped/rows_<cause>`)"""
     recorded: list[Episode] = dataclasses.field(default_factory=list)
     """whole dialogues played by some other policy (a dataset's own, the guessing game's random consistent play):
     the offline contexts of the single-turn baselines (dpo_multiturn.py --contexts offline)"""

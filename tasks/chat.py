@@ -193,4 +193,4 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
     else:
         simulated_user = DatasetUser()
     return utils.Task(train=openings[num_eval_prompts:], eval=openings[:num_eval_prompts], user=simulated_user,
-                      reward=reward, horizon=horizon, engines=engines)
+                      reward=reward, horizon=horizon, engines=engines, skipped=skipped)

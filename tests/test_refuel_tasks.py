@@ -23,12 +23,13 @@ def run(tmp_path, env, *extra):
 
 def test_chat_task_with_an_llm_user_and_a_reward_model(tmp_path, tiny_model, tiny_reward_model, script_env):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(8)))
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(8))
+                       + json.dumps({"prompt": None}) + "\n")  # a null prompt: skipped, counted in the log
     metrics = run(tmp_path, script_env, "--task", "chat", "--model", tiny_model, "--user", "llm",
                   "--user_max_tokens", "4",
                   "--reward_model", tiny_reward_model, "--dataset", str(prompts), "--num_eval_prompts", "2",
                   "--horizon", "2", "--horizon_sampling", "uniform", "--kl_coef", "0.05", "--penalty_reward", "-1")
-    assert [m["iteration"] for m in metrics] == [0, 1]
+    assert [m["iteration"] for m in metrics] == [0, 1] and metrics[0]["skipped/rows_empty"] == 1
     assert {"eval/score_turn1", "eval/score_turn2", "eval/winrate_vs_initial_turn2"} <= metrics[1].keys()
     assert metrics[1]["data/turns_played"] == 2  # the LLM user kept every dialogue going to the horizon
     assert metrics[1]["reward/return"] == -1  # tiny random models never end a 4-token turn: all penalised (and
