@@ -89,6 +89,9 @@ class Args:
     gradient_checkpointing: bool = torch.cuda.is_available()
     """recompute each decoder layer's activations in the backward instead of keeping them (on by default with a
     GPU)"""
+    engine_sleep: bool = torch.cuda.is_available()
+    """free the rollout engine's device memory while the trainer runs (vLLM sleep mode; the transformers backend
+    moves its copy to the CPU) and wake it for the next weight sync; on by default with a GPU"""
 
     # the baseline
     turns: Literal["last", "all", "sampled"] = "last"
@@ -275,7 +278,8 @@ if __name__ == "__main__":
 
     # the policy's rollout engine, colocated on this rank
     engine = utils.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
-                               kv_cache_bytes, args.rollout_backend)
+                               kv_cache_bytes, args.rollout_backend,
+                               sleep_mode=args.engine_sleep)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
                  + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
 
@@ -345,6 +349,8 @@ if __name__ == "__main__":
         until = [h + 1 for h in turns] if args.target == "immediate" else [horizon] * len(turns)
         answered = [play([copy.deepcopy(s) for s in states], until, (args.seed, iteration, rank, side))
                     for side in "AB"]
+        if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
+            engine.sleep()
         for side in answered:
             policy_tokens, user_tokens = utils.generated_tokens(side, tokenizer, turns)
             spent["policy_tokens"] += policy_tokens

@@ -88,6 +88,9 @@ class Args:
     gradient_checkpointing: bool = torch.cuda.is_available()
     """recompute each decoder layer's activations in the backward instead of keeping them (on by default with a
     GPU)"""
+    engine_sleep: bool = torch.cuda.is_available()
+    """free the rollout engine's device memory while the trainer runs (vLLM sleep mode; the transformers backend
+    moves its copy to the CPU) and wake it for the next weight sync; on by default with a GPU"""
 
     # macro actions
     termination: Literal["ngram", "randomized", "perplexity", "punctuation"] = "ngram"
@@ -386,7 +389,8 @@ if __name__ == "__main__":
 
     # the actor's rollout engine, colocated on this rank
     engine = utils.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
-                               kv_cache_bytes, args.rollout_backend)
+                               kv_cache_bytes, args.rollout_backend,
+                               sleep_mode=args.engine_sleep)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
                  + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
 
@@ -431,6 +435,8 @@ if __name__ == "__main__":
         episodes = utils.rollout_dialogues([fresh(e) for e in openings], engine, tokenizer, task.user,
                                            [horizon] * len(openings), args.max_new_tokens, args.temperature,
                                            (args.seed, iteration, rank))
+        if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
+            engine.sleep()
         timings["rollout"] = time.time() - t0
 
         # 2. the score of each finished dialogue, clipped (official clip_reward_value)

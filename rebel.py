@@ -70,6 +70,9 @@ class Args:
     gradient_checkpointing: bool = torch.cuda.is_available()
     """recompute each decoder layer's activations in the backward instead of keeping them (on by default with a
     GPU)"""
+    engine_sleep: bool = torch.cuda.is_available()
+    """free the rollout engine's device memory while the trainer runs (vLLM sleep mode; the transformers backend
+    moves its copy to the CPU) and wake it for the next weight sync; on by default with a GPU"""
 
     # data
     dataset: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prompts.jsonl")
@@ -248,7 +251,8 @@ if __name__ == "__main__":
 
     # rollout engine, colocated on this rank; a fixed probe sequence checks every weight sync
     engine = utils.make_engine(policy_path, device, args.max_prompt_tokens + args.max_new_tokens, args.seed, args.bf16,
-                               args.engine_memory_share, kv_cache_bytes, args.rollout_backend)
+                               args.engine_memory_share, kv_cache_bytes, args.rollout_backend,
+                               sleep_mode=args.engine_sleep)
     probe_answer = tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids
     probe_ids = prompts[0] + probe_answer + [tokenizer.eos_token_id]
 
@@ -295,6 +299,8 @@ if __name__ == "__main__":
         pair_prompts = [prompts[i] for i in indices for _ in range(2)]
         seeds = [utils.sample_seed(args.seed, iteration, rank, j) for j in range(len(pair_prompts))]
         completions = engine.generate(pair_prompts, args.max_new_tokens, args.temperature, seeds)
+        if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
+            engine.sleep()
         timings["rollout"] = time.time() - t0
 
         # 2. score: the reward of each response; a response that never ends gets the fixed penalty

@@ -90,6 +90,9 @@ class Args:
     gradient_checkpointing: bool = torch.cuda.is_available()
     """recompute each decoder layer's activations in the backward instead of keeping them (on by default with a
     GPU)"""
+    engine_sleep: bool = torch.cuda.is_available()
+    """free the rollout engine's device memory while the trainer runs (vLLM sleep mode; the transformers backend
+    moves its copy to the CPU) and wake it for the next weight sync; on by default with a GPU"""
 
     # REFUEL
     horizon_sampling: Literal["paper", "uniform"] = "paper"
@@ -315,7 +318,8 @@ if __name__ == "__main__":
 
     # the policy's rollout engine, colocated on this rank
     engine = utils.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
-                               kv_cache_bytes, args.rollout_backend)
+                               kv_cache_bytes, args.rollout_backend,
+                               sleep_mode=args.engine_sleep)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
                  + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
 
@@ -370,6 +374,8 @@ if __name__ == "__main__":
         # 2. branch: B shares A's prefix through user turn h, answers turn h anew, and plays on to H'
         b_side = play([e.prefix(h) for e, h in zip(a_side, branch_turns)], lengths.tolist(),
                       (args.seed, iteration, rank, "B"))
+        if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
+            engine.sleep()
         timings["rollout"] = time.time() - t0
         for side, first_turns in ((a_side, [0] * len(a_side)), (b_side, branch_turns)):
             policy_tokens, user_tokens = utils.generated_tokens(side, tokenizer, first_turns)

@@ -454,7 +454,7 @@ class VLLMEngine:
     """
 
     def __init__(self, model_path: str, max_model_len: int, seed: int, dtype: str, gpu_memory_utilization: float,
-                 kv_cache_memory_bytes: int | None, enforce_eager: bool):
+                 kv_cache_memory_bytes: int | None, enforce_eager: bool, sleep_mode: bool = False):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines would bury the progress lines
         from vllm import LLM
@@ -468,7 +468,9 @@ class VLLMEngine:
             # ("CPU Generator does not use offset"), so every prompt is prefilled whole
             enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192),
             use_tqdm_on_load=False,  # no progress bar per engine start
+            enable_sleep_mode=sleep_mode,
         )
+        self.asleep = False
         self.tokenizer = self.llm.get_tokenizer()
         self.dtype = getattr(torch, dtype)
 
@@ -489,6 +491,8 @@ class VLLMEngine:
         """Loads `(name, tensor)` pairs (or a state dict) in the checkpoint's names; an iterator is consumed
         lazily, so a streamed sync never holds more than the bucket being loaded."""
         weights = weights.items() if isinstance(weights, dict) else weights
+        if self.asleep:  # vLLM's documented order for new weights after sleep level 2: weights, then the cache
+            self.llm.wake_up(tags=["weights"])
 
         def reload(worker) -> None:
             from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
@@ -513,8 +517,17 @@ class VLLMEngine:
         # in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, external_launcher) the callable runs on this rank's
         # worker, so the iterator is not serialized
         self.llm.collective_rpc(reload)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         # cached prefixes hold keys/values computed with the old weights
         self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Frees the engine's device memory while the trainer runs (vLLM sleep mode, level 2: weights and KV cache
+        discarded, since the next sync brings new weights anyway); `load_weights` wakes it. GPU only."""
+        self.llm.sleep(level=2)
+        self.asleep = True
 
     def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         from vllm import SamplingParams
@@ -536,6 +549,7 @@ class TransformersEngine:
 
     def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype, batch_size: int = 64):
         self.model = load_causal_lm(model_path, dtype, device).eval()
+        self.asleep = False
         self.tokenizer = load_tokenizer(model_path)
         self.device, self.batch_size, self.dtype = device, batch_size, dtype
         eos = self.model.generation_config.eos_token_id
@@ -569,7 +583,11 @@ class TransformersEngine:
         return completions
 
     def load_weights(self, weights) -> None:
-        """Copies `(name, tensor)` pairs (or a whole state dict, checked for completeness) into the model."""
+        """Copies `(name, tensor)` pairs (or a whole state dict, checked for completeness) into the model, back
+        on its device if it was asleep."""
+        if self.asleep:
+            self.model.to(self.device)
+            self.asleep = False
         if isinstance(weights, dict):
             self.model.load_state_dict(weights)
             return
@@ -577,6 +595,13 @@ class TransformersEngine:
         with torch.no_grad():
             for name, tensor in weights:
                 targets[name].copy_(tensor)
+
+    def sleep(self) -> None:
+        """Moves the model to the CPU while the trainer runs; `load_weights` brings it back."""
+        self.model.to("cpu")
+        self.asleep = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         return probe_logprobs(self.model, token_ids, self.device)
@@ -590,7 +615,8 @@ CPU_KV_CACHE_BYTES = 2**28
 
 
 def make_engine(model_path: str, device: torch.device, max_model_len: int, seed: int, bf16: bool,
-                gpu_memory_utilization: float, kv_cache_memory_bytes: int | None, backend: str = "auto"):
+                gpu_memory_utilization: float, kv_cache_memory_bytes: int | None, backend: str = "auto",
+                sleep_mode: bool = False):
     """vLLM when it is installed (or `backend="vllm"`), else transformers `generate`. The KV cache has
     `kv_cache_memory_bytes`; None sizes it from the memory `gpu_memory_utilization` leaves (vLLM's own sizing)
     on a GPU, and `CPU_KV_CACHE_BYTES` on a CPU."""
@@ -602,7 +628,8 @@ def make_engine(model_path: str, device: torch.device, max_model_len: int, seed:
         threads = torch.get_num_threads()
         # on CPU, vLLM's torch.compile warm-up costs over a minute per engine start for a ~20% faster decode
         engine = VLLMEngine(model_path, max_model_len, seed, "bfloat16" if bf16 else "float32",
-                            gpu_memory_utilization, kv_cache_memory_bytes, enforce_eager=device.type == "cpu")
+                            gpu_memory_utilization, kv_cache_memory_bytes, enforce_eager=device.type == "cpu",
+                            sleep_mode=sleep_mode)
         torch.set_num_threads(threads)  # vLLM lowers it for serving; training on the CPU then runs 1.5x slower
         return engine
     return TransformersEngine(model_path, device, torch.bfloat16 if bf16 else torch.float32)

@@ -58,3 +58,18 @@ def test_vllm_marks_finished_turns_and_keeps_eos(vllm_engine, tiny_model):
     again = vllm_engine.generate([prompt(tokenizer)] * 2, 6, 1.0, [0, 1])
     assert again[0].token_ids == outs[0].token_ids and again[1].token_ids == outs[1].token_ids
     assert len({tuple(c.token_ids) for c in outs}) > 1
+
+
+def test_a_sleeping_transformers_engine_wakes_with_the_next_sync(process_group, tiny_model):
+    """--engine_sleep with the transformers backend (the GPU machines' rollouts): the engine's copy leaves the
+    device while the trainer runs, and the next weight sync brings it back, checked by log-prob parity."""
+    device = process_group[2]
+    engine = utils.make_engine(tiny_model, device, 512, 0, False, 0.05, None, "transformers", sleep_mode=True)
+    policy = utils.shard_model(utils.load_causal_lm(tiny_model), bf16=False)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01)
+    engine.sleep()
+    assert engine.asleep and next(engine.model.parameters()).device.type == "cpu"
+    gap = utils.sync_weights(engine, policy, [1, 2, 3, 4, 5], device, 1e-4)
+    assert not engine.asleep and gap < 1e-4
