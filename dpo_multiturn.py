@@ -106,6 +106,12 @@ class Args:
     reference: Literal["initial", "iteration"] = "initial"
     """DPO's pi_ref: the initial policy (offline DPO), or pi_t, the policy at the start of each iteration
     (iterative DPO, like REFUEL's pi_t)"""
+    preference_dataset: str | None = None
+    """offline DPO on a preference dataset instead of generated pairs: a file, saved folder or hub id whose
+    `chosen`/`rejected` columns hold whole dialogues (HH-RLHF transcripts, UltraFeedback message lists); its
+    final answers are the pair, the rest the state"""
+    preference_split: str = "train"
+    """split of `--preference_dataset`, for hub datasets"""
     beta: float = 0.1
     """DPO's inverse temperature (DPO paper: 0.1 for dialogue, 0.5 for summaries; the REFUEL paper does not give
     its value: sweep 0.01-1)"""
@@ -195,6 +201,17 @@ def preference_pairs(scores: torch.Tensor, identical: torch.Tensor) -> tuple[tor
     return (scores[:, 1] > scores[:, 0]).long(), keep
 
 
+def preference_tokens(tokenizer, chosen: utils.Dialogue, rejected: utils.Dialogue) -> tuple[list[int], ...]:
+    """(prompt, chosen answer, rejected answer) token ids of a recorded preference pair, cut as every dialogue is
+    (`utils.tokenize_dialogue`): the answer is the last assistant turn's content and end-of-turn token."""
+    cut = []
+    for dialogue in (chosen, rejected):
+        ids, masks = utils.tokenize_dialogue(tokenizer, dialogue)
+        start = masks[-1].index(1)
+        cut.append((ids[:start], ids[start : start + sum(masks[-1])]))
+    return cut[0][0], cut[0][1], cut[1][1]
+
+
 def fresh(episode: utils.Episode) -> utils.Episode:
     return utils.Episode(copy.deepcopy(episode.messages), copy.deepcopy(episode.info))
 
@@ -216,6 +233,8 @@ def check_args(args: Args) -> None:
              args.num_iterations) < 1,
          "--states_per_rank, --minibatch_pairs, --micro_batch_pairs, --num_epochs, --num_iterations must be >= 1"),
         (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
+        (args.preference_dataset is not None and args.loss != "dpo",
+         "--preference_dataset has preferences, not scores: it trains --loss dpo only"),
     ] if bad]
     if problems:
         raise SystemExit("\n".join(problems))
@@ -247,6 +266,11 @@ if __name__ == "__main__":
         raise SystemExit(f"--contexts offline: task {args.task_args.task!r} has no recorded dialogues")
     policy_path = utils.resolve_model_path(args.model or task.policy or utils.EMBEDDED_SMOLLM2)
     tokenizer = utils.load_tokenizer(policy_path)
+    preferences = None
+    if args.preference_dataset is not None:
+        pairs, skipped_pairs = utils.load_preferences(args.preference_dataset, args.preference_split)
+        preferences = [preference_tokens(tokenizer, a, b) for a, b in pairs]
+        utils.print0(f"{args.preference_dataset}: {len(preferences)} preference pairs; skipped rows {skipped_pairs}")
     task.train, too_long = utils.openings_that_fit(task.train, tokenizer, args.max_prompt_tokens)
     task.eval, too_long_eval = utils.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
     if not task.train or not task.eval:
@@ -317,7 +341,7 @@ if __name__ == "__main__":
         utils.print0("initial evaluation, score by turn: "
                      + " ".join(f"{initial[f'eval/score_turn{t}']:.3f}" for t in range(1, horizon + 1)))
         recorded = task.recorded
-        if args.contexts == "initial":
+        if args.contexts == "initial" and preferences is None:
             # the paper's MIXED data: pi_0 plays its dialogues once with the user; kept in the checkpoints, so a
             # resumed run trains on the same ones
             rng = np.random.default_rng([args.seed, 0, rank])
@@ -326,25 +350,21 @@ if __name__ == "__main__":
             policy_tokens, user_tokens = utils.generated_tokens(recorded, tokenizer, [0] * len(recorded))
             spent = {"policy_tokens": policy_tokens, "user_tokens": user_tokens, "reward_calls": 0}
 
-    started = time.time()
-    for iteration in range(start_iteration, args.num_iterations + 1):
-        timings = {}
-        rng = np.random.default_rng([args.seed, iteration, rank])
-
-        # 1. the states s_h: turns of recorded dialogues, or of dialogues pi_t plays now with the user
+    def generated_pairs(iteration: int, rng: np.random.Generator, timings: dict) -> tuple[list, list, list,
+                                                                                          torch.Tensor]:
+        """States s_h from the chosen contexts, two answers of pi_t to each (played on to H with the future
+        target), and their scores [pairs, 2]: the prompts, the answers' token ids, the turns h and the scores."""
+        # 1. the states: turns of recorded dialogues, or of dialogues pi_t plays now with the user
         t0 = time.time()
         dialogues = recorded
         if args.contexts == "onpolicy":
             openings = [task.train[i] for i in rng.choice(len(task.train), args.states_per_rank)]
             dialogues = play([fresh(e) for e in openings], [horizon] * len(openings), (args.seed, iteration, rank))
-            policy_tokens, user_tokens = utils.generated_tokens(dialogues, tokenizer, [0] * len(dialogues))
-            spent["policy_tokens"] += policy_tokens
-            spent["user_tokens"] += user_tokens
+            count(dialogues, [0] * len(dialogues))
         chosen_states = training_states(rng, [len([m for m in d.messages if m["role"] == "assistant"])
                                               for d in dialogues], args.states_per_rank, args.turns, horizon)
         states = [state(dialogues[d], h) for d, h in chosen_states]
         turns = [h for _, h in chosen_states]
-
         # 2. two answers to each state from pi_t; with the future target both are played on to the horizon
         until = [h + 1 for h in turns] if args.target == "immediate" else [horizon] * len(turns)
         answered = [play([copy.deepcopy(s) for s in states], until, (args.seed, iteration, rank, side))
@@ -352,25 +372,46 @@ if __name__ == "__main__":
         if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()
         for side in answered:
-            policy_tokens, user_tokens = utils.generated_tokens(side, tokenizer, turns)
-            spent["policy_tokens"] += policy_tokens
-            spent["user_tokens"] += user_tokens
+            count(side, turns)
         timings["rollout"] = time.time() - t0
-
         # 3. the scores that rank them: the dialogue through turn h, or the finished branch
         t0 = time.time()
-        scores = torch.tensor([task.reward(side) for side in answered], dtype=torch.float32).T  # [pairs, 2]
+        scores = torch.tensor([task.reward(side) for side in answered], dtype=torch.float32).T
         spent["reward_calls"] += 2 * len(states)
-        responses = [[side[i].responses[h] for side in answered] for i, h in enumerate(turns)]
+        timings["reward"] = time.time() - t0
+        return ([answered[0][i].prompts[h] for i, h in enumerate(turns)],
+                [[side[i].responses[h] for side in answered] for i, h in enumerate(turns)], turns, scores)
+
+    def count(episodes: list[utils.Episode], first_turns: list[int]) -> None:
+        """Adds the tokens generated in `episodes` from these turns on to the run's budget."""
+        policy_tokens, user_tokens = utils.generated_tokens(episodes, tokenizer, first_turns)
+        spent["policy_tokens"] += policy_tokens
+        spent["user_tokens"] += user_tokens
+
+    started = time.time()
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        timings = {}
+        rng = np.random.default_rng([args.seed, iteration, rank])
+
+        # 1-3. the pairs: two answers of pi_t to each state s_h, ranked by their scores; or a preference dataset's
+        t0 = time.time()
+        if preferences is None:
+            pair_prompts, responses, turns, scores = generated_pairs(iteration, rng, timings)
+        else:
+            # offline preference data: the dataset's own chosen (column 0) and rejected answers, nothing generated
+            picks = rng.choice(len(preferences), args.states_per_rank)
+            pair_prompts = [preferences[i][0] for i in picks]
+            responses = [[preferences[i][1], preferences[i][2]] for i in picks]
+            turns, scores = [0] * len(picks), torch.tensor([[1.0, 0.0]] * len(picks))
+            timings.update(rollout=time.time() - t0, reward=0.0)
         identical = torch.tensor([a == b for a, b in responses])
         preferred, keep = preference_pairs(scores, identical)
-        timings["reward"] = time.time() - t0
 
         # 4. log-probs of the two turn-h answers under pi_t (training forward) and the reference
         t0 = time.time()
-        prompts = [answered[0][i].prompts[h] for i, h in enumerate(turns) for _ in range(2)]
         input_ids, attention_mask, response_mask = (t.to(device) for t in utils.batch_for_logprobs(
-            prompts, [r for pair in responses for r in pair], tokenizer.pad_token_id))
+            [p for p in pair_prompts for _ in range(2)], [r for pair in responses for r in pair],
+            tokenizer.pad_token_id))
         chunk = 2 * args.micro_batch_pairs
         old_lp = utils.token_logprobs_in_chunks(policy, input_ids, attention_mask, response_mask, args.temperature,
                                                 chunk).sum(-1).view(-1, 2)
@@ -386,8 +427,8 @@ if __name__ == "__main__":
         losses, margins = [], []
         for epoch in range(args.num_epochs):
             shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
-            order = torch.randperm(len(states), generator=shuffle)
-            for mb_start in range(0, len(states), args.minibatch_pairs):
+            order = torch.randperm(len(responses), generator=shuffle)
+            for mb_start in range(0, len(responses), args.minibatch_pairs):
                 mb = order[mb_start : mb_start + args.minibatch_pairs]
                 mb_weight = weights[mb].sum().clamp(min=1)
                 for micro_start in range(0, len(mb), args.micro_batch_pairs):

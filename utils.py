@@ -758,6 +758,35 @@ def load_prompts(source: str, column: str, split: str = "train") -> tuple[list[D
     return dialogues, skipped
 
 
+def load_preferences(source: str, split: str = "train", chosen: str = "chosen",
+                     rejected: str = "rejected") -> tuple[list[tuple[Dialogue, Dialogue]], dict[str, int]]:
+    """(chosen, rejected) dialogues from a preference dataset whose two columns hold whole dialogues in any shape
+    `as_messages` reads (HH-RLHF transcripts, UltraFeedback message lists). The two must end with an assistant
+    answer and share everything before it; a row that does not is skipped and counted by cause, and a dataset with
+    no usable row is an error naming the first bad row."""
+    dataset, skipped = load_rows(source, split)
+    missing = [c for c in (chosen, rejected) if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{source}: no column {missing}; its columns are {dataset.column_names}")
+    pairs, first_problem = [], None
+    for index, (a, b) in enumerate(zip(dataset[chosen], dataset[rejected])):
+        try:
+            a, b = as_messages(a), as_messages(b)
+            if a[-1]["role"] != "assistant" or b[-1]["role"] != "assistant":
+                raise ValueError("no final answer: the dialogues must end with an assistant message")
+            if a[:-1] != b[:-1]:
+                raise ValueError("different contexts: chosen and rejected differ before their final answers")
+            pairs.append((a, b))
+        except ValueError as e:
+            cause = str(e).split(" (")[0].split(":")[0]
+            skipped[cause] = skipped.get(cause, 0) + 1
+            first_problem = first_problem or f"row {index}: {e}"
+    if not pairs:
+        raise ValueError(f"{source}: no usable preference pair ({len(dataset)} rows, skipped {skipped}; "
+                         f"{first_problem})")
+    return pairs, skipped
+
+
 # ----------------------------------------------------------------------------------------------------------
 # rewards
 

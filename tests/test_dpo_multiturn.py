@@ -148,3 +148,27 @@ def test_resume_after_kill_continues_the_same_schedule(tmp_path, script_env, kil
         for key in ("reward/score", "loss/dpo", "policy/lr", "data/branch_turn", "budget/generated_tokens"):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5, nan_ok=True), (a["iteration"], key)
     assert utils.latest_checkpoint(str(run_dir)).endswith("iteration_000003")
+
+
+def test_preference_datasets_in_the_usual_formats(tmp_path, smollm2_path):
+    """HH-RLHF rows (transcripts) and UltraFeedback rows (message lists) give the same pairs; a row whose two
+    dialogues differ before their answers is skipped and counted, one with nothing usable names its row."""
+    from dpo_multiturn import preference_tokens
+
+    hh = [{"chosen": "\n\nHuman: Is 2 even?\n\nAssistant: Yes.", "rejected": "\n\nHuman: Is 2 even?\n\nAssistant: No."},
+          {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}]
+    question = [{"role": "user", "content": "Is 2 even?"}]
+    uf = [{"prompt": "Is 2 even?", "chosen": question + [{"role": "assistant", "content": "Yes."}],
+           "rejected": question + [{"role": "assistant", "content": "No."}], "score_chosen": 9.0}]
+    for name, rows in (("hh.jsonl", hh), ("uf.jsonl", uf)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hh_pairs, hh_skipped = utils.load_preferences(str(tmp_path / "hh.jsonl"))
+    uf_pairs, uf_skipped = utils.load_preferences(str(tmp_path / "uf.jsonl"))
+    assert hh_pairs == uf_pairs and hh_skipped == {"different contexts": 1} and uf_skipped == {}
+    tokenizer = utils.load_tokenizer(smollm2_path)
+    prompt, chosen, rejected = preference_tokens(tokenizer, *hh_pairs[0])
+    assert prompt == utils.chat_token_ids(tokenizer, question, add_generation_prompt=True)
+    assert tokenizer.decode(chosen) == "Yes.<|im_end|>" and tokenizer.decode(rejected) == "No.<|im_end|>"
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"chosen": "\n\nHuman: only a question", "rejected": "x"}) + "\n")
+    with pytest.raises(ValueError, match="row 0: no final answer"):
+        utils.load_preferences(str(tmp_path / "bad.jsonl"))
