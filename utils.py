@@ -1088,8 +1088,10 @@ def prepare_run_dir(output_dir: str, run_name: str, args, resume: bool) -> str:
             with open(saved) as f:
                 before = json.load(f)
             now = json.loads(json.dumps(flat_args(args)))  # tuples as lists, as saved
+            # a flag the run did not know yet (added to the script since) counts as its default
+            defaults = json.loads(json.dumps(flat_args(type(args)())))
             changed = sorted(k for k in before.keys() | now.keys()
-                             if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+                             if before.get(k, defaults.get(k)) != now.get(k) and k not in RESUMABLE_CHANGES)
             if changed:
                 problem = "--resume with changed flags: " + ", ".join(
                     f"--{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed) + " (rerun with the saved values)"

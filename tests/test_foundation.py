@@ -63,6 +63,13 @@ def test_a_run_folder_is_never_reused_and_resume_refuses_changed_flags(tmp_path,
     with pytest.raises(SystemExit, match=r"--lr 0.001 -> 0.002.*--task 'guess_number' -> 'chat'"):
         utils.prepare_run_dir(str(tmp_path), "r", RunArgs(lr=2e-3, task_args=TaskArgs(task="chat")), resume=True)
     utils.prepare_run_dir(str(tmp_path), "r", RunArgs(track=True), resume=True)  # bookkeeping flags may change
+    with open(os.path.join(run_dir, "args.json"), "w") as f:  # a run started before --lr existed
+        json.dump({k: v for k, v in saved.items() if k != "lr"}, f)
+    utils.prepare_run_dir(str(tmp_path), "r", RunArgs(), resume=True)  # the new flag at its default: fine
+    with pytest.raises(SystemExit, match=r"--lr None -> 0.002"):
+        utils.prepare_run_dir(str(tmp_path), "r", RunArgs(lr=2e-3), resume=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(saved, f)
     assert json.load(open(os.path.join(run_dir, "args.json"))) == saved  # the original settings are kept
     with pytest.raises(SystemExit, match="no run named 'other'"):
         utils.prepare_run_dir(str(tmp_path), "other", RunArgs(), resume=True)
