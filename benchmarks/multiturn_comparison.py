@@ -39,18 +39,25 @@ METHODS = {
 
 
 def run(method: str, seed: int, args, output_dir: str) -> list[dict]:
+    """One method's run for one seed; a finished run already in `output_dir` is read instead (`--output_dir` to
+    continue an interrupted comparison)."""
     script, *flags = METHODS[method]
     size = ["--dialogues_per_rank", str(args.per_iteration)] if script == "refuel.py" else [
         "--states_per_rank", str(args.per_iteration), "--num_recorded_dialogues", str(args.recorded)]
     name = f"{method.replace(' ', '').replace(',', '_')}_{seed}"
+    iterations = args.max_iterations if script == "refuel.py" else args.baseline_iterations
+    metrics_path = os.path.join(output_dir, name, "metrics.jsonl")
+    if os.path.exists(os.path.join(output_dir, name, "checkpoints")):
+        with open(metrics_path) as f:
+            return [json.loads(line) for line in f]
     command = [sys.executable, os.path.join(REPO, script), "--task", args.task, "--seed", str(seed),
-               "--output_dir", output_dir, "--run_name", name, "--num_iterations", str(args.max_iterations),
-               "--token_budget", str(args.budget), *size, "--eval_every",
-               str(args.max_iterations), "--save_every", str(args.max_iterations), *flags, *args.extra]
+               "--output_dir", output_dir, "--run_name", name, "--num_iterations", str(iterations),
+               "--token_budget", str(args.budget), *size, "--eval_every", str(iterations), "--save_every",
+               str(iterations), *flags, *args.extra]
     print(f"[{time.strftime('%H:%M:%S')}] {method}, seed {seed}: {' '.join(shlex.quote(c) for c in command[1:])}",
           file=sys.stderr, flush=True)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    with open(os.path.join(output_dir, name, "metrics.jsonl")) as f:
+    with open(metrics_path) as f:
         return [json.loads(line) for line in f]
 
 
@@ -82,15 +89,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--budget", type=int, default=60_000, help="generated tokens per run (policy and user)")
-    parser.add_argument("--max_iterations", type=int, default=16)
+    parser.add_argument("--max_iterations", type=int, default=16, help="REFUEL's iteration cap (its LR schedule)")
+    parser.add_argument("--baseline_iterations", type=int, default=8, help="the baselines' iteration cap")
     parser.add_argument("--per_iteration", type=int, default=256, help="dialogues (REFUEL) or states per iteration")
     parser.add_argument("--recorded", type=int, default=512, help="dialogues pi_0 plays once for the baselines")
     parser.add_argument("--task", default="guess_number")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--plot", default=os.path.join(REPO, "docs", "multiturn_comparison.png"))
+    parser.add_argument("--output_dir", default=None, help="where the runs go; finished runs there are reused")
     args, args.extra = parser.parse_known_args()
 
-    output_dir = tempfile.mkdtemp(prefix="multiturn_comparison_")
+    output_dir = args.output_dir or tempfile.mkdtemp(prefix="multiturn_comparison_")
     started = time.time()
     results = {m: [run(m, seed, args, output_dir) for seed in args.seeds] for m in args.methods}
     first = next(iter(results.values()))[0][0]
