@@ -147,7 +147,7 @@ def test_resume_after_kill_continues_the_same_schedule(tmp_path, script_env, kil
     for a, b in zip(resumed[2:], uninterrupted[2:]):
         for key in ("reward/score", "loss/dpo", "policy/lr", "data/branch_turn", "budget/generated_tokens"):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5, nan_ok=True), (a["iteration"], key)
-    assert utils.latest_checkpoint(str(run_dir)).endswith("iteration_000003")
+    assert (run_dir / "checkpoints" / "iteration_000003" / "manifest.json").exists()
 
 
 def test_preference_datasets_in_the_usual_formats(tmp_path, smollm2_path):
