@@ -75,15 +75,14 @@ def test_wandb_offline_run_was_written(full_run):
 
 
 def test_hf_checkpoint_loads_in_vllm(full_run, process_group):
+    # not closed here: closing an in-process vLLM engine tears down vLLM's parallel groups, which the session's
+    # shared engine (tests/conftest.py) still uses; it goes with the process
     engine = utils.make_engine(os.path.join(full_run, "checkpoints", "iteration_000004", "hf"), process_group[2], 256,
                                0, False, 0.05, 32 * 2**20, "vllm")
-    try:
-        tokenizer = utils.load_tokenizer(os.path.join(full_run, "checkpoints", "iteration_000004", "hf"))
-        prompt = utils.chat_token_ids(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
-        trained = utils.load_causal_lm(os.path.join(full_run, "checkpoints", "iteration_000004", "hf"))
-        utils.check_logprob_parity(engine, trained, prompt + [5, 6, 7], process_group[2], 1e-4)
-    finally:
-        engine.close()
+    tokenizer = utils.load_tokenizer(os.path.join(full_run, "checkpoints", "iteration_000004", "hf"))
+    prompt = utils.chat_token_ids(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    trained = utils.load_causal_lm(os.path.join(full_run, "checkpoints", "iteration_000004", "hf"))
+    utils.check_logprob_parity(engine, trained, prompt + [5, 6, 7], process_group[2], 1e-4)
 
 
 def test_resume_after_kill_continues_the_same_schedule(full_run, tiny_model, prompt_file, tmp_path, script_env,
