@@ -744,18 +744,24 @@ def load_prompts(source: str, column: str, split: str = "train") -> tuple[list[D
     dataset, skipped = load_rows(source, split)
     if column not in dataset.column_names:
         raise ValueError(f"{source}: no column {column!r}; its columns are {dataset.column_names}")
-    dialogues, first_problem = [], None
-    for index, cell in enumerate(dataset[column]):
+    prompts = parse_rows(dataset[column], as_messages, skipped, f"{source}: no usable prompt in column {column!r}")
+    return prompts, skipped
+
+
+def parse_rows(rows, parse: Callable, skipped: dict[str, int], nothing_usable: str) -> list:
+    """`parse` of every row; a row it rejects (ValueError) is skipped and counted in `skipped` by the message's
+    leading words. No usable row at all is an error: `nothing_usable`, the counts, and the first bad row."""
+    parsed, first_problem = [], None
+    for index, row in enumerate(rows):
         try:
-            dialogues.append(as_messages(cell))
+            parsed.append(parse(row))
         except ValueError as e:
             cause = str(e).split(" (")[0].split(":")[0]
             skipped[cause] = skipped.get(cause, 0) + 1
             first_problem = first_problem or f"row {index}: {e}"
-    if not dialogues:
-        raise ValueError(f"{source}: no usable prompt in column {column!r} ({len(dataset)} rows, skipped {skipped}; "
-                         f"{first_problem})")
-    return dialogues, skipped
+    if not parsed:
+        raise ValueError(f"{nothing_usable} ({len(rows)} rows, skipped {skipped}; {first_problem})")
+    return parsed
 
 
 def load_preferences(source: str, split: str = "train", chosen: str = "chosen",
@@ -768,23 +774,17 @@ def load_preferences(source: str, split: str = "train", chosen: str = "chosen",
     missing = [c for c in (chosen, rejected) if c not in dataset.column_names]
     if missing:
         raise ValueError(f"{source}: no column {missing}; its columns are {dataset.column_names}")
-    pairs, first_problem = [], None
-    for index, (a, b) in enumerate(zip(dataset[chosen], dataset[rejected])):
-        try:
-            a, b = as_messages(a), as_messages(b)
-            if a[-1]["role"] != "assistant" or b[-1]["role"] != "assistant":
-                raise ValueError("no final answer: the dialogues must end with an assistant message")
-            if a[:-1] != b[:-1]:
-                raise ValueError("different contexts: chosen and rejected differ before their final answers")
-            pairs.append((a, b))
-        except ValueError as e:
-            cause = str(e).split(" (")[0].split(":")[0]
-            skipped[cause] = skipped.get(cause, 0) + 1
-            first_problem = first_problem or f"row {index}: {e}"
-    if not pairs:
-        raise ValueError(f"{source}: no usable preference pair ({len(dataset)} rows, skipped {skipped}; "
-                         f"{first_problem})")
-    return pairs, skipped
+
+    def pair(row: tuple) -> tuple[Dialogue, Dialogue]:
+        a, b = as_messages(row[0]), as_messages(row[1])
+        if a[-1]["role"] != "assistant" or b[-1]["role"] != "assistant":
+            raise ValueError("no final answer: the dialogues must end with an assistant message")
+        if a[:-1] != b[:-1]:
+            raise ValueError("different contexts: chosen and rejected differ before their final answers")
+        return a, b
+
+    rows = list(zip(dataset[chosen], dataset[rejected]))
+    return parse_rows(rows, pair, skipped, f"{source}: no usable preference pair"), skipped
 
 
 # ----------------------------------------------------------------------------------------------------------
