@@ -74,15 +74,26 @@ def test_wandb_offline_run_was_written(full_run):
     assert any(d.startswith("offline-run-") for d in os.listdir(wandb_dir))
 
 
-def test_hf_checkpoint_loads_in_vllm(full_run, process_group):
-    # not closed here: closing an in-process vLLM engine tears down vLLM's parallel groups, which the session's
-    # shared engine (tests/conftest.py) still uses; it goes with the process
-    engine = utils.make_engine(os.path.join(full_run, "checkpoints", "iteration_000004", "hf"), process_group[2], 256,
-                               0, False, 0.05, 32 * 2**20, "vllm")
-    tokenizer = utils.load_tokenizer(os.path.join(full_run, "checkpoints", "iteration_000004", "hf"))
-    prompt = utils.chat_token_ids(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
-    trained = utils.load_causal_lm(os.path.join(full_run, "checkpoints", "iteration_000004", "hf"))
-    utils.check_logprob_parity(engine, trained, prompt + [5, 6, 7], process_group[2], 1e-4)
+HF_CHECK = """
+import sys, utils
+folder = sys.argv[1]
+device = utils.init_distributed()[2]
+engine = utils.make_engine(folder, device, 256, 0, False, 0.05, 32 * 2**20, "vllm")
+prompt = utils.chat_token_ids(utils.load_tokenizer(folder), [{"role": "user", "content": "Hi"}],
+                              add_generation_prompt=True)
+utils.check_logprob_parity(engine, utils.load_causal_lm(folder), prompt + [5, 6, 7], device, 1e-4)
+print("parity ok")
+"""
+
+
+def test_hf_checkpoint_loads_in_vllm(full_run, script_env):
+    # a process of its own: a second in-process vLLM engine shares vLLM's global parallel groups with the session's
+    # engine (tests/conftest.py), and its shutdown would tear them down under it
+    folder = os.path.join(full_run, "checkpoints", "iteration_000004", "hf")
+    result = subprocess.run([sys.executable, "-c", HF_CHECK, folder], capture_output=True, text=True, timeout=300,
+                            env=script_env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "parity ok" in result.stdout
 
 
 def test_resume_after_kill_continues_the_same_schedule(full_run, tiny_model, prompt_file, tmp_path, script_env,
