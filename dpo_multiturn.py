@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
+import dialogues
 import memory_plan
 import utils
 from tasks import TaskArgs, load_task, task_factory
@@ -182,16 +183,16 @@ def training_states(rng: np.random.Generator, turns_played: list[int], n: int, m
     uniformly. `sampled`: REFUEL's draw (official generate.py: H' ~ U{1..H}, h ~ U{1..H'}), redrawn uniformly over
     a dialogue's turns when it has fewer than h (refuel.py's `redraw_past_the_end`; scripts do not import each other).
     """
-    dialogues = rng.integers(0, len(turns_played), n)
-    turns = np.asarray(turns_played)[dialogues]
+    which = rng.integers(0, len(turns_played), n)
+    turns = np.asarray(turns_played)[which]
     if mode == "last":
-        return [(int(d), int(t) - 1) for d, t in zip(dialogues, turns)]
+        return [(int(d), int(t) - 1) for d, t in zip(which, turns)]
     if mode == "all":
         every = [(d, h) for d, t in enumerate(turns_played) for h in range(t)]
         return [every[i] for i in rng.choice(len(every), n)]
     h = rng.integers(0, rng.integers(0, horizon, n) + 1)
     h = np.where(h >= turns, rng.integers(0, np.maximum(turns, 1)), h)
-    return [(int(d), int(t)) for d, t in zip(dialogues, h)]
+    return [(int(d), int(t)) for d, t in zip(which, h)]
 
 
 def preference_pairs(scores: torch.Tensor, identical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,16 +213,16 @@ def preference_tokens(tokenizer, chosen: utils.Dialogue, rejected: utils.Dialogu
     return cut[0][0], cut[0][1], cut[1][1]
 
 
-def fresh(episode: utils.Episode) -> utils.Episode:
-    return utils.Episode(copy.deepcopy(episode.messages), copy.deepcopy(episode.info))
+def fresh(episode: dialogues.Episode) -> dialogues.Episode:
+    return dialogues.Episode(copy.deepcopy(episode.messages), copy.deepcopy(episode.info))
 
 
-def state(episode: utils.Episode, h: int) -> utils.Episode:
+def state(episode: dialogues.Episode, h: int) -> dialogues.Episode:
     """The dialogue through user turn h, ready for its answer at turn h. A recorded dialogue has no token lists:
     the earlier turns get empty ones, so that the episode counts h turns played and records turn h's tokens."""
     cut = [i for i, m in enumerate(episode.messages) if m["role"] == "user"][h] + 1
-    return utils.Episode(copy.deepcopy(episode.messages[:cut]), copy.deepcopy(episode.info),
-                         [[] for _ in range(h)], [[] for _ in range(h)], [True] * h)
+    return dialogues.Episode(copy.deepcopy(episode.messages[:cut]), copy.deepcopy(episode.info),
+                             [[] for _ in range(h)], [[] for _ in range(h)], [True] * h)
 
 
 def check_args(args: Args) -> None:
@@ -268,11 +269,11 @@ if __name__ == "__main__":
     tokenizer = utils.load_tokenizer(policy_path)
     preferences = None
     if args.preference_dataset is not None:
-        pairs, skipped_pairs = utils.load_preferences(args.preference_dataset, args.preference_split)
+        pairs, skipped_pairs = dialogues.load_preferences(args.preference_dataset, args.preference_split)
         preferences = [preference_tokens(tokenizer, a, b) for a, b in pairs]
         utils.print0(f"{args.preference_dataset}: {len(preferences)} preference pairs; skipped rows {skipped_pairs}")
-    task.train, too_long = utils.openings_that_fit(task.train, tokenizer, args.max_prompt_tokens)
-    task.eval, too_long_eval = utils.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
+    task.train, too_long = dialogues.openings_that_fit(task.train, tokenizer, args.max_prompt_tokens)
+    task.eval, too_long_eval = dialogues.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
     if not task.train or not task.eval:
         raise SystemExit(f"no training or no evaluation opening fits --max_prompt_tokens {args.max_prompt_tokens}")
     utils.print0(f"task {args.task_args.task}: {len(task.train)} training and {len(task.eval)} evaluation openings "
@@ -301,19 +302,19 @@ if __name__ == "__main__":
                                                   utils.lr_lambda(args.lr_schedule, steps, args.warmup_ratio))
 
     # the policy's rollout engine, colocated on this rank
-    engine = utils.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
-                               kv_cache_bytes, args.rollout_backend,
-                               sleep_mode=args.engine_sleep)
+    engine = dialogues.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
+                                   kv_cache_bytes, args.rollout_backend,
+                                   sleep_mode=args.engine_sleep)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
                  + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
 
-    def play(openings: list[utils.Episode], horizons: list[int], seed: tuple) -> list[utils.Episode]:
-        return utils.rollout_dialogues(openings, engine, tokenizer, task.user, horizons, args.max_new_tokens,
-                                       args.temperature, seed)
+    def play(openings: list[dialogues.Episode], horizons: list[int], seed: tuple) -> list[dialogues.Episode]:
+        return dialogues.rollout_dialogues(openings, engine, tokenizer, task.user, horizons, args.max_new_tokens,
+                                           args.temperature, seed)
 
     def evaluate() -> list[list[float]]:
-        return utils.evaluate_by_turn(task, engine, tokenizer, args.max_new_tokens, args.temperature, args.seed,
-                                      rank, world_size)
+        return dialogues.evaluate_by_turn(task, engine, tokenizer, args.max_new_tokens, args.temperature, args.seed,
+                                          rank, world_size)
 
     logger = utils.MetricsLogger(run_dir, utils.flat_args(args), args.track, args.wandb_project,
                                  args.wandb_entity, run_name, args.resume)
@@ -324,16 +325,16 @@ if __name__ == "__main__":
         initial_scores, recorded, spent = saved["initial_scores"], saved["recorded"] or task.recorded, saved["spent"]
         start_iteration = saved["iteration"] + 1
         logger.truncate_after(saved["iteration"])
-        utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        dialogues.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
     else:
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
         start_iteration, spent = 1, {"policy_tokens": 0, "user_tokens": 0, "reward_calls": 0}
-        utils.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
+        dialogues.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
         initial_scores = evaluate()
-        initial = utils.eval_metrics(initial_scores, initial_scores)
+        initial = dialogues.eval_metrics(initial_scores, initial_scores)
         logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
                                   for t, v in enumerate(scores, start=1)},
                     **{f"skipped/rows_{cause}": n for cause, n in task.skipped.items()},
@@ -347,7 +348,7 @@ if __name__ == "__main__":
             rng = np.random.default_rng([args.seed, 0, rank])
             openings = [task.train[i] for i in rng.choice(len(task.train), args.num_recorded_dialogues)]
             recorded = play([fresh(e) for e in openings], [horizon] * len(openings), (args.seed, "initial", rank))
-            policy_tokens, user_tokens = utils.generated_tokens(recorded, tokenizer, [0] * len(recorded))
+            policy_tokens, user_tokens = dialogues.generated_tokens(recorded, tokenizer, [0] * len(recorded))
             spent = {"policy_tokens": policy_tokens, "user_tokens": user_tokens, "reward_calls": 0}
 
     def generated_pairs(iteration: int, rng: np.random.Generator, timings: dict) -> tuple[list, list, list,
@@ -356,14 +357,14 @@ if __name__ == "__main__":
         target), and their scores [pairs, 2]: the prompts, the answers' token ids, the turns h and the scores."""
         # 1. the states: turns of recorded dialogues, or of dialogues pi_t plays now with the user
         t0 = time.time()
-        dialogues = recorded
+        contexts = recorded
         if args.contexts == "onpolicy":
             openings = [task.train[i] for i in rng.choice(len(task.train), args.states_per_rank)]
-            dialogues = play([fresh(e) for e in openings], [horizon] * len(openings), (args.seed, iteration, rank))
-            count(dialogues, [0] * len(dialogues))
+            contexts = play([fresh(e) for e in openings], [horizon] * len(openings), (args.seed, iteration, rank))
+            count(contexts, [0] * len(contexts))
         chosen_states = training_states(rng, [len([m for m in d.messages if m["role"] == "assistant"])
-                                              for d in dialogues], args.states_per_rank, args.turns, horizon)
-        states = [state(dialogues[d], h) for d, h in chosen_states]
+                                              for d in contexts], args.states_per_rank, args.turns, horizon)
+        states = [state(contexts[d], h) for d, h in chosen_states]
         turns = [h for _, h in chosen_states]
         # 2. two answers to each state from pi_t; with the future target both are played on to the horizon
         until = [h + 1 for h in turns] if args.target == "immediate" else [horizon] * len(turns)
@@ -382,9 +383,9 @@ if __name__ == "__main__":
         return ([answered[0][i].prompts[h] for i, h in enumerate(turns)],
                 [[side[i].responses[h] for side in answered] for i, h in enumerate(turns)], turns, scores)
 
-    def count(episodes: list[utils.Episode], first_turns: list[int]) -> None:
+    def count(episodes: list[dialogues.Episode], first_turns: list[int]) -> None:
         """Adds the tokens generated in `episodes` from these turns on to the run's budget."""
-        policy_tokens, user_tokens = utils.generated_tokens(episodes, tokenizer, first_turns)
+        policy_tokens, user_tokens = dialogues.generated_tokens(episodes, tokenizer, first_turns)
         spent["policy_tokens"] += policy_tokens
         spent["user_tokens"] += user_tokens
 
@@ -426,7 +427,7 @@ if __name__ == "__main__":
         t0 = time.time()
         losses, margins = [], []
         for epoch in range(args.num_epochs):
-            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
+            shuffle = torch.Generator().manual_seed(dialogues.sample_seed(args.seed, iteration, rank, epoch))
             order = torch.randperm(len(responses), generator=shuffle)
             for mb_start in range(0, len(responses), args.minibatch_pairs):
                 mb = order[mb_start : mb_start + args.minibatch_pairs]
@@ -456,7 +457,7 @@ if __name__ == "__main__":
 
         # 6. push the new weights into this rank's engine, and check that they arrived
         t0 = time.time()
-        sync_gap = utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        sync_gap = dialogues.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
@@ -475,7 +476,7 @@ if __name__ == "__main__":
         over_budget = args.token_budget is not None and metrics["budget/generated_tokens"] >= args.token_budget
         last = iteration == args.num_iterations or over_budget
         if iteration % args.eval_every == 0 or last:
-            metrics.update(utils.eval_metrics(evaluate(), initial_scores))
+            metrics.update(dialogues.eval_metrics(evaluate(), initial_scores))
         logger.log(metrics, iteration=iteration)
         shown = {"reward": metrics["reward/score"], "loss": metrics[f"loss/{args.loss}"],
                  "kept": metrics["data/pairs_kept"]}

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import tyro
 
+import dialogues
 import memory_plan
 import utils
 from tasks import TaskArgs, load_task, task_factory
@@ -284,7 +285,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
-def dialogue_tensors(episodes: list[utils.Episode], pad_id: int) -> tuple[torch.Tensor, ...]:
+def dialogue_tensors(episodes: list[dialogues.Episode], pad_id: int) -> tuple[torch.Tensor, ...]:
     """(input_ids, attention_mask, action_mask, turn_ids) [rows, T] of whole dialogues, right-padded: each is its
     last prompt plus its last response (every turn's prompt is a prefix of the next, token for token); action
     tokens are the assistant's sampled tokens of every turn, `turn_ids` their turn (-1 elsewhere)."""
@@ -308,8 +309,8 @@ def token_values(critic: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     return torch.nn.functional.pad(out[:, :-1], (1, 0))
 
 
-def fresh(episode: utils.Episode) -> utils.Episode:
-    return utils.Episode(copy.deepcopy(episode.messages), copy.deepcopy(episode.info))
+def fresh(episode: dialogues.Episode) -> dialogues.Episode:
+    return dialogues.Episode(copy.deepcopy(episode.messages), copy.deepcopy(episode.info))
 
 
 def check_args(args: Args) -> None:
@@ -350,8 +351,8 @@ if __name__ == "__main__":
     horizon = task.horizon
     policy_path = utils.resolve_model_path(args.model or task.policy or utils.EMBEDDED_SMOLLM2)
     tokenizer = utils.load_tokenizer(policy_path)
-    task.train, too_long = utils.openings_that_fit(task.train, tokenizer, args.max_prompt_tokens)
-    task.eval, too_long_eval = utils.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
+    task.train, too_long = dialogues.openings_that_fit(task.train, tokenizer, args.max_prompt_tokens)
+    task.eval, too_long_eval = dialogues.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
     if not task.train or not task.eval:
         raise SystemExit(f"no training or no evaluation opening fits --max_prompt_tokens {args.max_prompt_tokens}")
     utils.print0(f"task {args.task_args.task}: {len(task.train)} training and {len(task.eval)} evaluation openings "
@@ -388,15 +389,15 @@ if __name__ == "__main__":
     trained = {"actor": (actor, optimizers["actor"]), "critic": (critic, optimizers["critic"])}
 
     # the actor's rollout engine, colocated on this rank
-    engine = utils.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
-                               kv_cache_bytes, args.rollout_backend,
-                               sleep_mode=args.engine_sleep)
+    engine = dialogues.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
+                                   kv_cache_bytes, args.rollout_backend,
+                                   sleep_mode=args.engine_sleep)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
                  + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
 
     def evaluate() -> list[list[float]]:
-        return utils.evaluate_by_turn(task, engine, tokenizer, args.max_new_tokens, args.temperature, args.seed,
-                                      rank, world_size)
+        return dialogues.evaluate_by_turn(task, engine, tokenizer, args.max_new_tokens, args.temperature, args.seed,
+                                          rank, world_size)
 
     logger = utils.MetricsLogger(run_dir, utils.flat_args(args), args.track, args.wandb_project,
                                  args.wandb_entity, run_name, args.resume)
@@ -407,16 +408,16 @@ if __name__ == "__main__":
             schedulers[name].load_state_dict(saved["schedulers"][name])
         initial_scores, start_iteration = saved["initial_scores"], saved["iteration"] + 1
         logger.truncate_after(saved["iteration"])
-        utils.sync_weights(engine, actor, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        dialogues.sync_weights(engine, actor, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
     else:
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
         start_iteration = 1
-        utils.check_logprob_parity(engine, actor, probe_ids, device, sync_tolerance)
+        dialogues.check_logprob_parity(engine, actor, probe_ids, device, sync_tolerance)
         initial_scores = evaluate()
-        initial = utils.eval_metrics(initial_scores, initial_scores)
+        initial = dialogues.eval_metrics(initial_scores, initial_scores)
         logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
                                   for t, v in enumerate(scores, start=1)},
                     **{f"skipped/rows_{cause}": n for cause, n in task.skipped.items()},
@@ -432,9 +433,9 @@ if __name__ == "__main__":
         # 1. play dialogues with pi_theta and the simulated user to the horizon
         t0 = time.time()
         openings = [task.train[i] for i in rng.choice(len(task.train), args.dialogues_per_rank)]
-        episodes = utils.rollout_dialogues([fresh(e) for e in openings], engine, tokenizer, task.user,
-                                           [horizon] * len(openings), args.max_new_tokens, args.temperature,
-                                           (args.seed, iteration, rank))
+        episodes = dialogues.rollout_dialogues([fresh(e) for e in openings], engine, tokenizer, task.user,
+                                               [horizon] * len(openings), args.max_new_tokens, args.temperature,
+                                               (args.seed, iteration, rank))
         if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()
         timings["rollout"] = time.time() - t0
@@ -468,7 +469,7 @@ if __name__ == "__main__":
         token_rewards[torch.arange(len(episodes)), last] += scores * finite  # a NaN score leaves only the KL
         texts = [[tokenizer.decode([t]) for t in row] for row in input_ids.tolist()] \
             if args.termination == "punctuation" else None
-        generator = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, "macro"))
+        generator = torch.Generator().manual_seed(dialogues.sample_seed(args.seed, iteration, rank, "macro"))
         segment_ids = torch.stack([macro_segments(
             turn_ids[i], args.termination, args.ngram, nll=-(ref_lp[i]) if args.termination == "perplexity" else None,
             texts=texts[i] if texts else None, random_lengths=args.random_lengths,
@@ -485,7 +486,7 @@ if __name__ == "__main__":
         t0 = time.time()
         actor_losses, critic_losses, clip_fractions = [], [], []
         for epoch in range(args.ppo_epochs):
-            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
+            shuffle = torch.Generator().manual_seed(dialogues.sample_seed(args.seed, iteration, rank, epoch))
             order = torch.randperm(len(episodes), generator=shuffle)
             for mb_start in range(0, len(episodes), args.minibatch_dialogues):
                 mb = order[mb_start : mb_start + args.minibatch_dialogues]
@@ -516,7 +517,7 @@ if __name__ == "__main__":
 
         # 6. push the actor's new weights into this rank's engine, and check that they arrived
         t0 = time.time()
-        sync_gap = utils.sync_weights(engine, actor, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        sync_gap = dialogues.sync_weights(engine, actor, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
@@ -538,7 +539,7 @@ if __name__ == "__main__":
         metrics.update(utils.sum_over_ranks({"skipped/nan_reward_dialogues": (~finite).sum().item()}))
         metrics["policy/lr"] = schedulers["actor"].get_last_lr()[0]
         if iteration % args.eval_every == 0 or iteration == args.num_iterations:
-            metrics.update(utils.eval_metrics(evaluate(), initial_scores))
+            metrics.update(dialogues.eval_metrics(evaluate(), initial_scores))
         logger.log(metrics, iteration=iteration)
         shown = {"reward": metrics["reward/score"], "kl": metrics["reward/kl"], "macros": metrics["macro/per_dialogue"],
                  "clip": metrics["policy/clip_fraction"]}

@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+import dialogues
 import memory_plan
 import utils
 
@@ -208,18 +209,18 @@ if __name__ == "__main__":
     policy_path = utils.resolve_model_path(args.model)
     tokenizer = utils.load_tokenizer(policy_path)
     # data (before the models, so that bad data fails fast): prompts that fit, minus a held-out evaluation set
-    dialogues, skipped = utils.load_prompts(args.dataset, args.prompt_column, args.dataset_split)
+    chats, skipped = dialogues.load_prompts(args.dataset, args.prompt_column, args.dataset_split)
     # a recorded dialogue is answered after its last user message (a transcript's final answer is dropped)
-    dialogues = [d[: max(i for i, m in enumerate(d) if m["role"] == "user") + 1] for d in dialogues]
-    prompts = [utils.chat_token_ids(tokenizer, d, add_generation_prompt=True) for d in dialogues]
+    chats = [d[: max(i for i, m in enumerate(d) if m["role"] == "user") + 1] for d in chats]
+    prompts = [utils.chat_token_ids(tokenizer, d, add_generation_prompt=True) for d in chats]
     keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_tokens]
     skipped["too_long"] = len(prompts) - len(keep)
-    dialogues, prompts = [dialogues[i] for i in keep], [prompts[i] for i in keep]
+    chats, prompts = [chats[i] for i in keep], [prompts[i] for i in keep]
     if len(prompts) <= args.num_eval_prompts:
         raise SystemExit(f"{args.dataset}: {len(prompts)} usable prompts, fewer than num_eval_prompts + 1 "
                          f"(skipped: {skipped})")
-    eval_dialogues, eval_prompts = dialogues[: args.num_eval_prompts], prompts[: args.num_eval_prompts]
-    dialogues, prompts = dialogues[args.num_eval_prompts :], prompts[args.num_eval_prompts :]
+    eval_dialogues, eval_prompts = chats[: args.num_eval_prompts], prompts[: args.num_eval_prompts]
+    chats, prompts = chats[args.num_eval_prompts :], prompts[args.num_eval_prompts :]
     utils.print0(f"{len(prompts)} training prompts, {len(eval_prompts)} held out; skipped rows: {skipped}")
 
     # the memory plan of this rank, checked against the device before anything large is loaded
@@ -250,9 +251,9 @@ if __name__ == "__main__":
         score_dialogues = lambda ds: [float(reward_function(d)) for d in ds]  # noqa: E731
 
     # rollout engine, colocated on this rank; a fixed probe sequence checks every weight sync
-    engine = utils.make_engine(policy_path, device, args.max_prompt_tokens + args.max_new_tokens, args.seed, args.bf16,
-                               args.engine_memory_share, kv_cache_bytes, args.rollout_backend,
-                               sleep_mode=args.engine_sleep)
+    engine = chats.make_engine(policy_path, device, args.max_prompt_tokens + args.max_new_tokens, args.seed,
+                                   args.bf16, args.engine_memory_share, kv_cache_bytes, args.rollout_backend,
+                                   sleep_mode=args.engine_sleep)
     probe_answer = tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids
     probe_ids = prompts[0] + probe_answer + [tokenizer.eos_token_id]
 
@@ -275,14 +276,14 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         start_iteration = state["iteration"] + 1
         logger.truncate_after(state["iteration"])
-        utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        chats.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
     else:
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
         start_iteration = 1
-        utils.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
+        chats.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
         initial = evaluate()
         logger.log({**initial, **{f"skipped/rows_{cause}": n for cause, n in skipped.items()}}, iteration=0)
         utils.print0(f"initial evaluation: greedy reward {initial['eval/score_turn1']:.3f} on "
@@ -297,7 +298,7 @@ if __name__ == "__main__":
         indices = prompt_indices(len(prompts), iteration, world_size * args.prompts_per_rank, args.seed)
         indices = indices[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
         pair_prompts = [prompts[i] for i in indices for _ in range(2)]
-        seeds = [utils.sample_seed(args.seed, iteration, rank, j) for j in range(len(pair_prompts))]
+        seeds = [chats.sample_seed(args.seed, iteration, rank, j) for j in range(len(pair_prompts))]
         completions = engine.generate(pair_prompts, args.max_new_tokens, args.temperature, seeds)
         if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()
@@ -306,7 +307,7 @@ if __name__ == "__main__":
         # 2. score: the reward of each response; a response that never ends gets the fixed penalty
         t0 = time.time()
         scores = torch.tensor(score_dialogues([
-            dialogues[i] + [{"role": "assistant", "content": c.text}]
+            chats[i] + [{"role": "assistant", "content": c.text}]
             for i, c in zip(np.repeat(indices, 2), completions)
         ]), dtype=torch.float32)
         finished = torch.tensor([c.finished for c in completions])
@@ -344,7 +345,7 @@ if __name__ == "__main__":
         losses, residuals = [], []
         for epoch in range(args.num_epochs):
             # the shuffle has its own seed: vLLM draws from torch's global generator, so that one is not replayable
-            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
+            shuffle = torch.Generator().manual_seed(dialogues.sample_seed(args.seed, iteration, rank, epoch))
             order = torch.randperm(args.prompts_per_rank, generator=shuffle)
             for mb in torch.tensor_split(order, args.num_minibatches):
                 mb_weight = valid[mb].float().sum().clamp(min=1)
@@ -368,7 +369,7 @@ if __name__ == "__main__":
 
         # 5. push the new weights into this rank's engine, and check that they arrived
         t0 = time.time()
-        sync_gap = utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        sync_gap = dialogues.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import tyro
 
+import dialogues
 import memory_plan
 import utils
 from tasks import TaskArgs, load_task, task_factory
@@ -234,8 +235,8 @@ def pair_rows(pairs: torch.Tensor) -> torch.Tensor:
     return torch.stack([2 * pairs, 2 * pairs + 1], 1).flatten()
 
 
-def fresh(episode: utils.Episode) -> utils.Episode:
-    return utils.Episode(copy.deepcopy(episode.messages), copy.deepcopy(episode.info))
+def fresh(episode: dialogues.Episode) -> dialogues.Episode:
+    return dialogues.Episode(copy.deepcopy(episode.messages), copy.deepcopy(episode.info))
 
 
 def check_args(args: Args) -> None:
@@ -277,8 +278,8 @@ if __name__ == "__main__":
     horizon = task.horizon
     policy_path = utils.resolve_model_path(args.model or task.policy or utils.EMBEDDED_SMOLLM2)
     tokenizer = utils.load_tokenizer(policy_path)
-    task.train, too_long = utils.openings_that_fit(task.train, tokenizer, args.max_prompt_tokens)
-    task.eval, too_long_eval = utils.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
+    task.train, too_long = dialogues.openings_that_fit(task.train, tokenizer, args.max_prompt_tokens)
+    task.eval, too_long_eval = dialogues.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
     if not task.train or not task.eval:
         raise SystemExit(f"no training or no evaluation opening fits --max_prompt_tokens {args.max_prompt_tokens}")
     references = ", ".join(f"{name} {scores[-1]:.3f}" for name, scores in task.reference_scores.items())
@@ -317,19 +318,19 @@ if __name__ == "__main__":
     optimizer, scheduler = make_optimizer()
 
     # the policy's rollout engine, colocated on this rank
-    engine = utils.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
-                               kv_cache_bytes, args.rollout_backend,
-                               sleep_mode=args.engine_sleep)
+    engine = dialogues.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
+                                   kv_cache_bytes, args.rollout_backend,
+                                   sleep_mode=args.engine_sleep)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
                  + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
 
-    def play(openings: list[utils.Episode], horizons: list[int], seed: tuple) -> list[utils.Episode]:
-        return utils.rollout_dialogues(openings, engine, tokenizer, task.user, horizons, args.max_new_tokens,
-                                       args.temperature, seed)
+    def play(openings: list[dialogues.Episode], horizons: list[int], seed: tuple) -> list[dialogues.Episode]:
+        return dialogues.rollout_dialogues(openings, engine, tokenizer, task.user, horizons, args.max_new_tokens,
+                                           args.temperature, seed)
 
     def evaluate() -> list[list[float]]:
-        return utils.evaluate_by_turn(task, engine, tokenizer, args.max_new_tokens, args.temperature, args.seed,
-                                      rank, world_size)
+        return dialogues.evaluate_by_turn(task, engine, tokenizer, args.max_new_tokens, args.temperature, args.seed,
+                                          rank, world_size)
 
     logger = utils.MetricsLogger(run_dir, utils.flat_args(args), args.track, args.wandb_project,
                                  args.wandb_entity, run_name, args.resume)
@@ -340,16 +341,16 @@ if __name__ == "__main__":
         initial_scores, spent = state["initial_scores"], state["spent"]
         start_iteration = state["iteration"] + 1
         logger.truncate_after(state["iteration"])
-        utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        dialogues.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
     else:
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
         start_iteration, spent = 1, {"policy_tokens": 0, "user_tokens": 0, "reward_calls": 0}
-        utils.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
+        dialogues.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
         initial_scores = evaluate()
-        initial = utils.eval_metrics(initial_scores, initial_scores)
+        initial = dialogues.eval_metrics(initial_scores, initial_scores)
         logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
                                   for t, v in enumerate(scores, start=1)},
                     **{f"skipped/rows_{cause}": n for cause, n in task.skipped.items()},
@@ -378,7 +379,7 @@ if __name__ == "__main__":
             engine.sleep()
         timings["rollout"] = time.time() - t0
         for side, first_turns in ((a_side, [0] * len(a_side)), (b_side, branch_turns)):
-            policy_tokens, user_tokens = utils.generated_tokens(side, tokenizer, first_turns)
+            policy_tokens, user_tokens = dialogues.generated_tokens(side, tokenizer, first_turns)
             spent["policy_tokens"] += policy_tokens
             spent["user_tokens"] += user_tokens
         spent["reward_calls"] += len(a_side) + len(b_side)
@@ -413,7 +414,7 @@ if __name__ == "__main__":
         losses = []
         for epoch in range(args.num_epochs):
             # the shuffle has its own seed: vLLM draws from torch's global generator, so that one is not replayable
-            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
+            shuffle = torch.Generator().manual_seed(dialogues.sample_seed(args.seed, iteration, rank, epoch))
             order = torch.randperm(num_train, generator=shuffle)
             for mb_start in range(0, num_train, args.minibatch_pairs):
                 mb = order[mb_start : mb_start + args.minibatch_pairs]
@@ -446,7 +447,7 @@ if __name__ == "__main__":
 
         # 7. push the new weights into this rank's engine, and check that they arrived
         t0 = time.time()
-        sync_gap = utils.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        sync_gap = dialogues.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
@@ -469,7 +470,7 @@ if __name__ == "__main__":
         over_budget = args.token_budget is not None and metrics["budget/generated_tokens"] >= args.token_budget
         last = iteration == args.num_iterations or over_budget
         if iteration % args.eval_every == 0 or last:
-            metrics.update(utils.eval_metrics(evaluate(), initial_scores))
+            metrics.update(dialogues.eval_metrics(evaluate(), initial_scores))
         logger.log(metrics, iteration=iteration)
         shown = {"reward": metrics["reward/score"], "loss": metrics["loss/refuel"],
                  "sign_align": metrics["val/sign_align"]}

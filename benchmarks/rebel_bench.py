@@ -30,6 +30,7 @@ import tyro
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import dialogues  # noqa: E402
 import utils  # noqa: E402
 
 PHASES = ["rollout", "reward", "old_logprobs", "train", "sync"]
@@ -98,21 +99,21 @@ def throughput(args: Args) -> str:
     rank, world_size, device = utils.init_distributed()
     path = utils.resolve_model_path(utils.EMBEDDED_SMOLLM2)
     tokenizer = utils.load_tokenizer(path)
-    dialogues, _ = utils.load_prompts(os.path.join(REPO, "data", "prompts.jsonl"), "prompt")
-    prompts = [utils.chat_token_ids(tokenizer, d, add_generation_prompt=True) for d in dialogues[: args.num_prompts]]
+    chats, _ = dialogues.load_prompts(os.path.join(REPO, "data", "prompts.jsonl"), "prompt")
+    prompts = [utils.chat_token_ids(tokenizer, d, add_generation_prompt=True) for d in chats[: args.num_prompts]]
     bf16 = device.type == "cuda"  # as rebel.py: fp32 on the CPU
 
     t0 = time.time()
-    vllm_engine = utils.make_engine(path, device, 256 + args.max_new_tokens, args.seed, bf16, 0.3, None,
-                                    backend="vllm")
+    vllm_engine = dialogues.make_engine(path, device, 256 + args.max_new_tokens, args.seed, bf16, 0.3, None,
+                                        backend="vllm")
     vllm_start = time.time() - t0
     t0 = time.time()
-    hf_engine = utils.TransformersEngine(path, device, torch.bfloat16 if bf16 else torch.float32)
+    hf_engine = dialogues.TransformersEngine(path, device, torch.bfloat16 if bf16 else torch.float32)
     hf_start = time.time() - t0
     engines = {"vLLM": vllm_engine, "transformers": hf_engine}
 
     def run(engine, repeat):
-        seeds = [utils.sample_seed(args.seed, repeat, j) for j in range(len(prompts))]
+        seeds = [dialogues.sample_seed(args.seed, repeat, j) for j in range(len(prompts))]
         t0 = time.time()
         out = engine.generate(prompts, args.max_new_tokens, args.temperature, seeds)
         return sum(len(c.token_ids) for c in out), time.time() - t0, sum(c.finished for c in out) / len(out)

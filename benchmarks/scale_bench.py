@@ -1,7 +1,7 @@
 """Memory of a weight sync and of a training step, measured side by side in one run.
 
 Sync: the whole-model gather of before (`utils.full_state_dict`, fp32, then one reload) against the streamed sync
-(`utils.sync_weights`, buckets of --bucket_mb), into a colocated vLLM engine per rank, on 2 ranks (rank 0's
+(`dialogues.sync_weights`, buckets of --bucket_mb), into a colocated vLLM engine per rank, on 2 ranks (rank 0's
 numbers), for the embedded SmolLM2-135M and a random Llama of about 370M parameters built here. Training: one
 forward and backward of SmolLM2-135M on a fixed batch, with and without activation checkpointing. Each case runs
 in a fresh process (so one case's freed memory cannot hide the next one's peak); peak memory is the largest
@@ -27,6 +27,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+import dialogues  # noqa: E402
 import utils  # noqa: E402
 
 MiB = 2**20
@@ -70,7 +71,7 @@ def run_case(case: str, model_path: str, bucket_mb: float, repeats: int) -> dict
     parameters = sum(p.full_tensor().numel() for p in model.parameters())
     runs = []
     if case.startswith("sync"):
-        engine = utils.make_engine(model_path, device, 512, 0, False, 0.3, 256 * MiB, "vllm")
+        engine = dialogues.make_engine(model_path, device, 512, 0, False, 0.3, 256 * MiB, "vllm")
         tokenizer = utils.load_tokenizer(model_path)
         probe = tokenizer("A fixed sentence whose log-probs are compared after the sync.").input_ids
         for _ in range(repeats + 1):  # the first sync warms vLLM's reload path up and is not counted
@@ -79,10 +80,10 @@ def run_case(case: str, model_path: str, bucket_mb: float, repeats: int) -> dict
                     p.add_(1e-3 * torch.randn_like(p))
             if case == "sync_full":
                 runs.append(peak_above_baseline(lambda: engine.load_weights(utils.full_state_dict(model))))
-                utils.check_logprob_parity(engine, model, probe, device, 1e-3)
+                dialogues.check_logprob_parity(engine, model, probe, device, 1e-3)
             else:
-                runs.append(peak_above_baseline(lambda: utils.sync_weights(engine, model, probe, device, 1e-3,
-                                                                           bucket_mb)))
+                runs.append(peak_above_baseline(lambda: dialogues.sync_weights(engine, model, probe, device, 1e-3,
+                                                                               bucket_mb)))
         runs = runs[1:]
     else:
         model.train()

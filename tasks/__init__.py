@@ -1,10 +1,10 @@
-"""Tasks: what a multi-turn script trains on. A `utils.Task` holds dialogue openings, a simulated user, a reward
+"""Tasks: what a multi-turn script trains on. A `dialogues.Task` holds dialogue openings, a simulated user, a reward
 and a horizon H; every multi-turn script gets one from `load_task` and never builds one itself.
 
 Built in: `guess_number` (tasks/guess_number.py: the verifiable game) and `chat` (tasks/chat.py: dataset openings,
 a simulated user, a reward model). A fork's own task is `--task module:function` or `--task path/file.py:function`:
 a function with keyword parameters (any of the `TaskArgs` fields and of the run's own values that `load_task`
-passes: seed, rank, device, bf16, model, context_tokens, ...) that returns a `utils.Task`. It is called exactly as
+passes: seed, rank, device, bf16, model, context_tokens, ...) that returns a `dialogues.Task`. It is called exactly as
 the built-in ones are.
 """
 
@@ -13,6 +13,7 @@ import inspect
 import os
 from typing import Literal
 
+import dialogues
 import utils
 
 BUILT_IN = {"guess_number": "tasks.guess_number:make_task", "chat": "tasks.chat:make_task"}
@@ -23,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class TaskArgs:
     task: str = "guess_number"
     """`guess_number` (verifiable: code user and reward), `chat` (dataset openings, a simulated user, a reward
-    model or function), or `module:function` / `file.py:function` returning a `utils.Task`"""
+    model or function), or `module:function` / `file.py:function` returning a `dialogues.Task`"""
     horizon: int | None = None
     """largest number of assistant turns H; default the task's own (guessing game: 3; chat: the paper's 5)"""
 
@@ -78,7 +79,7 @@ def task_factory(name: str):
     return utils.import_function(spec)
 
 
-def load_task(args: TaskArgs, **run_values) -> utils.Task:
+def load_task(args: TaskArgs, **run_values) -> dialogues.Task:
     """Calls the task's factory with the `TaskArgs` fields and `run_values` it takes as parameters, and checks what
     it returns. A flag set away from its default that the factory does not take is reported: it has no effect."""
     factory = task_factory(args.task)
@@ -91,8 +92,8 @@ def load_task(args: TaskArgs, **run_values) -> utils.Task:
     if ignored:
         utils.print0(f"warning: task {args.task!r} does not use {', '.join(ignored)}; those flags have no effect")
     task = factory(**{k: v for k, v in offered.items() if takes_all or k in parameters})
-    if not isinstance(task, utils.Task):
-        raise TypeError(f"task {args.task!r} returned {type(task).__name__}, not a utils.Task")
+    if not isinstance(task, dialogues.Task):
+        raise TypeError(f"task {args.task!r} returned {type(task).__name__}, not a dialogues.Task")
     if not task.train:
         raise ValueError(f"task {args.task!r} has no training openings")
     return task

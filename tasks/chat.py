@@ -10,6 +10,7 @@ import time
 
 import torch
 
+import dialogues
 import utils
 
 USER_PROMPT_TOKENS = 512
@@ -56,11 +57,11 @@ class LLMUser:
         self.engine, self.tokenizer = engine, tokenizer
         self.max_tokens, self.temperature, self.seed = max_tokens, temperature, seed
 
-    def __call__(self, episodes: list[utils.Episode]) -> list[str]:
+    def __call__(self, episodes: list[dialogues.Episode]) -> list[str]:
         texts = [user_simulator_prompt(e.messages) for e in episodes]
         prompts = [utils.chat_token_ids(self.tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True)
                    for t in texts]
-        seeds = [utils.sample_seed(self.seed, t) for t in texts]
+        seeds = [dialogues.sample_seed(self.seed, t) for t in texts]
         completions = self.engine.generate(prompts, self.max_tokens, self.temperature, seeds)
         return [parse_user_reply(c.text) for c in completions]
 
@@ -107,11 +108,11 @@ class ServerUser:
         raise UserServerError(f"the user server at {self.url} failed after {attempt + 1} tries (--user_timeout "
                               f"{self.timeout:g} s, --user_retries {self.retries}); last error: {error}")
 
-    def __call__(self, episodes: list[utils.Episode]) -> list[str]:
+    def __call__(self, episodes: list[dialogues.Episode]) -> list[str]:
         from concurrent.futures import ThreadPoolExecutor
 
         prompts = [user_simulator_prompt(e.messages) for e in episodes]
-        seeds = [utils.sample_seed(self.seed, p) for p in prompts]
+        seeds = [dialogues.sample_seed(self.seed, p) for p in prompts]
         with ThreadPoolExecutor(self.concurrency) as pool:
             return [parse_user_reply(text) for text in pool.map(self._ask, prompts, seeds)]
 
@@ -122,7 +123,7 @@ class DatasetUser:
     Reads them from `info["user_turns"]`; the dialogue ends when they run out.
     """
 
-    def __call__(self, episodes: list[utils.Episode]) -> list[str | None]:
+    def __call__(self, episodes: list[dialogues.Episode]) -> list[str | None]:
         replies = []
         for e in episodes:
             turns = e.info.get("user_turns", [])
@@ -130,15 +131,15 @@ class DatasetUser:
         return replies
 
 
-def dataset_openings(dataset: str, prompt_column: str, split: str) -> tuple[list[utils.Episode], dict[str, int]]:
+def dataset_openings(dataset: str, prompt_column: str, split: str) -> tuple[list[dialogues.Episode], dict[str, int]]:
     """Each usable row as an episode ending at its first user turn; the row's later user turns are kept in
     `info["user_turns"]` for the dataset user. Also returns the skipped rows' counts by cause."""
-    dialogues, skipped = utils.load_prompts(dataset, prompt_column, split)
+    chats, skipped = dialogues.load_prompts(dataset, prompt_column, split)
     openings = []
-    for d in dialogues:
+    for d in chats:
         first_user = next(i for i, m in enumerate(d) if m["role"] == "user")
         later_user_turns = [m["content"] for m in d[first_user + 1 :] if m["role"] == "user"]
-        openings.append(utils.Episode(d[: first_user + 1], {"user_turns": later_user_turns}))
+        openings.append(dialogues.Episode(d[: first_user + 1], {"user_turns": later_user_turns}))
     return openings, skipped
 
 
@@ -151,7 +152,7 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
               trust_remote_code: bool = False, reward_max_length: int = 4096, max_prompt_tokens: int = 1024,
               max_new_tokens: int = 1024,
               engine_memory_share: float = 0.3, kv_cache_bytes: int | None = None,
-              rollout_backend: str = "auto") -> utils.Task:
+              rollout_backend: str = "auto") -> dialogues.Task:
     """The chat task; the first `num_eval_prompts` openings are held out for evaluation. `horizon` None is the
     paper's 5 turns. The `llm` user defaults to the policy's own base model (`model`, else the embedded SmolLM2),
     frozen, on an engine of its own; its task's `engines` list holds it so the script can close it."""
@@ -178,12 +179,12 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
         def reward(episodes):
             return [float(score_dialogue(e.messages)) for e in episodes]
     engines = []
-    user_seed = utils.sample_seed(seed, "user", rank)
+    user_seed = dialogues.sample_seed(seed, "user", rank)
     if user == "llm":
         user_path = utils.resolve_model_path(user_model or model or utils.EMBEDDED_SMOLLM2)
         context = max_prompt_tokens + horizon * (max_new_tokens + user_max_tokens + TEMPLATE_TOKENS_PER_TURN)
-        engine = utils.make_engine(user_path, device, context + USER_PROMPT_TOKENS, seed + 1, bf16,
-                                   engine_memory_share, kv_cache_bytes, rollout_backend)
+        engine = dialogues.make_engine(user_path, device, context + USER_PROMPT_TOKENS, seed + 1, bf16,
+                                       engine_memory_share, kv_cache_bytes, rollout_backend)
         engines.append(engine)
         simulated_user = LLMUser(engine, utils.load_tokenizer(user_path), user_max_tokens, user_temperature,
                                  user_seed)
@@ -192,5 +193,5 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
                                     user_timeout, user_retries)
     else:
         simulated_user = DatasetUser()
-    return utils.Task(train=openings[num_eval_prompts:], eval=openings[:num_eval_prompts], user=simulated_user,
-                      reward=reward, horizon=horizon, engines=engines, skipped=skipped)
+    return dialogues.Task(train=openings[num_eval_prompts:], eval=openings[:num_eval_prompts], user=simulated_user,
+                          reward=reward, horizon=horizon, engines=engines, skipped=skipped)

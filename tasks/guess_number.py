@@ -13,6 +13,7 @@ import time
 
 import torch
 
+import dialogues
 import utils
 
 
@@ -35,9 +36,9 @@ class GuessNumber:
         self.n, self.horizon = n, horizon
         self.opening = f"I am thinking of a number from 1 to {n}. Guess it: answer with the number only."
 
-    def new_episode(self, secret: int) -> utils.Episode:
+    def new_episode(self, secret: int) -> dialogues.Episode:
         # a short system turn replaces the chat template's default one: fewer tokens for a tiny model to read
-        return utils.Episode([{"role": "system", "content": "Guessing game."},
+        return dialogues.Episode([{"role": "system", "content": "Guessing game."},
                               {"role": "user", "content": self.opening}], {"secret": secret})
 
     def parse(self, text: str) -> int | None:
@@ -52,7 +53,7 @@ class GuessNumber:
         high = min(high, guess - 1)
         return f"Lower: from {low} to {high}.", low, high
 
-    def reply(self, episode: utils.Episode) -> str | None:
+    def reply(self, episode: dialogues.Episode) -> str | None:
         guesses = [self.parse(m["content"]) for m in episode.messages if m["role"] == "assistant"]
         if guesses[-1] is None:
             return f"Please answer with one number from 1 to {self.n}."
@@ -63,10 +64,10 @@ class GuessNumber:
             text, low, high = self.answer(guess, episode.info["secret"], low, high)
         return text
 
-    def users(self, episodes: list[utils.Episode]) -> list[str | None]:
+    def users(self, episodes: list[dialogues.Episode]) -> list[str | None]:
         return [self.reply(e) for e in episodes]
 
-    def rewards(self, episodes: list[utils.Episode]) -> list[float]:
+    def rewards(self, episodes: list[dialogues.Episode]) -> list[float]:
         return [float(any(self.parse(m["content"]) == e.info["secret"] for m in e.messages if m["role"] == "assistant"))
                 for e in episodes]
 
@@ -85,7 +86,7 @@ class GuessNumber:
                 _, low, high = self.answer(guess, secret, low, high)
         return [s / games for s in solved]
 
-    def random_consistent_game(self, rng: random.Random) -> utils.Episode:
+    def random_consistent_game(self, rng: random.Random) -> dialogues.Episode:
         """A full game of random consistent play: the supervised warm-start data, and the recorded dialogues the
         baselines take their offline contexts from."""
         secret, low, high = rng.randint(1, self.n), 1, self.n
@@ -157,7 +158,7 @@ def warm_start_policy(game: GuessNumber, tokenizer_path: str, steps: int = 800, 
 
 def make_task(seed: int, model: str | None = None, horizon: int | None = None, guess_max: int = 7,
               warm_start_steps: int = 800, num_train: int = 4096, num_eval: int = 1024,
-              num_recorded: int = 4096) -> utils.Task:
+              num_recorded: int = 4096) -> dialogues.Task:
     """The game's task: `num_train` openings with secrets drawn with `seed`, `num_eval` with a fixed seed (every run
     evaluates on the same games), `num_recorded` games of random consistent play (the baselines' offline
     dialogues), the game's reference scores, and, when no `model` is given, the warm-started
@@ -169,7 +170,7 @@ def make_task(seed: int, model: str | None = None, horizon: int | None = None, g
     if model is None:
         tokenizer_path = utils.resolve_model_path(utils.EMBEDDED_SMOLLM2)  # its tokenizer, for the tiny policy
         policy = utils.rank0_first(lambda: warm_start_policy(game, tokenizer_path, warm_start_steps))
-    return utils.Task(
+    return dialogues.Task(
         train=[game.new_episode(rng.randint(1, game.n)) for _ in range(num_train)],
         eval=[game.new_episode(eval_rng.randint(1, game.n)) for _ in range(num_eval)],
         user=game.users, reward=game.rewards, horizon=game.horizon,

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+import dialogues
 import utils
 
 
@@ -15,8 +16,8 @@ def test_strings_and_chat_lists_are_read(tmp_path):
         {"prompt": "Hello?"},
         {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]},
     ])
-    dialogues, skipped = utils.load_prompts(source, "prompt")
-    assert dialogues == [[{"role": "user", "content": "Hello?"}],
+    chats, skipped = dialogues.load_prompts(source, "prompt")
+    assert chats == [[{"role": "user", "content": "Hello?"}],
                          [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]]
     assert skipped == {}
 
@@ -27,8 +28,8 @@ def test_bad_rows_are_skipped_and_counted_by_cause(tmp_path):
         {"prompt": [{"role": "assistant", "content": "no question"}]},
         {"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "a recorded answer"}]},
     ])
-    dialogues, skipped = utils.load_prompts(source, "prompt")
-    assert len(dialogues) == 2 and dialogues[1][-1]["role"] == "assistant"  # a whole recorded dialogue is kept
+    chats, skipped = dialogues.load_prompts(source, "prompt")
+    assert len(chats) == 2 and chats[1][-1]["role"] == "assistant"  # a whole recorded dialogue is kept
     assert skipped == {"empty": 2, "unknown role 'wizard'": 1, "no user message": 1}
 
 
@@ -47,7 +48,7 @@ def test_bad_rows_are_skipped_and_counted_by_cause(tmp_path):
     ("A plain question that mentions Human: inside.", [("user", "A plain question that mentions Human: inside.")]),
 ])
 def test_each_message_shape_is_read(cell, expected):
-    assert [(m["role"], m["content"]) for m in utils.as_messages(cell)] == expected
+    assert [(m["role"], m["content"]) for m in dialogues.as_messages(cell)] == expected
 
 
 @pytest.mark.parametrize("cell,message", [
@@ -56,39 +57,39 @@ def test_each_message_shape_is_read(cell, expected):
 ])
 def test_bad_cells_say_what_is_wrong(cell, message):
     with pytest.raises(ValueError, match=message):
-        utils.as_messages(cell)
+        dialogues.as_messages(cell)
 
 
 def test_one_broken_json_line_keeps_the_good_rows(tmp_path, capsys):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a?"}\n{"prompt": "b?"\n{"prompt": "c?"}\n')
-    dialogues, skipped = utils.load_prompts(str(path), "prompt")
-    assert [d[0]["content"] for d in dialogues] == ["a?", "c?"] and skipped == {"bad_json_line": 1}
+    chats, skipped = dialogues.load_prompts(str(path), "prompt")
+    assert [d[0]["content"] for d in chats] == ["a?", "c?"] and skipped == {"bad_json_line": 1}
     assert "lines [2]" in capsys.readouterr().out
 
 
 def test_a_column_of_the_wrong_type_names_the_first_bad_row(tmp_path):
     source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": 1}, {"prompt": 2}])
     with pytest.raises(ValueError, match=r"row 0: a int cell"):
-        utils.load_prompts(source, "prompt")
+        dialogues.load_prompts(source, "prompt")
 
 
 def test_missing_column_names_the_columns(tmp_path):
     source = write_jsonl(tmp_path / "p.jsonl", [{"question": "Hello?"}])
     with pytest.raises(ValueError, match=r"no column 'prompt'.*\['question'\]"):
-        utils.load_prompts(source, "prompt")
+        dialogues.load_prompts(source, "prompt")
 
 
 def test_dataset_without_usable_rows_is_an_error(tmp_path):
     source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": ""}, {"prompt": "   "}])
     with pytest.raises(ValueError, match="no usable prompt"):
-        utils.load_prompts(source, "prompt")
+        dialogues.load_prompts(source, "prompt")
 
 
 def test_empty_file_is_an_error(tmp_path):
     (tmp_path / "p.jsonl").write_text("")
     with pytest.raises(ValueError, match="the file is empty"):
-        utils.load_prompts(str(tmp_path / "p.jsonl"), "prompt")
+        dialogues.load_prompts(str(tmp_path / "p.jsonl"), "prompt")
 
 
 def test_parquet_and_saved_folders_load(tmp_path):
@@ -97,8 +98,8 @@ def test_parquet_and_saved_folders_load(tmp_path):
     ds = datasets.Dataset.from_dict({"prompt": ["a?", "b?"]})
     ds.to_parquet(str(tmp_path / "p.parquet"))
     ds.save_to_disk(str(tmp_path / "saved"))
-    assert len(utils.load_prompts(str(tmp_path / "p.parquet"), "prompt")[0]) == 2
-    assert len(utils.load_prompts(str(tmp_path / "saved"), "prompt")[0]) == 2
+    assert len(dialogues.load_prompts(str(tmp_path / "p.parquet"), "prompt")[0]) == 2
+    assert len(dialogues.load_prompts(str(tmp_path / "saved"), "prompt")[0]) == 2
 
 
 def test_reward_model_scores_dialogues_batched_or_not(process_group, tiny_reward_model):
@@ -106,8 +107,8 @@ def test_reward_model_scores_dialogues_batched_or_not(process_group, tiny_reward
     import torch
 
     rm = utils.RewardModel(tiny_reward_model, process_group[2], torch.float32, max_length=512)
-    dialogues = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x" * n}] for n in (1, 5, 9)]
-    scores = rm(dialogues)
-    single = [rm([d])[0] for d in dialogues]
+    chats = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x" * n}] for n in (1, 5, 9)]
+    scores = rm(chats)
+    single = [rm([d])[0] for d in chats]
     assert scores == pytest.approx(single, abs=1e-5)
     assert len(set(round(s, 6) for s in scores)) == 3

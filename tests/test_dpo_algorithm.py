@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import dialogues
 import utils
 from dpo_multiturn import dpo_loss, preference_pairs, state, training_states
 
@@ -29,7 +30,7 @@ class ScriptedPlayer:
         self.tokenizer, self.first, self.then, self.calls = tokenizer, first, then, 0
 
     def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float,
-                 seeds: list[int]) -> list[utils.Completion]:
+                 seeds: list[int]) -> list[dialogues.Completion]:
         strategy = STRATEGIES[self.first if self.calls == 0 else self.then]
         self.calls += 1
         out = []
@@ -37,7 +38,7 @@ class ScriptedPlayer:
             lo, hi = map(int, re.findall(r"from (\d+) to (\d+)", self.tokenizer.decode(prompt))[-1])
             text = str(strategy(lo, hi))
             ids = self.tokenizer(text, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
-            out.append(utils.Completion(ids, text, True))
+            out.append(dialogues.Completion(ids, text, True))
         return out
 
 
@@ -58,15 +59,15 @@ def tokenizer(smollm2_path):
     return utils.load_tokenizer(smollm2_path)
 
 
-def contexts(kind: str, game, tokenizer) -> list[utils.Episode]:
+def contexts(kind: str, game, tokenizer) -> list[dialogues.Episode]:
     """The dialogues states are cut from: recorded random consistent games (offline), games the initial policy
     played once (scripted: always the interval's low end), or games the current policy plays (always the high end)."""
     if kind == "offline":
         return [game.random_consistent_game(random.Random(i)) for i in range(40)]
     openings = [game.new_episode(secret) for secret in range(1, game.n + 1) for _ in range(3)]
     player = "low" if kind == "initial" else "high"
-    return utils.rollout_dialogues(openings, ScriptedPlayer(tokenizer, player, player), tokenizer, game.users,
-                                   [game.horizon] * len(openings), 8, 1.0, (0, kind))
+    return dialogues.rollout_dialogues(openings, ScriptedPlayer(tokenizer, player, player), tokenizer, game.users,
+                                       [game.horizon] * len(openings), 8, 1.0, (0, kind))
 
 
 @pytest.mark.parametrize("target", ["immediate", "future"])
@@ -79,13 +80,13 @@ def test_pairs_of_every_combination_match_the_oracle(tokenizer, turns_mode, kind
     from tasks.guess_number import GuessNumber
 
     game = GuessNumber()
-    dialogues = contexts(kind, game, tokenizer)
-    played = [sum(m["role"] == "assistant" for m in d.messages) for d in dialogues]
+    played_dialogues = contexts(kind, game, tokenizer)
+    played = [sum(m["role"] == "assistant" for m in d.messages) for d in played_dialogues]
     picked = training_states(np.random.default_rng(0), played, 30, turns_mode, game.horizon)
-    states = [state(dialogues[d], h) for d, h in picked]
+    states = [state(played_dialogues[d], h) for d, h in picked]
     until = [h + 1 if target == "immediate" else game.horizon for _, h in picked]
-    sides = [[utils.rollout_dialogues([copy.deepcopy(s)], ScriptedPlayer(tokenizer, first, "mid"), tokenizer,
-                                      game.users, [u], 8, 1.0, (0, first))[0] for s, u in zip(states, until)]
+    sides = [[dialogues.rollout_dialogues([copy.deepcopy(s)], ScriptedPlayer(tokenizer, first, "mid"), tokenizer,
+                                          game.users, [u], 8, 1.0, (0, first))[0] for s, u in zip(states, until)]
              for first in ("mid", "low")]
     scores = torch.tensor([game.rewards(side) for side in sides]).T
     identical = torch.tensor([a.responses[h] == b.responses[h] for a, b, (_, h) in zip(*sides, picked)])
@@ -94,8 +95,8 @@ def test_pairs_of_every_combination_match_the_oracle(tokenizer, turns_mode, kind
     context_player = {"initial": "low", "onpolicy": "high"}.get(kind)
     for i, ((d, h), s) in enumerate(zip(picked, states)):
         assert h == played[d] - 1 if turns_mode == "last" else 0 <= h < played[d]
-        assert s.turns == h and s.messages[-1]["role"] == "user" and s.info == dialogues[d].info
-        assert s.messages == dialogues[d].messages[: len(s.messages)]
+        assert s.turns == h and s.messages[-1]["role"] == "user" and s.info == played_dialogues[d].info
+        assert s.messages == played_dialogues[d].messages[: len(s.messages)]
         secret, (lo, hi) = s.info["secret"], map(int, re.findall(r"from (\d+) to (\d+)", s.messages[-1]["content"])[-1])
         if context_player is not None:  # the earlier turns are the context policy's own guesses
             bounds = [(1, game.n)] + [tuple(map(int, re.findall(r"from (\d+) to (\d+)", m["content"])[-1]))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import dialogues
 import utils
 from dpo_multiturn import dpo_loss, preference_pairs, rebel_loss, state, training_states
 from tasks.guess_number import GuessNumber
@@ -162,8 +163,8 @@ def test_preference_datasets_in_the_usual_formats(tmp_path, smollm2_path):
            "rejected": question + [{"role": "assistant", "content": "No."}], "score_chosen": 9.0}]
     for name, rows in (("hh.jsonl", hh), ("uf.jsonl", uf)):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    hh_pairs, hh_skipped = utils.load_preferences(str(tmp_path / "hh.jsonl"))
-    uf_pairs, uf_skipped = utils.load_preferences(str(tmp_path / "uf.jsonl"))
+    hh_pairs, hh_skipped = dialogues.load_preferences(str(tmp_path / "hh.jsonl"))
+    uf_pairs, uf_skipped = dialogues.load_preferences(str(tmp_path / "uf.jsonl"))
     assert hh_pairs == uf_pairs and hh_skipped == {"different contexts": 1} and uf_skipped == {}
     tokenizer = utils.load_tokenizer(smollm2_path)
     prompt, chosen, rejected = preference_tokens(tokenizer, *hh_pairs[0])
@@ -171,4 +172,4 @@ def test_preference_datasets_in_the_usual_formats(tmp_path, smollm2_path):
     assert tokenizer.decode(chosen) == "Yes.<|im_end|>" and tokenizer.decode(rejected) == "No.<|im_end|>"
     (tmp_path / "bad.jsonl").write_text(json.dumps({"chosen": "\n\nHuman: only a question", "rejected": "x"}) + "\n")
     with pytest.raises(ValueError, match="row 0: no final answer"):
-        utils.load_preferences(str(tmp_path / "bad.jsonl"))
+        dialogues.load_preferences(str(tmp_path / "bad.jsonl"))

@@ -28,7 +28,7 @@ def test_unknown_tasks_and_wrong_returns_are_clear_errors(tmp_path, process_grou
         load_task(TaskArgs(task="guess"))
     bad = tmp_path / "bad_task.py"
     bad.write_text("def make_task():\n    return {'train': []}\n")
-    with pytest.raises(TypeError, match="returned dict, not a utils.Task"):
+    with pytest.raises(TypeError, match="returned dict, not a dialogues.Task"):
         load_task(TaskArgs(task=f"{bad}:make_task"))
     with pytest.raises(ValueError, match="has no 'nothing'"):
         load_task(TaskArgs(task=f"{bad}:nothing"))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import dialogues
 import utils
 from conftest import free_port
 from refuel import refuel_loss, sample_horizons
@@ -15,7 +16,7 @@ from tasks.guess_number import GuessNumber
 
 
 def opening(text="Tell me about cats."):
-    return utils.Episode([{"role": "user", "content": text}])
+    return dialogues.Episode([{"role": "user", "content": text}])
 
 
 class EchoUser:
@@ -30,8 +31,8 @@ class EchoUser:
 
 def test_turns_alternate_and_unfinished_turns_are_marked(vllm_engine, tiny_model):
     tokenizer = utils.load_tokenizer(tiny_model)
-    episodes = utils.rollout_dialogues([opening(), opening("Hi.")], vllm_engine, tokenizer, EchoUser(), [3, 2], 4,
-                                       1.0, (0,))
+    episodes = dialogues.rollout_dialogues([opening(), opening("Hi.")], vllm_engine, tokenizer, EchoUser(), [3, 2], 4,
+                                           1.0, (0,))
     for e, h in zip(episodes, [3, 2]):
         assert e.turns == h and len(e.prompts) == h and len(e.finished) == h
         roles = [m["role"] for m in e.messages]
@@ -43,19 +44,19 @@ def test_turns_alternate_and_unfinished_turns_are_marked(vllm_engine, tiny_model
 
 def test_early_ending_dialogues_stop(vllm_engine, tiny_model):
     tokenizer = utils.load_tokenizer(tiny_model)
-    episodes = utils.rollout_dialogues([opening(), opening()], vllm_engine, tokenizer, EchoUser(stop_after=2),
-                                       [5, 1], 4, 1.0, (0,))
+    episodes = dialogues.rollout_dialogues([opening(), opening()], vllm_engine, tokenizer, EchoUser(stop_after=2),
+                                           [5, 1], 4, 1.0, (0,))
     assert [e.turns for e in episodes] == [2, 1]
     assert episodes[0].done and not episodes[1].done  # the second reached its horizon, nobody ended it
 
 
 def test_branch_shares_the_prefix_token_for_token(vllm_engine, tiny_model):
     tokenizer = utils.load_tokenizer(tiny_model)
-    a_side = utils.rollout_dialogues([opening() for _ in range(4)], vllm_engine, tokenizer, EchoUser(), [4] * 4, 5,
-                                     1.0, (0, "A"))
+    a_side = dialogues.rollout_dialogues([opening() for _ in range(4)], vllm_engine, tokenizer, EchoUser(), [4] * 4, 5,
+                                         1.0, (0, "A"))
     for h in range(4):
-        b = utils.rollout_dialogues([a.prefix(h) for a in a_side], vllm_engine, tokenizer, EchoUser(), [4] * 4, 5,
-                                    1.0, (0, "B", h))
+        b = dialogues.rollout_dialogues([a.prefix(h) for a in a_side], vllm_engine, tokenizer, EchoUser(), [4] * 4, 5,
+                                        1.0, (0, "B", h))
         for a, bb in zip(a_side, b):
             assert bb.messages[: 2 * h + 1] == a.messages[: 2 * h + 1]
             assert bb.prompts[h] == a.prompts[h]  # the same state s_h, token for token
@@ -69,8 +70,8 @@ def test_branch_shares_the_prefix_token_for_token(vllm_engine, tiny_model):
 
 def test_dataset_user_replays_the_dataset_turns(vllm_engine, tiny_model):
     tokenizer = utils.load_tokenizer(tiny_model)
-    e = utils.Episode([{"role": "user", "content": "First?"}], {"user_turns": ["Second?", "Third?"]})
-    utils.rollout_dialogues([e], vllm_engine, tokenizer, DatasetUser(), [5], 3, 1.0, (0,))
+    e = dialogues.Episode([{"role": "user", "content": "First?"}], {"user_turns": ["Second?", "Third?"]})
+    dialogues.rollout_dialogues([e], vllm_engine, tokenizer, DatasetUser(), [5], 3, 1.0, (0,))
     assert [m["content"] for m in e.messages if m["role"] == "user"] == ["First?", "Second?", "Third?"]
     assert e.turns == 3 and e.done
 
@@ -95,9 +96,9 @@ def test_llm_user_with_a_tiny_model(vllm_engine, tiny_model):
 
 @pytest.mark.slow
 def test_llm_user_with_smollm2_asks_a_question(process_group, smollm2_path):
-    engine = utils.TransformersEngine(smollm2_path, process_group[2], torch.float32)
+    engine = dialogues.TransformersEngine(smollm2_path, process_group[2], torch.float32)
     user = LLMUser(engine, utils.load_tokenizer(smollm2_path), 64, 0.0, seed=0)
-    e = utils.Episode([{"role": "user", "content": "What is the capital of France?"},
+    e = dialogues.Episode([{"role": "user", "content": "What is the capital of France?"},
                        {"role": "assistant", "content": "The capital of France is Paris."}])
     (reply,) = user([e])
     assert len(reply.split()) >= 3 and "Question:" not in reply

@@ -75,13 +75,13 @@ def test_wandb_offline_run_was_written(full_run):
 
 
 HF_CHECK = """
-import sys, utils
+import sys, dialogues, utils
 folder = sys.argv[1]
 device = utils.init_distributed()[2]
-engine = utils.make_engine(folder, device, 256, 0, False, 0.05, 32 * 2**20, "vllm")
+engine = dialogues.make_engine(folder, device, 256, 0, False, 0.05, 32 * 2**20, "vllm")
 prompt = utils.chat_token_ids(utils.load_tokenizer(folder), [{"role": "user", "content": "Hi"}],
                               add_generation_prompt=True)
-utils.check_logprob_parity(engine, utils.load_causal_lm(folder), prompt + [5, 6, 7], device, 1e-4)
+dialogues.check_logprob_parity(engine, utils.load_causal_lm(folder), prompt + [5, 6, 7], device, 1e-4)
 print("parity ok")
 """
 

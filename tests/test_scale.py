@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import dialogues
 import memory_plan
 import utils
 
@@ -19,8 +20,8 @@ GiB, MiB = 2**30, 2**20
 
 def test_sync_buckets_group_consecutive_tensors():
     # 3 | 4+2 (=6, the limit) | 10 (over the limit, alone) | 1
-    assert utils.sync_buckets([3, 4, 2, 10, 1], 6) == [[0], [1, 2], [3], [4]]
-    assert utils.sync_buckets([], 6) == []
+    assert dialogues.sync_buckets([3, 4, 2, 10, 1], 6) == [[0], [1, 2], [3], [4]]
+    assert dialogues.sync_buckets([], 6) == []
 
 
 # Hand-computed from the config.json files (no weights): per decoder layer q and o are h*h, k and v h*kv with
@@ -55,7 +56,7 @@ def test_simulated_8_ranks_shards_sync_and_plan(config):
         assert {dtype for _, _, dtype in streamed} == {"torch.bfloat16"}
         assert sum(torch.Size(s).numel() for _, s, _ in streamed) == expected["parameters"]
         sizes = [2 * torch.Size(s).numel() for _, s, _ in streamed]
-        buckets = utils.sync_buckets(sizes, 512 * MiB)
+        buckets = dialogues.sync_buckets(sizes, 512 * MiB)
         largest = max(sum(sizes[i] for i in b) for b in buckets)
         assert largest == 2 * expected["embedding"]  # the embedding, alone in its bucket
         assert all(sum(sizes[i] for i in b) <= 512 * MiB for b in buckets if len(b) > 1)
@@ -119,7 +120,7 @@ def test_streamed_weights_are_the_model_in_the_engine_dtype(process_group, tiny_
     device = process_group[2]
     model = utils.shard_model(utils.load_causal_lm(tiny_model, torch.float32, device), bf16=False)
     full = utils.full_state_dict(model)
-    streamed = dict(utils.stream_weights(model, torch.bfloat16, 4096))
+    streamed = dict(dialogues.stream_weights(model, torch.bfloat16, 4096))
     assert set(streamed) == set(full)  # the tied head too, under its own name
     for name, tensor in streamed.items():
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, full[name].to(torch.bfloat16))
@@ -127,9 +128,9 @@ def test_streamed_weights_are_the_model_in_the_engine_dtype(process_group, tiny_
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    engine = utils.TransformersEngine(tiny_model, device, torch.float32)
+    engine = dialogues.TransformersEngine(tiny_model, device, torch.float32)
     probe = list(range(5, 40))
-    assert utils.sync_weights(engine, model, probe, device, 1e-5, bucket_mb=0.01) < 1e-5
+    assert dialogues.sync_weights(engine, model, probe, device, 1e-5, bucket_mb=0.01) < 1e-5
 
 
 def test_streamed_vllm_sync_has_parity_and_no_rotary_warning(process_group, tiny_model, vllm_engine):
@@ -151,7 +152,7 @@ def test_streamed_vllm_sync_has_parity_and_no_rotary_warning(process_group, tiny
         records.clear()
         # 64 KiB buckets: the tiny model's 50 tensors arrive in many pieces
         probe = list(range(5, 40))
-        assert utils.sync_weights(vllm_engine, model, probe, device, 1e-4, bucket_mb=1 / 16) < 1e-4
+        assert dialogues.sync_weights(vllm_engine, model, probe, device, 1e-4, bucket_mb=1 / 16) < 1e-4
         assert not [r.getMessage() for r in records if "Failed to load weights" in r.getMessage()]
     finally:
         vllm_logger.removeHandler(handler)
