@@ -1,4 +1,4 @@
-"""Memory of a weight sync and of a training step, measured side by side in one run.
+"""Memory of a weight sync and of a training step, and the colocated design against the official pipeline's.
 
 Sync: the whole-model gather of before (`utils.full_state_dict`, fp32, then one reload) against the streamed sync
 (`dialogues.sync_weights`, buckets of --bucket_mb), into a colocated vLLM engine per rank, on 2 ranks (rank 0's
@@ -8,14 +8,26 @@ in a fresh process (so one case's freed memory cannot hide the next one's peak);
 resident set size above the one just before the measured call, sampled every millisecond. Writes
 docs/scale_bench.json and the plot docs/scale.png. About 6 minutes on 2 CPU cores.
 
-    .venv/bin/python benchmarks/scale_bench.py [--bucket_mb 32] [--repeats 3]
+Performance anchor (`--part anchor`): the rollout half of one REFUEL iteration on the chat task (SmolLM2-135M as
+policy and as LLM user, dialogues played to the horizon, then one branch per dialogue from a turn h played to the
+horizon again), in two designs, each in a fresh process, same weights and sampling seeds. Resident (this project):
+both engines started once per run, the trainer's weights streamed into the policy engine in process and checked.
+Fresh (the official REFUEL pipeline, setting_one/generate.py): the trained policy saved to disk, then a new process
+and a new vLLM engine for every turn of every role, the dialogues handed over in a file. Training, rewards and
+log-probs do the same work in both and are left out. Writes docs/scale_anchor.json and docs/scale_anchor.png;
+about 10 minutes on 2 CPU cores.
+
+    .venv/bin/python benchmarks/scale_bench.py [--part memory|anchor|all] [--bucket_mb 32] [--repeats 3]
 """
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -29,6 +41,7 @@ import torch  # noqa: E402
 
 import dialogues  # noqa: E402
 import utils  # noqa: E402
+from tasks.chat import LLMUser  # noqa: E402
 
 MiB = 2**20
 RANDOM_370M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=16,
@@ -122,16 +135,201 @@ def plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# performance anchor: resident engines against a fresh engine per turn and role
+
+
+@dataclasses.dataclass
+class AnchorWork:
+    """The rollout work of one REFUEL iteration, the same in both designs."""
+
+    dialogues: int = 16
+    horizon: int = 3
+    max_tokens: int = 48
+    temperature: float = 0.8
+    max_model_len: int = 2048
+
+
+def anchor_policy(model_path: str) -> torch.nn.Module:
+    """The policy being trained, on this rank: the model plus a fixed perturbation standing in for an update."""
+    policy = utils.shard_model(utils.load_causal_lm(model_path), bf16=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    return policy
+
+
+def anchor_openings(work: AnchorWork) -> list[dialogues.Episode]:
+    chats, _ = dialogues.load_prompts(os.path.join(REPO, "data", "prompts.jsonl"), "prompt")
+    return [dialogues.Episode(chat) for chat in chats[: work.dialogues]]
+
+
+def branches(played: list[dialogues.Episode], work: AnchorWork) -> list[dialogues.Episode]:
+    """The second rollout of each pair: the dialogue through user turn h (h = i mod H), to be played on again."""
+    return [e.prefix(min(i % work.horizon, e.turns - 1)) for i, e in enumerate(played)]
+
+
+def save_episodes(episodes: list[dialogues.Episode], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump([dataclasses.asdict(e) for e in episodes], f)
+
+
+def load_episodes(path: str) -> list[dialogues.Episode]:
+    with open(path) as f:
+        return [dialogues.Episode(**e) for e in json.load(f)]
+
+
+def anchor_turn(role: str, model_path: str, state: str, seed: str, work: AnchorWork) -> None:
+    """One turn of one role in a new engine (the official pipeline's response_generator.py / user_generator.py):
+    the dialogues are read from `state`, answered or replied to, and written back."""
+    device = utils.init_distributed()[2]
+    engine = dialogues.make_engine(model_path, device, work.max_model_len, 0, False, 0.3, None, "vllm")
+    tokenizer = utils.load_tokenizer(model_path)
+    episodes = load_episodes(state)
+    if role == "policy":  # the policy answers every open dialogue once; no user is asked within the turn
+        dialogues.rollout_dialogues(episodes, engine, tokenizer, None, [e.turns + 1 for e in episodes],
+                                    work.max_tokens, work.temperature, (0, seed))
+    else:
+        user = LLMUser(engine, tokenizer, work.max_tokens, work.temperature, 1)
+        asking = [e for e in episodes if e.turns < work.horizon]
+        for e, reply in zip(asking, user(asking)):
+            e.messages.append({"role": "user", "content": reply})
+    save_episodes(episodes, state)
+
+
+def anchor_case(design: str, model_path: str, work: AnchorWork) -> dict:
+    """Seconds of the rollout half of one iteration in `design` ("resident" or "fresh"), by phase, and the
+    dialogues played (to compare the two designs' work)."""
+    device = utils.init_distributed()[2]
+    policy, tokenizer = anchor_policy(model_path), utils.load_tokenizer(model_path)
+    openings, seconds = anchor_openings(work), {}
+    if design == "resident":
+        started = time.perf_counter()
+        engine = dialogues.make_engine(model_path, device, work.max_model_len, 0, False, 0.3, None, "vllm")
+        user = LLMUser(dialogues.make_engine(model_path, device, work.max_model_len, 1, False, 0.3, None, "vllm"),
+                       tokenizer, work.max_tokens, work.temperature, 1)
+        seconds["start engines (once per run)"] = time.perf_counter() - started
+        started = time.perf_counter()
+        probe = tokenizer("A fixed sentence whose log-probs are compared after the sync.").input_ids
+        dialogues.sync_weights(engine, policy, probe, device, 1e-3, 512)
+        seconds["hand over weights"] = time.perf_counter() - started
+        started = time.perf_counter()
+        horizons = [work.horizon] * len(openings)
+        played = dialogues.rollout_dialogues(openings, engine, tokenizer, user, horizons, work.max_tokens,
+                                             work.temperature, (0, "A"))
+        branched = dialogues.rollout_dialogues(branches(played, work), engine, tokenizer, user, horizons,
+                                               work.max_tokens, work.temperature, (0, "B"))
+        seconds["play dialogues"] = time.perf_counter() - started
+    else:
+        folder = tempfile.mkdtemp(prefix="anchor_")
+        started = time.perf_counter()
+        weights = utils.full_state_dict(policy)
+        policy.save_pretrained(os.path.join(folder, "policy"), state_dict=weights)
+        tokenizer.save_pretrained(os.path.join(folder, "policy"))
+        seconds["hand over weights"] = time.perf_counter() - started
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                                "MASTER_PORT")}
+        state = os.path.join(folder, "dialogues.json")
+        started = time.perf_counter()
+        passes = []
+        for seed, episodes in (("A", openings), ("B", None)):
+            save_episodes(episodes if episodes is not None else branches(passes[0], work), state)
+            for turn in range(1, work.horizon + 1):
+                roles = [("policy", os.path.join(folder, "policy"))] + ([("user", model_path)] if turn < work.horizon
+                                                                        else [])
+                for role, path in roles:
+                    subprocess.run([sys.executable, __file__, "--anchor_turn", role, "--model_path", path,
+                                    "--state", state, "--seed", seed], env=env, check=True, capture_output=True)
+            passes.append(load_episodes(state))
+        played, branched = passes
+        seconds["play dialogues"] = time.perf_counter() - started
+        shutil.rmtree(folder)
+    texts = [[m["content"] for m in e.messages] for e in played + branched]
+    return {"design": design, "seconds": seconds, "dialogues": texts,
+            "generated_tokens": sum(len(r) for e in played + branched for r in e.responses)}
+
+
+def plot_anchor(results: dict[str, dict], path: str) -> None:
+    """Stacked bars: seconds of each phase per design."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    phases = ["hand over weights", "play dialogues"]
+    labels = {"resident": "resident engines,\nin-process sync", "fresh": "fresh engine per turn\nand role, disk reload"}
+    for design, r in results.items():
+        bottom = 0.0
+        for color, phase in zip(("C1", "C0"), phases):
+            ax.bar(labels[design], r["seconds"][phase], bottom=bottom, color=color,
+                   label=phase if design == "resident" else None)
+            bottom += r["seconds"][phase]
+    ax.set_ylabel("seconds (rollout half of one REFUEL iteration)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run_anchor() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    results = {}
+    for design in ("resident", "fresh"):
+        out = subprocess.run([sys.executable, __file__, "--anchor_case", design, "--model_path",
+                              utils.embedded_smollm2_folder()], env=env, capture_output=True, text=True, check=True)
+        results[design] = next(json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"design"'))
+        print(f"{design:<9} " + "  ".join(f"{k} {v:.1f} s" for k, v in results[design]["seconds"].items()), flush=True)
+    resident, fresh = results["resident"], results["fresh"]
+    same = sum(a == b for a, b in zip(resident["dialogues"], fresh["dialogues"]))
+    work = AnchorWork()
+    print(f"\nsame work: {same} of {len(resident['dialogues'])} dialogues identical word for word; generated tokens "
+          f"{resident['generated_tokens']} (resident) and {fresh['generated_tokens']} (fresh)")
+    print(f"\n{work.dialogues} dialogues and {work.dialogues} branches, {work.horizon} turns, SmolLM2-135M policy and "
+          f"user, {work.max_tokens} tokens per turn, CPU\n")
+    print("| phase | resident (s) | fresh per turn (s) | fresh / resident |")
+    print("|---|---|---|---|")
+    for phase in ("hand over weights", "play dialogues"):
+        a, b = resident["seconds"][phase], fresh["seconds"][phase]
+        print(f"| {phase} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
+    a, b = (sum(r["seconds"][p] for p in ("hand over weights", "play dialogues")) for r in (resident, fresh))
+    print(f"| **rollout half of an iteration** | {a:.1f} | {b:.1f} | **{b / a:.2f}** |")
+    print(f"| start engines (once per run, resident only) | {resident['seconds']['start engines (once per run)']:.1f} "
+          "| - | - |")
+    with open(os.path.join(REPO, "docs", "scale_anchor.json"), "w") as f:
+        json.dump({"work": dataclasses.asdict(work), "identical_dialogues": same,
+                   **{d: {k: v for k, v in r.items() if k != "dialogues"} for d, r in results.items()}}, f, indent=2)
+    plot_anchor(results, os.path.join(REPO, "docs", "scale_anchor.png"))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--bucket_mb", type=float, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--part", choices=["memory", "anchor", "all"], default="all")
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--anchor_case", help=argparse.SUPPRESS)
+    parser.add_argument("--anchor_turn", help=argparse.SUPPRESS)
     parser.add_argument("--model_path", help=argparse.SUPPRESS)
+    parser.add_argument("--state", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # the measurements run in processes of their own; each exits as soon as its result is out, since vLLM's and
+    # the process group's teardown would only cost time
     if args.case:
         print(json.dumps(run_case(args.case, args.model_path, args.bucket_mb, args.repeats)), flush=True)
-        os._exit(0)  # the measurement is out; vLLM's and the process group's teardown would only cost time
+        os._exit(0)
+    if args.anchor_case:
+        print(json.dumps(anchor_case(args.anchor_case, args.model_path, AnchorWork())), flush=True)
+        os._exit(0)
+    if args.anchor_turn:
+        anchor_turn(args.anchor_turn, args.model_path, args.state, args.seed, AnchorWork())
+        os._exit(0)
+    if args.part in ("anchor", "all"):
+        run_anchor()
+    if args.part == "anchor":
+        sys.exit(0)
 
     smollm2 = utils.embedded_smollm2_folder()
     models = {"SmolLM2-135M": smollm2, "random-370M": random_model(os.path.join(utils.cache_dir(), "random_370m"))}
