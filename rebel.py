@@ -251,7 +251,7 @@ if __name__ == "__main__":
         score_dialogues = lambda ds: [float(reward_function(d)) for d in ds]  # noqa: E731
 
     # rollout engine, colocated on this rank; a fixed probe sequence checks every weight sync
-    engine = chats.make_engine(policy_path, device, args.max_prompt_tokens + args.max_new_tokens, args.seed,
+    engine = dialogues.make_engine(policy_path, device, args.max_prompt_tokens + args.max_new_tokens, args.seed,
                                    args.bf16, args.engine_memory_share, kv_cache_bytes, args.rollout_backend,
                                    sleep_mode=args.engine_sleep)
     probe_answer = tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids
@@ -276,14 +276,14 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         start_iteration = state["iteration"] + 1
         logger.truncate_after(state["iteration"])
-        chats.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        dialogues.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
     else:
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
         start_iteration = 1
-        chats.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
+        dialogues.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
         initial = evaluate()
         logger.log({**initial, **{f"skipped/rows_{cause}": n for cause, n in skipped.items()}}, iteration=0)
         utils.print0(f"initial evaluation: greedy reward {initial['eval/score_turn1']:.3f} on "
@@ -298,7 +298,7 @@ if __name__ == "__main__":
         indices = prompt_indices(len(prompts), iteration, world_size * args.prompts_per_rank, args.seed)
         indices = indices[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
         pair_prompts = [prompts[i] for i in indices for _ in range(2)]
-        seeds = [chats.sample_seed(args.seed, iteration, rank, j) for j in range(len(pair_prompts))]
+        seeds = [dialogues.sample_seed(args.seed, iteration, rank, j) for j in range(len(pair_prompts))]
         completions = engine.generate(pair_prompts, args.max_new_tokens, args.temperature, seeds)
         if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()

@@ -25,11 +25,11 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = {
     "guessing game (3 turns)": ["--task", "guess_number"],
-    # 32 dialogues per iteration in minibatches of 16 (two optimizer steps): the default 256 takes ~5 min an
+    # 16 dialogues per iteration in minibatches of 8 (two optimizer steps): the default 256 takes ~5 min an
     # iteration with SmolLM2-135M on 2 cores. The actor's default LR (1e-4, for the guessing game's tiny policy)
     # moves SmolLM2 by ~3 nats of KL in its first two steps, while the critic's new value head is still noise
     "chat, one turn (brevity)": ["--task", "chat", "--horizon", "1", "--max_new_tokens", "32", "--dialogues_per_rank",
-                                 "32", "--minibatch_dialogues", "16", "--lr", "1e-5"],
+                                 "16", "--minibatch_dialogues", "8", "--micro_batch_dialogues", "8", "--lr", "1e-5"],
 }
 PHASES = ("rollout", "reward", "old_logprobs", "train", "sync")
 
