@@ -266,7 +266,7 @@ def plot_anchor(results: dict[str, dict], path: str) -> None:
             ax.bar(labels[design], r["seconds"][phase], bottom=bottom, color=color,
                    label=phase if design == "resident" else None)
             bottom += r["seconds"][phase]
-    ax.set_ylabel("seconds (rollout half of one REFUEL iteration)")
+    ax.set_ylabel("seconds, rollout half\nof one REFUEL iteration")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -295,6 +295,9 @@ def run_anchor() -> None:
         print(f"| {phase} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
     a, b = (sum(r["seconds"][p] for p in ("hand over weights", "play dialogues")) for r in (resident, fresh))
     print(f"| **rollout half of an iteration** | {a:.1f} | {b:.1f} | **{b / a:.2f}** |")
+    per_token = [1000 * r["seconds"]["play dialogues"] / r["generated_tokens"] for r in (resident, fresh)]
+    print(f"| play dialogues, ms per generated token | {per_token[0]:.1f} | {per_token[1]:.1f} | "
+          f"{per_token[1] / per_token[0]:.2f} |")
     print(f"| start engines (once per run, resident only) | {resident['seconds']['start engines (once per run)']:.1f} "
           "| - | - |")
     with open(os.path.join(REPO, "docs", "scale_anchor.json"), "w") as f:
