@@ -126,8 +126,8 @@ if __name__ == "__main__":
     fig.tight_layout()
     fig.savefig(args.plot, dpi=110)
 
-    # time per update, split by phase, next to refuel.py's on the guessing game (its own defaults: 4 dialogues a
-    # rank, each a pair of branches; the same seed)
+    # time per update, split by phase, next to refuel.py's on the guessing game (its own defaults: 512 dialogues a
+    # rank, each with a branch from a sampled turn; the first seed)
     refuel = run("refuel.py", ["--task", "guess_number", "--seed", str(args.seeds[0])], "refuel_guess",
                  args.refuel_iterations, output_dir)
     print("\n| run | seconds per update | " + " | ".join(PHASES) + " |")

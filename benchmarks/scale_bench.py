@@ -44,8 +44,17 @@ import utils  # noqa: E402
 from tasks.chat import LLMUser  # noqa: E402
 
 MiB = 2**20
+PROBE_TEXT = "A fixed sentence whose log-probs are compared after the sync."
+ANCHOR_PHASES = ("hand over weights", "play dialogues")
 RANDOM_370M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=16,
                    num_key_value_heads=16, tie_word_embeddings=False)
+
+
+def environment_for_children() -> dict[str, str]:
+    """This environment without torchrun's rank variables: a child process makes a process group of its own (or its
+    own torchrun does) instead of joining this one's."""
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in launcher}
 
 
 def peak_above_baseline(work) -> tuple[int, float]:
@@ -86,7 +95,7 @@ def run_case(case: str, model_path: str, bucket_mb: float, repeats: int) -> dict
     if case.startswith("sync"):
         engine = dialogues.make_engine(model_path, device, 512, 0, False, 0.3, 256 * MiB, "vllm")
         tokenizer = utils.load_tokenizer(model_path)
-        probe = tokenizer("A fixed sentence whose log-probs are compared after the sync.").input_ids
+        probe = tokenizer(PROBE_TEXT).input_ids
         for _ in range(repeats + 1):  # the first sync warms vLLM's reload path up and is not counted
             with torch.no_grad():
                 for p in model.parameters():
@@ -211,7 +220,7 @@ def anchor_case(design: str, model_path: str, work: AnchorWork) -> dict:
                        tokenizer, work.max_tokens, work.temperature, 1)
         seconds["start engines (once per run)"] = time.perf_counter() - started
         started = time.perf_counter()
-        probe = tokenizer("A fixed sentence whose log-probs are compared after the sync.").input_ids
+        probe = tokenizer(PROBE_TEXT).input_ids
         dialogues.sync_weights(engine, policy, probe, device, 1e-3, 512)
         seconds["hand over weights"] = time.perf_counter() - started
         started = time.perf_counter()
@@ -228,21 +237,23 @@ def anchor_case(design: str, model_path: str, work: AnchorWork) -> dict:
         policy.save_pretrained(os.path.join(folder, "policy"), state_dict=weights)
         tokenizer.save_pretrained(os.path.join(folder, "policy"))
         seconds["hand over weights"] = time.perf_counter() - started
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                                "MASTER_PORT")}
         state = os.path.join(folder, "dialogues.json")
-        started = time.perf_counter()
-        passes = []
-        for seed, episodes in (("A", openings), ("B", None)):
-            save_episodes(episodes if episodes is not None else branches(passes[0], work), state)
+
+        def play(episodes: list[dialogues.Episode], seed: str) -> list[dialogues.Episode]:
+            save_episodes(episodes, state)
             for turn in range(1, work.horizon + 1):
-                roles = [("policy", os.path.join(folder, "policy"))] + ([("user", model_path)] if turn < work.horizon
-                                                                        else [])
-                for role, path in roles:
-                    subprocess.run([sys.executable, __file__, "--anchor_turn", role, "--model_path", path,
-                                    "--state", state, "--seed", seed], env=env, check=True, capture_output=True)
-            passes.append(load_episodes(state))
-        played, branched = passes
+                steps = [("policy", os.path.join(folder, "policy"))]
+                if turn < work.horizon:
+                    steps.append(("user", model_path))
+                for role, path in steps:
+                    subprocess.run([sys.executable, __file__, "--anchor_turn", role, "--model_path", path, "--state",
+                                    state, "--seed", seed], env=environment_for_children(), check=True,
+                                   capture_output=True)
+            return load_episodes(state)
+
+        started = time.perf_counter()
+        played = play(openings, "A")
+        branched = play(branches(played, work), "B")
         seconds["play dialogues"] = time.perf_counter() - started
         shutil.rmtree(folder)
     texts = [[m["content"] for m in e.messages] for e in played + branched]
@@ -258,11 +269,10 @@ def plot_anchor(results: dict[str, dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    phases = ["hand over weights", "play dialogues"]
     labels = {"resident": "resident engines,\nin-process sync", "fresh": "fresh engine per turn\nand role, disk reload"}
     for design, r in results.items():
         bottom = 0.0
-        for color, phase in zip(("C1", "C0"), phases):
+        for color, phase in zip(("C1", "C0"), ANCHOR_PHASES):
             ax.bar(labels[design], r["seconds"][phase], bottom=bottom, color=color,
                    label=phase if design == "resident" else None)
             bottom += r["seconds"][phase]
@@ -273,12 +283,12 @@ def plot_anchor(results: dict[str, dict], path: str) -> None:
 
 
 def run_anchor() -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
+    """Both designs, each in a fresh process; prints the table and writes docs/scale_anchor.json and .png."""
     results = {}
     for design in ("resident", "fresh"):
         out = subprocess.run([sys.executable, __file__, "--anchor_case", design, "--model_path",
-                              utils.embedded_smollm2_folder()], env=env, capture_output=True, text=True, check=True)
+                              utils.embedded_smollm2_folder()], env=environment_for_children(), capture_output=True,
+                             text=True, check=True)
         results[design] = next(json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"design"'))
         print(f"{design:<9} " + "  ".join(f"{k} {v:.1f} s" for k, v in results[design]["seconds"].items()), flush=True)
     resident, fresh = results["resident"], results["fresh"]
@@ -290,10 +300,10 @@ def run_anchor() -> None:
           f"user, {work.max_tokens} tokens per turn, CPU\n")
     print("| phase | resident (s) | fresh per turn (s) | fresh / resident |")
     print("|---|---|---|---|")
-    for phase in ("hand over weights", "play dialogues"):
+    for phase in ANCHOR_PHASES:
         a, b = resident["seconds"][phase], fresh["seconds"][phase]
         print(f"| {phase} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
-    a, b = (sum(r["seconds"][p] for p in ("hand over weights", "play dialogues")) for r in (resident, fresh))
+    a, b = (sum(r["seconds"][p] for p in ANCHOR_PHASES) for r in (resident, fresh))
     print(f"| **rollout half of an iteration** | {a:.1f} | {b:.1f} | **{b / a:.2f}** |")
     per_token = [1000 * r["seconds"]["play dialogues"] / r["generated_tokens"] for r in (resident, fresh)]
     print(f"| play dialogues, ms per generated token | {per_token[0]:.1f} | {per_token[1]:.1f} | "
@@ -304,6 +314,45 @@ def run_anchor() -> None:
         json.dump({"work": dataclasses.asdict(work), "identical_dialogues": same,
                    **{d: {k: v for k, v in r.items() if k != "dialogues"} for d, r in results.items()}}, f, indent=2)
     plot_anchor(results, os.path.join(REPO, "docs", "scale_anchor.png"))
+
+
+def run_memory(bucket_mb: float, repeats: int) -> None:
+    """Every sync and training case, each in a fresh process; prints the table and writes docs/scale_bench.json and
+    docs/scale.png."""
+    smollm2 = utils.embedded_smollm2_folder()
+    models = {"SmolLM2-135M": smollm2, "random-370M": random_model(os.path.join(utils.cache_dir(), "random_370m"))}
+    cases = [(name, case) for name in models for case in ("sync_full", "sync_stream")]
+    cases += [("SmolLM2-135M", "train"), ("SmolLM2-135M", "train_checkpointed")]
+    env = environment_for_children()
+    # glibc raises its mmap threshold after large frees and then keeps freed tensors in its heap: a later sync's
+    # allocations would reuse that memory without the resident set growing. A fixed threshold maps every block
+    # over 64 KiB on its own and unmaps it when freed, so the resident set follows the live tensors.
+    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    results = []
+    for name, case in cases:
+        # syncs on 2 ranks: on one, an FSDP2 "shard" is the whole tensor and a gather copies nothing
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
+            if case.startswith("sync") else [sys.executable]
+        out = subprocess.run([*launcher, __file__, "--case", case, "--model_path", models[name], "--bucket_mb",
+                              str(bucket_mb), "--repeats", str(repeats)], env=env, capture_output=True,
+                             text=True, check=True)
+        results.append({"model": name, **next(json.loads(line) for line in out.stdout.splitlines()
+                                               if line.startswith('{"case"') and '"rank": 0' in line)})
+        print(f"{name:<14} {case:<20} peak {results[-1]['peak_bytes'] / MiB:8.1f} MiB  "
+              f"{results[-1]['seconds']:6.2f} s", flush=True)
+
+    print("\n| model | measurement | before (MiB, s) | after (MiB, s) | memory ratio | time ratio |")
+    print("|---|---|---|---|---|---|")
+    pairs = [(m, "sync", "sync_full", "sync_stream") for m in models]
+    pairs.append(("SmolLM2-135M", "forward+backward", "train", "train_checkpointed"))
+    for model, what, before, after in pairs:
+        b, a = (next(r for r in results if r["model"] == model and r["case"] == c) for c in (before, after))
+        print(f"| {model} ({b['parameters'] / 1e6:.0f}M) | {what} | {b['peak_bytes'] / MiB:.0f}, {b['seconds']:.2f} | "
+              f"{a['peak_bytes'] / MiB:.0f}, {a['seconds']:.2f} | {a['peak_bytes'] / b['peak_bytes']:.2f} | "
+              f"{a['seconds'] / b['seconds']:.2f} |")
+    with open(os.path.join(REPO, "docs", "scale_bench.json"), "w") as f:
+        json.dump({"bucket_mb": bucket_mb, "results": results}, f, indent=2)
+    plot(results, os.path.join(REPO, "docs", "scale.png"))
 
 
 if __name__ == "__main__":
@@ -331,41 +380,5 @@ if __name__ == "__main__":
         os._exit(0)
     if args.part in ("anchor", "all"):
         run_anchor()
-    if args.part == "anchor":
-        sys.exit(0)
-
-    smollm2 = utils.embedded_smollm2_folder()
-    models = {"SmolLM2-135M": smollm2, "random-370M": random_model(os.path.join(utils.cache_dir(), "random_370m"))}
-    cases = [(name, case) for name in models for case in ("sync_full", "sync_stream")]
-    cases += [("SmolLM2-135M", "train"), ("SmolLM2-135M", "train_checkpointed")]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    # glibc raises its mmap threshold after large frees and then keeps freed tensors in its heap: a later sync's
-    # allocations would reuse that memory without the resident set growing. A fixed threshold maps every block
-    # over 64 KiB on its own and unmaps it when freed, so the resident set follows the live tensors.
-    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    results = []
-    for name, case in cases:
-        # syncs on 2 ranks: on one, an FSDP2 "shard" is the whole tensor and a gather copies nothing
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
-            if case.startswith("sync") else [sys.executable]
-        out = subprocess.run([*launcher, __file__, "--case", case, "--model_path", models[name], "--bucket_mb",
-                              str(args.bucket_mb), "--repeats", str(args.repeats)], env=env, capture_output=True,
-                             text=True, check=True)
-        results.append({"model": name, **next(json.loads(line) for line in out.stdout.splitlines()
-                                               if line.startswith('{"case"') and '"rank": 0' in line)})
-        print(f"{name:<14} {case:<20} peak {results[-1]['peak_bytes'] / MiB:8.1f} MiB  "
-              f"{results[-1]['seconds']:6.2f} s", flush=True)
-
-    print("\n| model | measurement | before (MiB, s) | after (MiB, s) | memory ratio | time ratio |")
-    print("|---|---|---|---|---|---|")
-    pairs = [(m, "sync", "sync_full", "sync_stream") for m in models]
-    pairs.append(("SmolLM2-135M", "forward+backward", "train", "train_checkpointed"))
-    for model, what, before, after in pairs:
-        b, a = (next(r for r in results if r["model"] == model and r["case"] == c) for c in (before, after))
-        print(f"| {model} ({b['parameters'] / 1e6:.0f}M) | {what} | {b['peak_bytes'] / MiB:.0f}, {b['seconds']:.2f} | "
-              f"{a['peak_bytes'] / MiB:.0f}, {a['seconds']:.2f} | {a['peak_bytes'] / b['peak_bytes']:.2f} | "
-              f"{a['seconds'] / b['seconds']:.2f} |")
-    with open(os.path.join(REPO, "docs", "scale_bench.json"), "w") as f:
-        json.dump({"bucket_mb": args.bucket_mb, "results": results}, f, indent=2)
-    plot(results, os.path.join(REPO, "docs", "scale.png"))
+    if args.part in ("memory", "all"):
+        run_memory(args.bucket_mb, args.repeats)

@@ -22,9 +22,9 @@ STRATEGIES = {"low": lambda lo, hi: lo, "high": lambda lo, hi: hi, "mid": lambda
 
 
 class ScriptedPlayer:
-    """A rollout engine (`generate` as utils' engines) that plays the guessing game by rule: its first call answers
-    with `first`, later calls with `then`. It reads the interval the user restated last ("from L to H", the opening
-    included) from the decoded prompt."""
+    """A rollout engine (`generate` as dialogues.py's engines) that plays the guessing game by rule: its first call
+    answers with `first`, later calls with `then`. It reads the interval the user restated last ("from L to H", the
+    opening included) from the decoded prompt."""
 
     def __init__(self, tokenizer, first: str, then: str):
         self.tokenizer, self.first, self.then, self.calls = tokenizer, first, then, 0
