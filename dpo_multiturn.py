@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import tyro
 
 import dialogues
+import engines
 import memory_plan
 import utils
 from tasks import TaskArgs, load_task, task_factory
@@ -302,7 +303,7 @@ if __name__ == "__main__":
                                                   utils.lr_lambda(args.lr_schedule, steps, args.warmup_ratio))
 
     # the policy's rollout engine, colocated on this rank
-    engine = dialogues.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
+    engine = engines.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
                                    kv_cache_bytes, args.rollout_backend,
                                    sleep_mode=args.engine_sleep)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
@@ -325,14 +326,14 @@ if __name__ == "__main__":
         initial_scores, recorded, spent = saved["initial_scores"], saved["recorded"] or task.recorded, saved["spent"]
         start_iteration = saved["iteration"] + 1
         logger.truncate_after(saved["iteration"])
-        dialogues.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        engines.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
     else:
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
         start_iteration, spent = 1, {"policy_tokens": 0, "user_tokens": 0, "reward_calls": 0}
-        dialogues.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
+        engines.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
         initial_scores = evaluate()
         initial = dialogues.eval_metrics(initial_scores, initial_scores)
         logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
@@ -427,7 +428,7 @@ if __name__ == "__main__":
         t0 = time.time()
         losses, margins = [], []
         for epoch in range(args.num_epochs):
-            shuffle = torch.Generator().manual_seed(dialogues.sample_seed(args.seed, iteration, rank, epoch))
+            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
             order = torch.randperm(len(responses), generator=shuffle)
             for mb_start in range(0, len(responses), args.minibatch_pairs):
                 mb = order[mb_start : mb_start + args.minibatch_pairs]
@@ -457,7 +458,7 @@ if __name__ == "__main__":
 
         # 6. push the new weights into this rank's engine, and check that they arrived
         t0 = time.time()
-        sync_gap = dialogues.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        sync_gap = engines.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint

@@ -31,6 +31,7 @@ import torch
 import tyro
 
 import dialogues
+import engines
 import memory_plan
 import utils
 from tasks import TaskArgs, load_task, task_factory
@@ -389,7 +390,7 @@ if __name__ == "__main__":
     trained = {"actor": (actor, optimizers["actor"]), "critic": (critic, optimizers["critic"])}
 
     # the actor's rollout engine, colocated on this rank
-    engine = dialogues.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
+    engine = engines.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
                                    kv_cache_bytes, args.rollout_backend,
                                    sleep_mode=args.engine_sleep)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
@@ -408,14 +409,14 @@ if __name__ == "__main__":
             schedulers[name].load_state_dict(saved["schedulers"][name])
         initial_scores, start_iteration = saved["initial_scores"], saved["iteration"] + 1
         logger.truncate_after(saved["iteration"])
-        dialogues.sync_weights(engine, actor, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        engines.sync_weights(engine, actor, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
     else:
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
         start_iteration = 1
-        dialogues.check_logprob_parity(engine, actor, probe_ids, device, sync_tolerance)
+        engines.check_logprob_parity(engine, actor, probe_ids, device, sync_tolerance)
         initial_scores = evaluate()
         initial = dialogues.eval_metrics(initial_scores, initial_scores)
         logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
@@ -469,7 +470,7 @@ if __name__ == "__main__":
         token_rewards[torch.arange(len(episodes)), last] += scores * finite  # a NaN score leaves only the KL
         texts = [[tokenizer.decode([t]) for t in row] for row in input_ids.tolist()] \
             if args.termination == "punctuation" else None
-        generator = torch.Generator().manual_seed(dialogues.sample_seed(args.seed, iteration, rank, "macro"))
+        generator = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, "macro"))
         segment_ids = torch.stack([macro_segments(
             turn_ids[i], args.termination, args.ngram, nll=-(ref_lp[i]) if args.termination == "perplexity" else None,
             texts=texts[i] if texts else None, random_lengths=args.random_lengths,
@@ -486,7 +487,7 @@ if __name__ == "__main__":
         t0 = time.time()
         actor_losses, critic_losses, clip_fractions = [], [], []
         for epoch in range(args.ppo_epochs):
-            shuffle = torch.Generator().manual_seed(dialogues.sample_seed(args.seed, iteration, rank, epoch))
+            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
             order = torch.randperm(len(episodes), generator=shuffle)
             for mb_start in range(0, len(episodes), args.minibatch_dialogues):
                 mb = order[mb_start : mb_start + args.minibatch_dialogues]
@@ -517,7 +518,7 @@ if __name__ == "__main__":
 
         # 6. push the actor's new weights into this rank's engine, and check that they arrived
         t0 = time.time()
-        sync_gap = dialogues.sync_weights(engine, actor, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        sync_gap = engines.sync_weights(engine, actor, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint

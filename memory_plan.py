@@ -3,7 +3,7 @@ config alone: the model is built on the meta device, so an 8B or 70B plan costs 
 
 The terms follow what the code allocates: FSDP2 shards every parameter along dim 0 (`utils.shard_model`),
 AdamW keeps two fp32 moments per parameter, the engine holds the whole model in its dtype (tensor parallel 1),
-a weight sync adds one bucket (`dialogues.stream_weights`), FSDP2 gathers a decoder layer at a time in the compute
+a weight sync adds one bucket (`engines.stream_weights`), FSDP2 gathers a decoder layer at a time in the compute
 dtype (and prefetches the next), and activations are an estimate, labelled as such.
 """
 
@@ -12,7 +12,7 @@ import math
 
 import torch
 
-import dialogues
+import engines
 import utils
 
 GiB = 2**30
@@ -69,11 +69,11 @@ def plan_memory(model: torch.nn.Module, world_size: int, bf16: bool, gradient_ch
     `tokens` tokens (sequences x length) per rank. `kv_cache_bytes` None is vLLM's own sizing: what
     `engine_memory_bytes` (its share of the device) leaves after the engine's weights."""
     compute = 2 if bf16 else 4
-    tensors = dialogues.weights_to_sync(model)
+    tensors = engines.weights_to_sync(model)
     parameters = sum(p.numel() for p in model.parameters())  # tied weights once, as the engine holds them
     shard = sum(shard_numel(p.shape, world_size) for p in model.parameters())
     layer = max(sum(p.numel() for p in block.parameters()) for block in model.model.layers)
-    buckets = dialogues.sync_buckets([t.numel() * compute for _, t in tensors], sync_bucket_bytes)
+    buckets = utils.size_buckets([t.numel() * compute for _, t in tensors], sync_bucket_bytes)
     config = model.config
     hidden, layers = config.hidden_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or hidden // config.num_attention_heads)
@@ -129,7 +129,7 @@ def plan_and_check(model_path: str, device: torch.device, world_size: int, bf16:
     is loaded. Without a KV size vLLM sizes the cache itself: from its memory share on a GPU, a fixed size on CPU."""
     capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
     if kv_cache_bytes is None and not capacity:
-        kv_cache_bytes = dialogues.CPU_KV_CACHE_BYTES
+        kv_cache_bytes = engines.CPU_KV_CACHE_BYTES
     plan = plan_memory(meta_model(model_path), world_size, bf16, gradient_checkpointing, kv_cache_bytes,
                        int(sync_bucket_mb * 2**20), tokens, reference, int(engine_memory_share * capacity))
     utils.print0(format_plan(plan, world_size))

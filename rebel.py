@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 import dialogues
+import engines
 import memory_plan
+import tasks
 import utils
 
 
@@ -177,7 +179,7 @@ def check_args(args: Args) -> None:
     if problems:
         raise SystemExit("\n".join(problems))
     if args.reward_model is None:
-        utils.import_function(args.reward_function)  # a reward that cannot be imported fails before the models load
+        tasks.import_function(args.reward_function)  # a reward that cannot be imported fails before the models load
 
 
 def prompt_indices(num_prompts: int, iteration: int, per_iteration: int, seed: int) -> np.ndarray:
@@ -244,14 +246,14 @@ if __name__ == "__main__":
 
     # reward: a reward model, or a function written in code
     if args.reward_model is not None:
-        score_dialogues = utils.RewardModel(args.reward_model, device, dtype, args.reward_max_length,
+        score_dialogues = dialogues.RewardModel(args.reward_model, device, dtype, args.reward_max_length,
                                             args.trust_remote_code)
     else:
-        reward_function = utils.import_function(args.reward_function)
+        reward_function = tasks.import_function(args.reward_function)
         score_dialogues = lambda ds: [float(reward_function(d)) for d in ds]  # noqa: E731
 
     # rollout engine, colocated on this rank; a fixed probe sequence checks every weight sync
-    engine = dialogues.make_engine(policy_path, device, args.max_prompt_tokens + args.max_new_tokens, args.seed,
+    engine = engines.make_engine(policy_path, device, args.max_prompt_tokens + args.max_new_tokens, args.seed,
                                    args.bf16, args.engine_memory_share, kv_cache_bytes, args.rollout_backend,
                                    sleep_mode=args.engine_sleep)
     probe_answer = tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids
@@ -276,14 +278,14 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         start_iteration = state["iteration"] + 1
         logger.truncate_after(state["iteration"])
-        dialogues.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        engines.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
     else:
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
         start_iteration = 1
-        dialogues.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
+        engines.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
         initial = evaluate()
         logger.log({**initial, **{f"skipped/rows_{cause}": n for cause, n in skipped.items()}}, iteration=0)
         utils.print0(f"initial evaluation: greedy reward {initial['eval/score_turn1']:.3f} on "
@@ -298,7 +300,7 @@ if __name__ == "__main__":
         indices = prompt_indices(len(prompts), iteration, world_size * args.prompts_per_rank, args.seed)
         indices = indices[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
         pair_prompts = [prompts[i] for i in indices for _ in range(2)]
-        seeds = [dialogues.sample_seed(args.seed, iteration, rank, j) for j in range(len(pair_prompts))]
+        seeds = [utils.sample_seed(args.seed, iteration, rank, j) for j in range(len(pair_prompts))]
         completions = engine.generate(pair_prompts, args.max_new_tokens, args.temperature, seeds)
         if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()
@@ -345,7 +347,7 @@ if __name__ == "__main__":
         losses, residuals = [], []
         for epoch in range(args.num_epochs):
             # the shuffle has its own seed: vLLM draws from torch's global generator, so that one is not replayable
-            shuffle = torch.Generator().manual_seed(dialogues.sample_seed(args.seed, iteration, rank, epoch))
+            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
             order = torch.randperm(args.prompts_per_rank, generator=shuffle)
             for mb in torch.tensor_split(order, args.num_minibatches):
                 mb_weight = valid[mb].float().sum().clamp(min=1)
@@ -369,7 +371,7 @@ if __name__ == "__main__":
 
         # 5. push the new weights into this rank's engine, and check that they arrived
         t0 = time.time()
-        sync_gap = dialogues.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        sync_gap = engines.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint

@@ -35,6 +35,7 @@ import torch
 import tyro
 
 import dialogues
+import engines
 import memory_plan
 import utils
 from tasks import TaskArgs, load_task, task_factory
@@ -318,7 +319,7 @@ if __name__ == "__main__":
     optimizer, scheduler = make_optimizer()
 
     # the policy's rollout engine, colocated on this rank
-    engine = dialogues.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
+    engine = engines.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
                                    kv_cache_bytes, args.rollout_backend,
                                    sleep_mode=args.engine_sleep)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
@@ -341,14 +342,14 @@ if __name__ == "__main__":
         initial_scores, spent = state["initial_scores"], state["spent"]
         start_iteration = state["iteration"] + 1
         logger.truncate_after(state["iteration"])
-        dialogues.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        engines.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
     else:
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
         start_iteration, spent = 1, {"policy_tokens": 0, "user_tokens": 0, "reward_calls": 0}
-        dialogues.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
+        engines.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
         initial_scores = evaluate()
         initial = dialogues.eval_metrics(initial_scores, initial_scores)
         logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
@@ -414,7 +415,7 @@ if __name__ == "__main__":
         losses = []
         for epoch in range(args.num_epochs):
             # the shuffle has its own seed: vLLM draws from torch's global generator, so that one is not replayable
-            shuffle = torch.Generator().manual_seed(dialogues.sample_seed(args.seed, iteration, rank, epoch))
+            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
             order = torch.randperm(num_train, generator=shuffle)
             for mb_start in range(0, num_train, args.minibatch_pairs):
                 mb = order[mb_start : mb_start + args.minibatch_pairs]
@@ -447,7 +448,7 @@ if __name__ == "__main__":
 
         # 7. push the new weights into this rank's engine, and check that they arrived
         t0 = time.time()
-        sync_gap = dialogues.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        sync_gap = engines.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint

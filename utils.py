@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import functools
 import gc
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -75,6 +76,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def sample_seed(*parts) -> int:
+    """A sampling seed fixed by its parts (seed, iteration, rank, dialogue, turn, ...): reruns draw the same."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
 
 def print0(*args, **kwargs) -> None:
@@ -247,16 +253,27 @@ def shard_model(model: torch.nn.Module, bf16: bool, gradient_checkpointing: bool
     return model
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer unsharded, on every rank (a collective: all ranks must call it).
+def size_buckets(nbytes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Groups consecutive tensors (their sizes in bytes) into buckets of at most `bucket_bytes`; a tensor larger
+    than that is a bucket of its own. Returns the tensors' indices per bucket."""
+    buckets, size = [], 0
+    for i, n in enumerate(nbytes):
+        if not buckets or size + n > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(i)
+        size += n
+    return buckets
 
-    It holds the whole model in fp32 at once: weight syncs use `dialogues.stream_weights`; this stays for checkpoints of
-    small models, tests and the sync benchmark's baseline.
-    """
-    return {
-        name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
-        for name, tensor in model.state_dict().items()
-    }
+
+def gathered_buckets(tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype, bucket_bytes: int):
+    """Yields the named (FSDP2-sharded) tensors unsharded in `dtype`, as lists of at most `bucket_bytes` (a
+    collective: all ranks must consume it in step). Each shard is cast before the all-gather, so the traffic and the
+    gathered copy are in `dtype`; the caller drops a bucket before asking for the next, so no rank ever holds more
+    than one bucket (or the largest tensor) of the whole model."""
+    for bucket in size_buckets([t.numel() * dtype.itemsize for _, t in tensors], bucket_bytes):
+        yield [(name, full.full_tensor() if isinstance(full, DTensor) else full)
+               for name, full in ((tensors[i][0], tensors[i][1].detach().to(dtype)) for i in bucket)]
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
@@ -383,65 +400,6 @@ def token_logprobs_in_chunks(model: torch.nn.Module, input_ids: torch.Tensor, at
                        temperature).cpu()
         for i in range(0, len(input_ids), chunk)
     ])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# rewards
-
-
-class RewardModel:
-    """Scores whole dialogues with a sequence-classification reward model through its own chat template.
-
-    Works for any `AutoModelForSequenceClassification` with one output (FsfairX, Skywork, tiny test models)
-    and for ArmoRM, whose custom code (`trust_remote_code`) returns `.score`.
-    """
-
-    def __init__(self, path: str, device: torch.device, dtype: torch.dtype, max_length: int,
-                 trust_remote_code: bool = False, batch_size: int = 8):
-        from transformers import AutoModelForSequenceClassification
-
-        self.tokenizer = load_tokenizer(path, trust_remote_code)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
-        self.device, self.max_length, self.batch_size = device, max_length, batch_size
-
-    @torch.no_grad()
-    def __call__(self, dialogues: list[Dialogue]) -> list[float]:
-        # the RM reads the end of the dialogue: cut from the left when it is too long
-        sequences = [chat_token_ids(self.tokenizer, d)[-self.max_length :] for d in dialogues]
-        pad = self.model.config.pad_token_id
-        # transformers scores the last token that is not the pad id; where that id occurs inside a sequence
-        # (pad = EOS is common) batching would score the wrong token, so such sequences go one at a time
-        batchable = pad is not None and not any(pad in s for s in sequences)
-        size = self.batch_size if batchable else 1
-        scores = []
-        for start in range(0, len(sequences), size):
-            chunk = sequences[start : start + size]
-            input_ids = pad_right(chunk, pad if pad is not None else 0).to(self.device)
-            attention_mask = pad_right([[1] * len(s) for s in chunk], 0, input_ids.shape[1]).to(self.device)
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-            score = out.score if hasattr(out, "score") else out.logits[:, 0]
-            scores.extend(score.float().flatten().tolist())
-        return scores
-
-
-def import_function(spec: str) -> Callable:
-    """`module:function` or `path/to/file.py:function`, for rewards and tasks that forks bring."""
-    module_name, _, name = spec.partition(":")
-    if module_name.endswith(".py") and not os.path.isfile(module_name):
-        raise ValueError(f"{spec!r}: no file {module_name}")
-    if module_name.endswith(".py"):
-        module_spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            raise ValueError(f"{spec!r}: cannot import {module_name} ({e})") from e
-    if not hasattr(module, name):
-        raise ValueError(f"{spec!r}: {module_name} has no {name!r}")
-    return getattr(module, name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -685,11 +643,11 @@ def plot_curves(metrics: list[dict], path: str, prefix: str = "eval/score_turn")
 
 
 def save_checkpoint(run_dir: str, iteration: int, trained: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
-                    trainer_state: dict, tokenizer, export: str = "policy") -> str:
+                    trainer_state: dict, tokenizer, export: str = "policy", bucket_bytes: int = 2**29) -> str:
     """Writes `runs/<run>/checkpoints/iteration_<n>/`, atomically (a temporary folder renamed when complete).
 
     - `dcp/`: every trained model's and optimizer's shards (torch.distributed.checkpoint; MA-PPO has two);
-    - `hf/`: the `export` model in Hugging Face format (transformers and vLLM load it as a model folder);
+    - `hf/`: the `export` model in Hugging Face format, fp32 (`save_hf_folder`: gathered `bucket_bytes` at a time);
     - `rank<r>.pt`: each rank's random states and the loop's own state (schedulers, data order, counters);
     - `manifest.json`, written last: every file and its size, so `latest_checkpoint` can tell a complete one.
     """
@@ -705,18 +663,7 @@ def save_checkpoint(run_dir: str, iteration: int, trained: dict[str, tuple[torch
         model.reshard()  # a forward without backward leaves FSDP2's root parameters unsharded
         state[f"model/{name}"], state[f"optim/{name}"] = get_state_dict(model, optimizer)
     dcp.save(state, checkpoint_id=os.path.join(tmp, "dcp"))
-    policy = trained[export][0]
-    weights = full_state_dict(policy)
-    if rank == 0:
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            exported = AutoModelForCausalLM.from_config(policy.config)
-        exported.load_state_dict({k: v.float().cpu() for k, v in weights.items()}, assign=True)
-        exported.generation_config = policy.generation_config
-        exported.save_pretrained(os.path.join(tmp, "hf"))
-        tokenizer.save_pretrained(os.path.join(tmp, "hf"))
-    del weights
+    save_hf_folder(trained[export][0], os.path.join(tmp, "hf"), tokenizer, bucket_bytes)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -731,6 +678,35 @@ def save_checkpoint(run_dir: str, iteration: int, trained: dict[str, tuple[torch
         os.replace(tmp, final)
     dist.barrier()
     return final
+
+
+def save_hf_folder(model: torch.nn.Module, folder: str, tokenizer, bucket_bytes: int) -> None:
+    """Writes an FSDP2-sharded causal LM as a Hugging Face folder that transformers and vLLM load: config, generation
+    config, tokenizer, and the weights in fp32 (the master weights, as trained) as safetensors shards with their
+    index. A collective: every rank gathers one bucket of at most `bucket_bytes` at a time and rank 0 writes it as
+    one shard, so no rank ever holds the whole model (`memory_plan` counts the bucket). Tied weights are written
+    once, under the first name, as `save_pretrained` does."""
+    from safetensors.torch import save_file
+
+    keys = model.state_dict().keys()
+    tensors = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if n in keys]
+    count = len(size_buckets([t.numel() * 4 for _, t in tensors], bucket_bytes))
+    index, total = {}, 0
+    for k, bucket in enumerate(gathered_buckets(tensors, torch.float32, bucket_bytes), start=1):
+        if dist.get_rank() == 0:
+            shard = f"model-{k:05d}-of-{count:05d}.safetensors"
+            os.makedirs(folder, exist_ok=True)
+            save_file({n: t.cpu().contiguous() for n, t in bucket}, os.path.join(folder, shard),
+                      metadata={"format": "pt"})
+            index.update({n: shard for n, _ in bucket})
+            total += sum(t.numel() * 4 for _, t in bucket)
+        del bucket
+    if dist.get_rank() == 0:
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": index}, f, indent=2)
+        model.config.save_pretrained(folder)
+        model.generation_config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
 
 def checkpoint_problem(path: str) -> str | None:

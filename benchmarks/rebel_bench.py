@@ -31,6 +31,7 @@ import tyro
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import dialogues  # noqa: E402
+import engines  # noqa: E402
 import utils  # noqa: E402
 
 PHASES = ["rollout", "reward", "old_logprobs", "train", "sync"]
@@ -104,29 +105,29 @@ def throughput(args: Args) -> str:
     bf16 = device.type == "cuda"  # as rebel.py: fp32 on the CPU
 
     t0 = time.time()
-    vllm_engine = dialogues.make_engine(path, device, 256 + args.max_new_tokens, args.seed, bf16, 0.3, None,
+    vllm_engine = engines.make_engine(path, device, 256 + args.max_new_tokens, args.seed, bf16, 0.3, None,
                                         backend="vllm")
     vllm_start = time.time() - t0
     t0 = time.time()
-    hf_engine = dialogues.TransformersEngine(path, device, torch.bfloat16 if bf16 else torch.float32)
+    hf_engine = engines.TransformersEngine(path, device, torch.bfloat16 if bf16 else torch.float32)
     hf_start = time.time() - t0
-    engines = {"vLLM": vllm_engine, "transformers": hf_engine}
+    both = {"vLLM": vllm_engine, "transformers": hf_engine}
 
     def run(engine, repeat):
-        seeds = [dialogues.sample_seed(args.seed, repeat, j) for j in range(len(prompts))]
+        seeds = [utils.sample_seed(args.seed, repeat, j) for j in range(len(prompts))]
         t0 = time.time()
         out = engine.generate(prompts, args.max_new_tokens, args.temperature, seeds)
         return sum(len(c.token_ids) for c in out), time.time() - t0, sum(c.finished for c in out) / len(out)
 
-    for name, engine in engines.items():
+    for name, engine in both.items():
         log(f"(a) warm-up {name}")
         run(engine, -1)
-    results = {name: [] for name in engines}
+    results = {name: [] for name in both}
     probes = [matmul_gflops()]
     for repeat in range(args.repeats):
         # alternate which engine goes first, so slow drifts of the machine hit both alike
-        for name in (list(engines) if repeat % 2 == 0 else list(engines)[::-1]):
-            results[name].append(run(engines[name], repeat))
+        for name in (list(both) if repeat % 2 == 0 else list(both)[::-1]):
+            results[name].append(run(both[name], repeat))
             tokens, seconds, _ = results[name][-1]
             log(f"(a) repeat {repeat + 1}/{args.repeats} {name}: {tokens} tokens in {seconds:.2f}s")
         probes.append(matmul_gflops())

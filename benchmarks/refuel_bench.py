@@ -23,7 +23,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import dialogues  # noqa: E402
+import engines  # noqa: E402
 import utils  # noqa: E402
 from tasks.guess_number import GuessNumber, warm_start_policy  # noqa: E402
 
@@ -35,8 +35,8 @@ def first_guesses(policy: str, game: GuessNumber, seed: int, games: int = 512) -
     game, so its choice pays off only through the later turns: the midpoint is best, an end worst."""
     tokenizer = utils.load_tokenizer(policy)
     prompt = utils.chat_token_ids(tokenizer, game.new_episode(1).messages, add_generation_prompt=True)
-    engine = dialogues.make_engine(policy, utils.init_distributed()[2], 1024, seed, False, 0.3, 2**28, "vllm")
-    seeds = [dialogues.sample_seed(seed, "first guess", i) for i in range(games)]
+    engine = engines.make_engine(policy, utils.init_distributed()[2], 1024, seed, False, 0.3, 2**28, "vllm")
+    seeds = [utils.sample_seed(seed, "first guess", i) for i in range(games)]
     completions = engine.generate([prompt] * games, 8, 0.8, seeds)
     engine.close()
     return [game.parse(c.text) for c in completions]

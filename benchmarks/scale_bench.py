@@ -1,7 +1,7 @@
 """Memory of a weight sync and of a training step, and the colocated design against the official pipeline's.
 
-Sync: the whole-model gather of before (`utils.full_state_dict`, fp32, then one reload) against the streamed sync
-(`dialogues.sync_weights`, buckets of --bucket_mb), into a colocated vLLM engine per rank, on 2 ranks (rank 0's
+Sync: the whole-model gather of before (`whole_model_weights`, fp32, then one reload) against the streamed sync
+(`engines.sync_weights`, buckets of --bucket_mb), into a colocated vLLM engine per rank, on 2 ranks (rank 0's
 numbers), for the embedded SmolLM2-135M and a random Llama of about 370M parameters built here. Training: one
 forward and backward of SmolLM2-135M on a fixed batch, with and without activation checkpointing. Each case runs
 in a fresh process (so one case's freed memory cannot hide the next one's peak); peak memory is the largest
@@ -38,8 +38,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 import dialogues  # noqa: E402
+import engines  # noqa: E402
 import utils  # noqa: E402
 from tasks.chat import LLMUser  # noqa: E402
 
@@ -48,6 +50,12 @@ PROBE_TEXT = "A fixed sentence whose log-probs are compared after the sync."
 ANCHOR_PHASES = ("hand over weights", "play dialogues")
 RANDOM_370M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=16,
                    num_key_value_heads=16, tie_word_embeddings=False)
+
+
+def whole_model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of an FSDP2 model unsharded at once on every rank: the design before the streamed sync, and
+    the official pipeline's hand-over (the whole model, then saved)."""
+    return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach() for name, t in model.state_dict().items()}
 
 
 def environment_for_children() -> dict[str, str]:
@@ -93,7 +101,7 @@ def run_case(case: str, model_path: str, bucket_mb: float, repeats: int) -> dict
     parameters = sum(p.full_tensor().numel() for p in model.parameters())
     runs = []
     if case.startswith("sync"):
-        engine = dialogues.make_engine(model_path, device, 512, 0, False, 0.3, 256 * MiB, "vllm")
+        engine = engines.make_engine(model_path, device, 512, 0, False, 0.3, 256 * MiB, "vllm")
         tokenizer = utils.load_tokenizer(model_path)
         probe = tokenizer(PROBE_TEXT).input_ids
         for _ in range(repeats + 1):  # the first sync warms vLLM's reload path up and is not counted
@@ -101,10 +109,10 @@ def run_case(case: str, model_path: str, bucket_mb: float, repeats: int) -> dict
                 for p in model.parameters():
                     p.add_(1e-3 * torch.randn_like(p))
             if case == "sync_full":
-                runs.append(peak_above_baseline(lambda: engine.load_weights(utils.full_state_dict(model))))
-                dialogues.check_logprob_parity(engine, model, probe, device, 1e-3)
+                runs.append(peak_above_baseline(lambda: engine.load_weights(whole_model_weights(model))))
+                engines.check_logprob_parity(engine, model, probe, device, 1e-3)
             else:
-                runs.append(peak_above_baseline(lambda: dialogues.sync_weights(engine, model, probe, device, 1e-3,
+                runs.append(peak_above_baseline(lambda: engines.sync_weights(engine, model, probe, device, 1e-3,
                                                                                bucket_mb)))
         runs = runs[1:]
     else:
@@ -193,7 +201,7 @@ def anchor_turn(role: str, model_path: str, state: str, seed: str, work: AnchorW
     """One turn of one role in a new engine (the official pipeline's response_generator.py / user_generator.py):
     the dialogues are read from `state`, answered or replied to, and written back."""
     device = utils.init_distributed()[2]
-    engine = dialogues.make_engine(model_path, device, work.max_model_len, 0, False, 0.3, None, "vllm")
+    engine = engines.make_engine(model_path, device, work.max_model_len, 0, False, 0.3, None, "vllm")
     tokenizer = utils.load_tokenizer(model_path)
     episodes = load_episodes(state)
     if role == "policy":  # the policy answers every open dialogue once; no user is asked within the turn
@@ -215,13 +223,13 @@ def anchor_case(design: str, model_path: str, work: AnchorWork) -> dict:
     openings, seconds = anchor_openings(work), {}
     if design == "resident":
         started = time.perf_counter()
-        engine = dialogues.make_engine(model_path, device, work.max_model_len, 0, False, 0.3, None, "vllm")
-        user = LLMUser(dialogues.make_engine(model_path, device, work.max_model_len, 1, False, 0.3, None, "vllm"),
+        engine = engines.make_engine(model_path, device, work.max_model_len, 0, False, 0.3, None, "vllm")
+        user = LLMUser(engines.make_engine(model_path, device, work.max_model_len, 1, False, 0.3, None, "vllm"),
                        tokenizer, work.max_tokens, work.temperature, 1)
         seconds["start engines (once per run)"] = time.perf_counter() - started
         started = time.perf_counter()
         probe = tokenizer(PROBE_TEXT).input_ids
-        dialogues.sync_weights(engine, policy, probe, device, 1e-3, 512)
+        engines.sync_weights(engine, policy, probe, device, 1e-3, 512)
         seconds["hand over weights"] = time.perf_counter() - started
         started = time.perf_counter()
         horizons = [work.horizon] * len(openings)
@@ -233,7 +241,7 @@ def anchor_case(design: str, model_path: str, work: AnchorWork) -> dict:
     else:
         folder = tempfile.mkdtemp(prefix="anchor_")
         started = time.perf_counter()
-        weights = utils.full_state_dict(policy)
+        weights = whole_model_weights(policy)
         policy.save_pretrained(os.path.join(folder, "policy"), state_dict=weights)
         tokenizer.save_pretrained(os.path.join(folder, "policy"))
         seconds["hand over weights"] = time.perf_counter() - started

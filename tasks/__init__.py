@@ -1,17 +1,19 @@
-"""Tasks: what a multi-turn script trains on. A `dialogues.Task` holds dialogue openings, a simulated user, a reward
+"""Tasks: what a multi-turn script trains on. A `Task` holds dialogue openings, a simulated user, a reward
 and a horizon H; every multi-turn script gets one from `load_task` and never builds one itself.
 
 Built in: `guess_number` (tasks/guess_number.py: the verifiable game) and `chat` (tasks/chat.py: dataset openings,
 a simulated user, a reward model). A fork's own task is `--task module:function` or `--task path/file.py:function`:
 a function with keyword parameters (any of the `TaskArgs` fields and of the run's own values that `load_task`
-passes: seed, rank, device, bf16, model, context_tokens, ...) that returns a `dialogues.Task`. It is called exactly as
+passes: seed, rank, device, bf16, model, context_tokens, ...) that returns a `Task`. It is called exactly as
 the built-in ones are.
 """
 
 import dataclasses
+import importlib
+import importlib.util
 import inspect
 import os
-from typing import Literal
+from typing import Callable, Literal
 
 import dialogues
 import utils
@@ -21,10 +23,37 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass
+class Task:
+    """What an algorithm needs to train on dialogues. Forks build their own and pass `--task module:function`."""
+
+    train: list[dialogues.Episode]
+    """dialogue openings (ending with the first user turn) to sample from"""
+    eval: list[dialogues.Episode]
+    """held-out openings for evaluation"""
+    user: Callable[[list[dialogues.Episode]], list[str | None]]
+    """writes the next user turn of each dialogue, or None to end it"""
+    reward: Callable[[list[dialogues.Episode]], list[float]]
+    """a score for each finished (or truncated) dialogue"""
+    horizon: int
+    """the largest number of assistant turns"""
+    reference_scores: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    """known per-turn scores to read results against, e.g. {"optimal": [...], "random": [...]}"""
+    policy: str | None = None
+    """a policy that suits the task (a warm-started model folder), used when the script is given no model"""
+    engines: list = dataclasses.field(default_factory=list)
+    """rollout engines the task started (an LLM user's), for the script to close at the end"""
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    """dataset rows the task could not read, by cause (the scripts log them as `skipped/rows_<cause>`)"""
+    recorded: list[dialogues.Episode] = dataclasses.field(default_factory=list)
+    """whole dialogues played by some other policy (a dataset's own, the guessing game's random consistent play):
+    the offline contexts of the single-turn baselines (dpo_multiturn.py --contexts offline)"""
+
+
+@dataclasses.dataclass
 class TaskArgs:
     task: str = "guess_number"
     """`guess_number` (verifiable: code user and reward), `chat` (dataset openings, a simulated user, a reward
-    model or function), or `module:function` / `file.py:function` returning a `dialogues.Task`"""
+    model or function), or `module:function` / `file.py:function` returning a `Task`"""
     horizon: int | None = None
     """largest number of assistant turns H; default the task's own (guessing game: 3; chat: the paper's 5)"""
 
@@ -71,15 +100,34 @@ class TaskArgs:
     """reward-model input is cut to its last this-many tokens (paper: 4096)"""
 
 
+def import_function(spec: str) -> Callable:
+    """`module:function` or `path/to/file.py:function`, for rewards and tasks that forks bring."""
+    module_name, _, name = spec.partition(":")
+    if module_name.endswith(".py") and not os.path.isfile(module_name):
+        raise ValueError(f"{spec!r}: no file {module_name}")
+    if module_name.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            raise ValueError(f"{spec!r}: cannot import {module_name} ({e})") from e
+    if not hasattr(module, name):
+        raise ValueError(f"{spec!r}: {module_name} has no {name!r}")
+    return getattr(module, name)
+
+
 def task_factory(name: str):
     """The function behind a task name: a built-in short name, `module:function` or `path/file.py:function`."""
     spec = BUILT_IN.get(name, name)
     if ":" not in spec:
         raise ValueError(f"unknown task {name!r}: use one of {sorted(BUILT_IN)} or module:function / file.py:function")
-    return utils.import_function(spec)
+    return import_function(spec)
 
 
-def load_task(args: TaskArgs, **run_values) -> dialogues.Task:
+def load_task(args: TaskArgs, **run_values) -> Task:
     """Calls the task's factory with the `TaskArgs` fields and `run_values` it takes as parameters, and checks what
     it returns. A flag set away from its default that the factory does not take is reported: it has no effect."""
     factory = task_factory(args.task)
@@ -92,8 +140,8 @@ def load_task(args: TaskArgs, **run_values) -> dialogues.Task:
     if ignored:
         utils.print0(f"warning: task {args.task!r} does not use {', '.join(ignored)}; those flags have no effect")
     task = factory(**{k: v for k, v in offered.items() if takes_all or k in parameters})
-    if not isinstance(task, dialogues.Task):
-        raise TypeError(f"task {args.task!r} returned {type(task).__name__}, not a dialogues.Task")
+    if not isinstance(task, Task):
+        raise TypeError(f"task {args.task!r} returned {type(task).__name__}, not a tasks.Task")
     if not task.train:
         raise ValueError(f"task {args.task!r} has no training openings")
     return task

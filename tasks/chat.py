@@ -12,6 +12,7 @@ import torch
 
 import dialogues
 import utils
+from tasks import Task, import_function
 
 USER_PROMPT_TOKENS = 512
 """the user engine reads the whole dialogue inside the user-simulator prompt: room for that prompt's own text"""
@@ -61,7 +62,7 @@ class LLMUser:
         texts = [user_simulator_prompt(e.messages) for e in episodes]
         prompts = [utils.chat_token_ids(self.tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True)
                    for t in texts]
-        seeds = [dialogues.sample_seed(self.seed, t) for t in texts]
+        seeds = [utils.sample_seed(self.seed, t) for t in texts]
         completions = self.engine.generate(prompts, self.max_tokens, self.temperature, seeds)
         return [parse_user_reply(c.text) for c in completions]
 
@@ -112,7 +113,7 @@ class ServerUser:
         from concurrent.futures import ThreadPoolExecutor
 
         prompts = [user_simulator_prompt(e.messages) for e in episodes]
-        seeds = [dialogues.sample_seed(self.seed, p) for p in prompts]
+        seeds = [utils.sample_seed(self.seed, p) for p in prompts]
         with ThreadPoolExecutor(self.concurrency) as pool:
             return [parse_user_reply(text) for text in pool.map(self._ask, prompts, seeds)]
 
@@ -152,7 +153,7 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
               trust_remote_code: bool = False, reward_max_length: int = 4096, max_prompt_tokens: int = 1024,
               max_new_tokens: int = 1024,
               engine_memory_share: float = 0.3, kv_cache_bytes: int | None = None,
-              rollout_backend: str = "auto") -> dialogues.Task:
+              rollout_backend: str = "auto") -> Task:
     """The chat task; the first `num_eval_prompts` openings are held out for evaluation. `horizon` None is the
     paper's 5 turns. The `llm` user defaults to the policy's own base model (`model`, else the embedded SmolLM2),
     frozen, on an engine of its own; its task's `engines` list holds it so the script can close it."""
@@ -168,22 +169,22 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
         raise ValueError(f"{dataset}: {len(openings)} openings, fewer than num_eval_prompts + 1 (skipped: {skipped})")
     # the reward first: a reward function that cannot be imported fails before an engine starts
     if reward_model is not None:
-        scorer = utils.RewardModel(reward_model, device, torch.bfloat16 if bf16 else torch.float32,
+        scorer = dialogues.RewardModel(reward_model, device, torch.bfloat16 if bf16 else torch.float32,
                                    reward_max_length, trust_remote_code)
 
         def reward(episodes):
             return scorer([e.messages for e in episodes])
     else:
-        score_dialogue = utils.import_function(reward_function)
+        score_dialogue = import_function(reward_function)
 
         def reward(episodes):
             return [float(score_dialogue(e.messages)) for e in episodes]
     engines = []
-    user_seed = dialogues.sample_seed(seed, "user", rank)
+    user_seed = utils.sample_seed(seed, "user", rank)
     if user == "llm":
         user_path = utils.resolve_model_path(user_model or model or utils.EMBEDDED_SMOLLM2)
         context = max_prompt_tokens + horizon * (max_new_tokens + user_max_tokens + TEMPLATE_TOKENS_PER_TURN)
-        engine = dialogues.make_engine(user_path, device, context + USER_PROMPT_TOKENS, seed + 1, bf16,
+        engine = engines.make_engine(user_path, device, context + USER_PROMPT_TOKENS, seed + 1, bf16,
                                        engine_memory_share, kv_cache_bytes, rollout_backend)
         engines.append(engine)
         simulated_user = LLMUser(engine, utils.load_tokenizer(user_path), user_max_tokens, user_temperature,
@@ -193,5 +194,5 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
                                     user_timeout, user_retries)
     else:
         simulated_user = DatasetUser()
-    return dialogues.Task(train=openings[num_eval_prompts:], eval=openings[:num_eval_prompts], user=simulated_user,
+    return Task(train=openings[num_eval_prompts:], eval=openings[:num_eval_prompts], user=simulated_user,
                           reward=reward, horizon=horizon, engines=engines, skipped=skipped)

@@ -15,6 +15,7 @@ import torch
 
 import dialogues
 import utils
+from tasks import Task
 
 
 class GuessNumber:
@@ -158,7 +159,7 @@ def warm_start_policy(game: GuessNumber, tokenizer_path: str, steps: int = 800, 
 
 def make_task(seed: int, model: str | None = None, horizon: int | None = None, guess_max: int = 7,
               warm_start_steps: int = 800, num_train: int = 4096, num_eval: int = 1024,
-              num_recorded: int = 4096) -> dialogues.Task:
+              num_recorded: int = 4096) -> Task:
     """The game's task: `num_train` openings with secrets drawn with `seed`, `num_eval` with a fixed seed (every run
     evaluates on the same games), `num_recorded` games of random consistent play (the baselines' offline
     dialogues), the game's reference scores, and, when no `model` is given, the warm-started
@@ -170,7 +171,7 @@ def make_task(seed: int, model: str | None = None, horizon: int | None = None, g
     if model is None:
         tokenizer_path = utils.resolve_model_path(utils.EMBEDDED_SMOLLM2)  # its tokenizer, for the tiny policy
         policy = utils.rank0_first(lambda: warm_start_policy(game, tokenizer_path, warm_start_steps))
-    return dialogues.Task(
+    return Task(
         train=[game.new_episode(rng.randint(1, game.n)) for _ in range(num_train)],
         eval=[game.new_episode(eval_rng.randint(1, game.n)) for _ in range(num_eval)],
         user=game.users, reward=game.rewards, horizon=game.horizon,

@@ -1,6 +1,7 @@
 """A fork's own task, plugged into refuel.py with `--task tests/custom_task.py:make_task` (no script edited)."""
 
 import dialogues
+import tasks
 
 
 def count_up_user(episodes):
@@ -19,5 +20,5 @@ def says_the_number(episodes):
 
 def make_task(num_openings: int = 16):
     opening = lambda: dialogues.Episode([{"role": "user", "content": "Count with me. Say 1."}])  # noqa: E731
-    return dialogues.Task(train=[opening() for _ in range(num_openings)], eval=[opening() for _ in range(4)],
+    return tasks.Task(train=[opening() for _ in range(num_openings)], eval=[opening() for _ in range(4)],
                           user=count_up_user, reward=says_the_number, horizon=3)

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import helpers  # noqa: E402
+
 import utils  # noqa: E402
 from rebel import rebel_loss  # noqa: E402
 
@@ -38,7 +40,7 @@ if __name__ == "__main__":
 
     global_loss = loss.detach().clone()
     dist.all_reduce(global_loss)
-    weights = utils.full_state_dict(model)
+    weights = helpers.full_state_dict(model)
     if rank == 0:
         torch.save({"loss": global_loss.item() / world_size, "weights": weights}, out_path)
     dist.destroy_process_group()

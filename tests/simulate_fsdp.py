@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import dialogues  # noqa: E402
+import engines  # noqa: E402
 import memory_plan  # noqa: E402
 import utils  # noqa: E402
 
@@ -24,7 +24,7 @@ if __name__ == "__main__":
     model = utils.shard_model(memory_plan.meta_model(config), bf16=True, gradient_checkpointing=True)
     local = {name: list(p.to_local().shape) for name, p in model.named_parameters()}
     streamed = [(name, list(t.shape), str(t.dtype))
-                for name, t in dialogues.stream_weights(model, torch.bfloat16, 2**29)]
+                for name, t in engines.stream_weights(model, torch.bfloat16, 2**29)]
     print(json.dumps({"local": local, "streamed": streamed,
                       "meta": all(p.device.type == "meta" for p in model.parameters())}))
     dist.destroy_process_group()

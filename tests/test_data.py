@@ -3,7 +3,6 @@ import json
 import pytest
 
 import dialogues
-import utils
 
 
 def write_jsonl(path, rows):
@@ -106,7 +105,7 @@ def test_reward_model_scores_dialogues_batched_or_not(process_group, tiny_reward
     """Batched scoring must equal one-at-a-time scoring (right padding, last real token)."""
     import torch
 
-    rm = utils.RewardModel(tiny_reward_model, process_group[2], torch.float32, max_length=512)
+    rm = dialogues.RewardModel(tiny_reward_model, process_group[2], torch.float32, max_length=512)
     chats = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x" * n}] for n in (1, 5, 9)]
     scores = rm(chats)
     single = [rm([d])[0] for d in chats]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import dialogues
+import engines
 import utils
 from dpo_multiturn import dpo_loss, preference_pairs, state, training_states
 
@@ -30,7 +31,7 @@ class ScriptedPlayer:
         self.tokenizer, self.first, self.then, self.calls = tokenizer, first, then, 0
 
     def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float,
-                 seeds: list[int]) -> list[dialogues.Completion]:
+                 seeds: list[int]) -> list[engines.Completion]:
         strategy = STRATEGIES[self.first if self.calls == 0 else self.then]
         self.calls += 1
         out = []
@@ -38,7 +39,7 @@ class ScriptedPlayer:
             lo, hi = map(int, re.findall(r"from (\d+) to (\d+)", self.tokenizer.decode(prompt))[-1])
             text = str(strategy(lo, hi))
             ids = self.tokenizer(text, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
-            out.append(dialogues.Completion(ids, text, True))
+            out.append(engines.Completion(ids, text, True))
         return out
 
 

@@ -1,8 +1,9 @@
 """The rollout engine: vLLM samples what it should, from the weights the trainer has."""
 
+import helpers
 import torch
 
-import dialogues
+import engines
 import utils
 
 
@@ -15,34 +16,34 @@ def test_parity_after_sync_and_failure_without_it(process_group, tiny_model, vll
     tokenizer = utils.load_tokenizer(tiny_model)
     model = utils.shard_model(utils.load_causal_lm(tiny_model), bf16=False)
     probe = prompt(tokenizer) + tokenizer("A fixed answer.", add_special_tokens=False).input_ids
-    assert dialogues.check_logprob_parity(vllm_engine, model, probe, device, 1e-4) < 1e-4
+    assert engines.check_logprob_parity(vllm_engine, model, probe, device, 1e-4) < 1e-4
 
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     try:
-        dialogues.check_logprob_parity(vllm_engine, model, probe, device, 1e-4)
+        engines.check_logprob_parity(vllm_engine, model, probe, device, 1e-4)
         raise AssertionError("stale engine weights went unnoticed")
-    except dialogues.WeightSyncError as error:
+    except engines.WeightSyncError as error:
         assert "not sampling from the weights being trained" in str(error)
 
-    assert dialogues.sync_weights(vllm_engine, model, probe, device, 1e-4) < 1e-4
+    assert engines.sync_weights(vllm_engine, model, probe, device, 1e-4) < 1e-4
     # and the engine really samples from them: greedy decoding agrees with the transformers engine
-    reference = dialogues.TransformersEngine(tiny_model, device, torch.float32)
-    reference.load_weights(utils.full_state_dict(model))
+    reference = engines.TransformersEngine(tiny_model, device, torch.float32)
+    reference.load_weights(helpers.full_state_dict(model))
     prompts = [prompt(tokenizer, t) for t in ("Hi.", "What is two plus two?", "Name a color.")]
     ours = vllm_engine.generate(prompts, 12, 0.0, [0, 0, 0])
     theirs = reference.generate(prompts, 12, 0.0, [0, 0, 0])
     assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
     # restore the engine for other tests
-    vllm_engine.load_weights(utils.full_state_dict(utils.load_causal_lm(tiny_model)))
+    vllm_engine.load_weights(helpers.full_state_dict(utils.load_causal_lm(tiny_model)))
 
 
 def test_completions_mark_unfinished_turns(process_group, smollm2_path):
     """A finished turn ends with the EOS token (kept, it is trained); a cut one is flagged."""
     device = process_group[2]
     tokenizer = utils.load_tokenizer(smollm2_path)
-    engine = dialogues.TransformersEngine(smollm2_path, device, torch.float32)
+    engine = engines.TransformersEngine(smollm2_path, device, torch.float32)
     p = prompt(tokenizer, "What is the capital of France?")
     done, cut = engine.generate([p], 32, 0.0, [0]) + engine.generate([p], 3, 0.0, [0])
     assert done.finished and done.token_ids[-1] == tokenizer.eos_token_id and "Paris" in done.text
@@ -65,12 +66,12 @@ def test_a_sleeping_transformers_engine_wakes_with_the_next_sync(process_group, 
     """--engine_sleep with the transformers backend (the GPU machines' rollouts): the engine's copy leaves the
     device while the trainer runs, and the next weight sync brings it back, checked by log-prob parity."""
     device = process_group[2]
-    engine = dialogues.make_engine(tiny_model, device, 512, 0, False, 0.05, None, "transformers", sleep_mode=True)
+    engine = engines.make_engine(tiny_model, device, 512, 0, False, 0.05, None, "transformers", sleep_mode=True)
     policy = utils.shard_model(utils.load_causal_lm(tiny_model), bf16=False)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.01)
     engine.sleep()
     assert engine.asleep and next(engine.model.parameters()).device.type == "cpu"
-    gap = dialogues.sync_weights(engine, policy, [1, 2, 3, 4, 5], device, 1e-4)
+    gap = engines.sync_weights(engine, policy, [1, 2, 3, 4, 5], device, 1e-4)
     assert not engine.asleep and gap < 1e-4

@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import helpers
 import pytest
 import torch
 
@@ -28,7 +29,7 @@ def test_unknown_tasks_and_wrong_returns_are_clear_errors(tmp_path, process_grou
         load_task(TaskArgs(task="guess"))
     bad = tmp_path / "bad_task.py"
     bad.write_text("def make_task():\n    return {'train': []}\n")
-    with pytest.raises(TypeError, match="returned dict, not a dialogues.Task"):
+    with pytest.raises(TypeError, match="returned dict, not a tasks.Task"):
         load_task(TaskArgs(task=f"{bad}:make_task"))
     with pytest.raises(ValueError, match="has no 'nothing'"):
         load_task(TaskArgs(task=f"{bad}:nothing"))
@@ -96,7 +97,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny
         policy(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
         optimizer.step()
         optimizer.zero_grad()
-        weights.append({k: v.clone() for k, v in utils.full_state_dict(policy).items()})
+        weights.append({k: v.clone() for k, v in helpers.full_state_dict(policy).items()})
         utils.save_checkpoint(str(tmp_path), iteration, trained, {"iteration": iteration}, tokenizer)
     assert utils.latest_checkpoint(str(tmp_path)).endswith("iteration_000002")
     shard = next(os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "checkpoints" / "iteration_000002" / "dcp")
@@ -106,7 +107,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny
     latest = utils.latest_checkpoint(str(tmp_path))
     assert latest.endswith("iteration_000001") and "iteration_000002 is not usable" in capsys.readouterr().out
     assert utils.load_checkpoint(latest, trained) == {"iteration": 1}
-    for name, tensor in utils.full_state_dict(policy).items():
+    for name, tensor in helpers.full_state_dict(policy).items():
         torch.testing.assert_close(tensor, weights[0][name])
 
 

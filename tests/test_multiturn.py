@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import dialogues
+import engines
 import utils
 from conftest import free_port
 from refuel import refuel_loss, sample_horizons
-from tasks.chat import (DatasetUser, LLMUser, ServerUser, UserServerError, parse_user_reply,
-                        user_simulator_prompt)
+from tasks.chat import DatasetUser, LLMUser, ServerUser, UserServerError, parse_user_reply, user_simulator_prompt
 from tasks.guess_number import GuessNumber
 
 
@@ -96,7 +96,7 @@ def test_llm_user_with_a_tiny_model(vllm_engine, tiny_model):
 
 @pytest.mark.slow
 def test_llm_user_with_smollm2_asks_a_question(process_group, smollm2_path):
-    engine = dialogues.TransformersEngine(smollm2_path, process_group[2], torch.float32)
+    engine = engines.TransformersEngine(smollm2_path, process_group[2], torch.float32)
     user = LLMUser(engine, utils.load_tokenizer(smollm2_path), 64, 0.0, seed=0)
     e = dialogues.Episode([{"role": "user", "content": "What is the capital of France?"},
                        {"role": "assistant", "content": "The capital of France is Paris."}])

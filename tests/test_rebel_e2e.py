@@ -78,10 +78,10 @@ HF_CHECK = """
 import sys, dialogues, utils
 folder = sys.argv[1]
 device = utils.init_distributed()[2]
-engine = dialogues.make_engine(folder, device, 256, 0, False, 0.05, 32 * 2**20, "vllm")
+engine = engines.make_engine(folder, device, 256, 0, False, 0.05, 32 * 2**20, "vllm")
 prompt = utils.chat_token_ids(utils.load_tokenizer(folder), [{"role": "user", "content": "Hi"}],
                               add_generation_prompt=True)
-dialogues.check_logprob_parity(engine, utils.load_causal_lm(folder), prompt + [5, 6, 7], device, 1e-4)
+engines.check_logprob_parity(engine, utils.load_causal_lm(folder), prompt + [5, 6, 7], device, 1e-4)
 print("parity ok")
 """
 

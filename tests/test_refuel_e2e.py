@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+
 from conftest import free_port
 
 pytestmark = pytest.mark.slow  # every test here starts a script or torchrun

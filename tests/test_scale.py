@@ -7,10 +7,11 @@ import os
 import subprocess
 import sys
 
+import helpers
 import pytest
 import torch
 
-import dialogues
+import engines
 import memory_plan
 import utils
 
@@ -20,8 +21,8 @@ GiB, MiB = 2**30, 2**20
 
 def test_sync_buckets_group_consecutive_tensors():
     # 3 | 4+2 (=6, the limit) | 10 (over the limit, alone) | 1
-    assert dialogues.sync_buckets([3, 4, 2, 10, 1], 6) == [[0], [1, 2], [3], [4]]
-    assert dialogues.sync_buckets([], 6) == []
+    assert utils.size_buckets([3, 4, 2, 10, 1], 6) == [[0], [1, 2], [3], [4]]
+    assert utils.size_buckets([], 6) == []
 
 
 # Hand-computed from the config.json files (no weights): per decoder layer q and o are h*h, k and v h*kv with
@@ -56,7 +57,7 @@ def test_simulated_8_ranks_shards_sync_and_plan(config):
         assert {dtype for _, _, dtype in streamed} == {"torch.bfloat16"}
         assert sum(torch.Size(s).numel() for _, s, _ in streamed) == expected["parameters"]
         sizes = [2 * torch.Size(s).numel() for _, s, _ in streamed]
-        buckets = dialogues.sync_buckets(sizes, 512 * MiB)
+        buckets = utils.size_buckets(sizes, 512 * MiB)
         largest = max(sum(sizes[i] for i in b) for b in buckets)
         assert largest == 2 * expected["embedding"]  # the embedding, alone in its bucket
         assert all(sum(sizes[i] for i in b) <= 512 * MiB for b in buckets if len(b) > 1)
@@ -119,8 +120,8 @@ def test_gradient_checkpointing_same_losses_and_gradients(process_group, tiny_mo
 def test_streamed_weights_are_the_model_in_the_engine_dtype(process_group, tiny_model):
     device = process_group[2]
     model = utils.shard_model(utils.load_causal_lm(tiny_model, torch.float32, device), bf16=False)
-    full = utils.full_state_dict(model)
-    streamed = dict(dialogues.stream_weights(model, torch.bfloat16, 4096))
+    full = helpers.full_state_dict(model)
+    streamed = dict(engines.stream_weights(model, torch.bfloat16, 4096))
     assert set(streamed) == set(full)  # the tied head too, under its own name
     for name, tensor in streamed.items():
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, full[name].to(torch.bfloat16))
@@ -128,9 +129,9 @@ def test_streamed_weights_are_the_model_in_the_engine_dtype(process_group, tiny_
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    engine = dialogues.TransformersEngine(tiny_model, device, torch.float32)
+    engine = engines.TransformersEngine(tiny_model, device, torch.float32)
     probe = list(range(5, 40))
-    assert dialogues.sync_weights(engine, model, probe, device, 1e-5, bucket_mb=0.01) < 1e-5
+    assert engines.sync_weights(engine, model, probe, device, 1e-5, bucket_mb=0.01) < 1e-5
 
 
 def test_streamed_vllm_sync_has_parity_and_no_rotary_warning(process_group, tiny_model, vllm_engine):
@@ -146,16 +147,16 @@ def test_streamed_vllm_sync_has_parity_and_no_rotary_warning(process_group, tiny
     vllm_logger.addHandler(handler)
     try:
         # the plain reload RPC of a whole state dict logs the warning: the capture sees vLLM's records
-        state = utils.full_state_dict(model)
+        state = helpers.full_state_dict(model)
         vllm_engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
         assert any("Failed to load weights" in r.getMessage() for r in records)
         records.clear()
         # 64 KiB buckets: the tiny model's 50 tensors arrive in many pieces
         probe = list(range(5, 40))
-        assert dialogues.sync_weights(vllm_engine, model, probe, device, 1e-4, bucket_mb=1 / 16) < 1e-4
+        assert engines.sync_weights(vllm_engine, model, probe, device, 1e-4, bucket_mb=1 / 16) < 1e-4
         assert not [r.getMessage() for r in records if "Failed to load weights" in r.getMessage()]
     finally:
         vllm_logger.removeHandler(handler)
     # the rotary cache set aside during the reload is back, and the engine keeps sampling
     assert vllm_engine.generate([probe], 4, 0.0, [0])[0].token_ids
-    vllm_engine.load_weights(utils.full_state_dict(utils.load_causal_lm(tiny_model)))
+    vllm_engine.load_weights(helpers.full_state_dict(utils.load_causal_lm(tiny_model)))
