@@ -65,11 +65,14 @@ def load_rows(source: str, split: str = "train"):
     import datasets
 
     extension = os.path.splitext(source)[1].lstrip(".")
+    kind = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(extension)
+    if kind is not None and not os.path.isfile(source):
+        # a mistyped file name: the hub would answer with a long traceback about a dataset repository
+        raise ValueError(f"{source}: no such file")
     if not os.path.isfile(source):
         if os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_info.json")):
             return datasets.load_from_disk(source), {}
         return datasets.load_dataset(source, split=split), {}
-    kind = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(extension)
     if kind is None:
         raise ValueError(f"{source}: unknown data file type {extension!r} (use json, jsonl, parquet or csv)")
     if os.path.getsize(source) == 0:
@@ -200,43 +203,83 @@ def generated_tokens(episodes: list[Episode], tokenizer, first_turns: list[int])
 
 
 
-def rollout_dialogues(episodes: list[Episode], engine, tokenizer, user, horizons: list[int], max_tokens: int,
-                      temperature: float, seed: tuple) -> list[Episode]:
-    """Plays every episode on to its horizon (in assistant turns), in place, and returns them.
+def play_turn(players: list[tuple[Episode, int, tuple]], engine, tokenizer, user, max_tokens: int,
+              temperature: float) -> bool:
+    """One turn of every dialogue still open among `players` (episode, horizon, seed key), in place: one batched
+    engine call for all their assistant turns, then one batched user call for every dialogue that continues.
+    Returns False when none was open.
 
-    Turn by turn: one batched engine call for every assistant turn still open, then one batched user call
-    for every dialogue that continues. A user reply of None ends that dialogue (the task is done). An
-    assistant turn that hits `max_tokens` is kept, and marked unfinished, not silently cut; its text goes
-    to the user as it is.
+    A turn's sampling seed depends on its key and turn only, never on the batch it is drawn in. A user reply of
+    None ends that dialogue (the task is done). An assistant turn that hits `max_tokens` is kept, and marked
+    unfinished, not silently cut; its text goes to the user as it is.
     """
+    open_ = [(e, horizon, key) for e, horizon, key in players if not e.done and e.turns < horizon]
+    if not open_:
+        return False
+    prompts = [utils.chat_token_ids(tokenizer, e.messages, add_generation_prompt=True) for e, _, _ in open_]
+    seeds = [utils.sample_seed(*key, e.turns) for e, _, key in open_]
+    for (e, _, _), p, c in zip(open_, prompts, engine.generate(prompts, max_tokens, temperature, seeds)):
+        e.prompts.append(p)
+        e.responses.append(c.token_ids)
+        e.finished.append(c.finished)
+        e.messages.append({"role": "assistant", "content": c.text})
+    asking = [e for e, horizon, _ in open_ if e.turns < horizon]
+    for e, reply in zip(asking, user(asking) if asking else []):
+        if reply is None:
+            e.done = True
+        else:
+            e.messages.append({"role": "user", "content": reply})
+    return True
+
+
+def rollout_dialogues(episodes: list[Episode], engine, *, tokenizer, user, horizons: list[int], max_tokens: int,
+                      temperature: float, seed: tuple, keys: list[tuple] | None = None) -> list[Episode]:
+    """Plays every episode on to its horizon (in assistant turns), in place, and returns them, turn by turn
+    (`play_turn`). Episode i's turns are sampled with seeds fixed by `(*seed, *keys[i], turn)`; `keys` defaults
+    to each episode's index."""
+    keys = keys or [(i,) for i in range(len(episodes))]
+    players = [(e, horizon, (*seed, *key)) for e, horizon, key in zip(episodes, horizons, keys)]
+    while play_turn(players, engine, tokenizer, user, max_tokens, temperature):
+        pass
+    return episodes
+
+
+def rollout_pairs(openings: list[Episode], engine, *, tokenizer, user, horizons: list[int], branch_turns: list[int],
+                  redraw: Callable[[int], int], max_tokens: int, temperature: float,
+                  seed: tuple) -> tuple[list[Episode], list[Episode], list[int]]:
+    """REFUEL's rollout in one pass: each opening is played to its horizon (dialogue A) and, at its branch turn h
+    (0-indexed), a second answer to the same state s_h is drawn in the same engine call and played on beside it
+    to the same horizon (branch B, sharing A's prefix through user turn h). Both advance turn by turn together, so
+    every engine and user call holds both sides. Returns A, B and the branch turns.
+
+    A dialogue that ends before turn h (its user ended it) branches at `redraw(turns it had)` instead, from its
+    prefix, as soon as it ends (REFUEL's official setting two draws h over a dialogue's real turns). Turns are
+    sampled with seeds fixed by `(*seed, "A" or "B", i, turn)`: the dialogues are those of playing every A first
+    and then every B from `A.prefix(h)`, token for token, with an engine whose samples do not depend on the batch.
+    """
+    a_side, b_side, turns = openings, [None] * len(openings), list(branch_turns)
+    players = [(a, horizon, (*seed, "A", i)) for i, (a, horizon) in enumerate(zip(a_side, horizons))]
     while True:
-        open_ = [i for i, (e, h) in enumerate(zip(episodes, horizons)) if not e.done and e.turns < h]
-        if not open_:
-            return episodes
-        prompts = [utils.chat_token_ids(tokenizer, episodes[i].messages, add_generation_prompt=True) for i in open_]
-        seeds = [utils.sample_seed(*seed, i, episodes[i].turns) for i in open_]
-        for i, p, c in zip(open_, prompts, engine.generate(prompts, max_tokens, temperature, seeds)):
-            episodes[i].prompts.append(p)
-            episodes[i].responses.append(c.token_ids)
-            episodes[i].finished.append(c.finished)
-            episodes[i].messages.append({"role": "assistant", "content": c.text})
-        asking = [episodes[i] for i in open_ if episodes[i].turns < horizons[i]]
-        for e, reply in zip(asking, user(asking) if asking else []):
-            if reply is None:
-                e.done = True
-            else:
-                e.messages.append({"role": "user", "content": reply})
+        for i, a in enumerate(a_side):
+            ended = a.done or a.turns >= horizons[i]
+            if b_side[i] is None and (a.turns == turns[i] and not ended or ended and a.turns <= turns[i]):
+                if ended:
+                    turns[i] = redraw(a.turns)
+                b_side[i] = a.prefix(turns[i])
+                players.append((b_side[i], horizons[i], (*seed, "B", i)))
+        if not play_turn(players, engine, tokenizer, user, max_tokens, temperature):
+            return a_side, b_side, turns
 
 
 
-def evaluate_by_turn(task, engine, tokenizer, max_tokens: int, temperature: float, seed: int, rank: int,
+def evaluate_by_turn(task, engine, *, tokenizer, max_tokens: int, temperature: float, seed: int, rank: int,
                      world_size: int) -> list[list[float]]:
     """Scores after each turn h = 1..H of this rank's share of a `tasks.Task`'s evaluation dialogues, played to H. The
     sampling seeds depend on (seed, rank, dialogue, turn) only and users answer a conversation the same way
     whenever asked, so evaluations of two policies stay paired until their dialogues differ."""
     mine = [Episode(copy.deepcopy(e.messages), copy.deepcopy(e.info)) for e in task.eval[rank::world_size]]
-    episodes = rollout_dialogues(mine, engine, tokenizer, task.user, [task.horizon] * len(mine), max_tokens,
-                                 temperature, (seed, "eval", rank))
+    episodes = rollout_dialogues(mine, engine, tokenizer=tokenizer, user=task.user, horizons=[task.horizon] * len(mine),
+                                 max_tokens=max_tokens, temperature=temperature, seed=(seed, "eval", rank))
     return [task.reward([e.truncated(t) for e in episodes]) for t in range(1, task.horizon + 1)]
 
 

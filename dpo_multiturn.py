@@ -24,19 +24,28 @@ Run:
     python dpo_multiturn.py                                   # DPO-LT on pi_0's dialogues, guessing task, CPU
     python dpo_multiturn.py --turns sampled --loss rebel      # REBEL-MT
     torchrun --nproc_per_node 2 dpo_multiturn.py --contexts onpolicy --target future
+    # the paper's four baselines in REFUEL's setting one are presets (PRESETS below); the 70B user behind a server
+    torchrun --nproc_per_node 8 dpo_multiturn.py --preset dpo-lt --user_url http://<host>:8000
+    torchrun --nproc_per_node 8 dpo_multiturn.py --preset rebel-mt --user_url http://<host>:8000
 """
 
 import copy
 import dataclasses
 import os
+import sys
 import time
 from typing import Annotated, Literal
+
+# torch reads its C++ log level once, when first imported: without --verbose, keep its warnings (vLLM's "NUMA
+# binding" line at every engine start) off the console
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "WARNING" if "--verbose" in sys.argv else "ERROR")
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
 
+import checkpoints
 import dialogues
 import engines
 import memory_plan
@@ -68,6 +77,9 @@ class Args:
     """wandb entity (team)"""
     verbose: bool = False
     """show third-party warnings (vLLM, transformers) on the console"""
+    preset: str | None = None
+    """start from one of the paper's baselines (`PRESETS`: dpo-lt, dpo-mt, rebel-lt, rebel-mt); flags given with
+    it override its values"""
 
     # the task: openings, a simulated user, a reward, a horizon (flags of tasks.TaskArgs)
     task_args: Annotated[TaskArgs, tyro.conf.arg(name="")] = dataclasses.field(default_factory=TaskArgs)
@@ -129,8 +141,8 @@ class Args:
     """openings longer than this (templated), for training and evaluation, are skipped and counted"""
     num_iterations: int = 8
     """iterations; each draws fresh states and answers"""
-    states_per_rank: int = 512
-    """states s_h (so answer pairs) per iteration per rank"""
+    pairs_per_rank: int = 512
+    """states s_h per iteration per rank, each answered twice: one pair"""
     num_epochs: int = 1
     """passes over an iteration's pairs"""
     minibatch_pairs: int = 64
@@ -162,6 +174,27 @@ class Args:
     """checkpoint every this many iterations (and after the last)"""
 
 
+SETTING_ONE = dict(  # REFUEL's setting one (refuel.py's preset refuel-setting-one), for every baseline
+    task="chat", model="meta-llama/Meta-Llama-3-8B-Instruct", user="server",
+    user_model="meta-llama/Llama-3.1-70B-Instruct", reward_model="RLHFlow/ArmoRM-Llama3-8B-v0.1",
+    trust_remote_code=True, dataset="openbmb/UltraInteract_pair", prompt_column="trajectory", temperature=0.8,
+    max_new_tokens=1024, user_max_tokens=1024, lr=3e-7, lr_schedule="cosine", warmup_ratio=0.1, horizon=5,
+    num_iterations=2, pairs_per_rank=8000, minibatch_pairs=16, micro_batch_pairs=1,
+    # MIXED contexts: dialogues pi_0 plays once with the user from the dataset's openings, ranked by the immediate
+    # reward of the prefix through turn h; the number of recorded dialogues is not given, so one iteration's worth
+    contexts="initial", target="immediate", num_recorded_dialogues=8000)
+PRESETS = {
+    # the REFUEL paper's baselines: DPO or REBEL, on the last turn (LT) or on every turn (MT, with
+    # REFUEL's h distribution); beta is not given in the paper (DPO's own value for dialogue, 0.1), REBEL's eta is
+    # REFUEL's for ArmoRM (1e3)
+    "dpo-lt": dict(loss="dpo", turns="last", beta=0.1, **SETTING_ONE),
+    "dpo-mt": dict(loss="dpo", turns="sampled", beta=0.1, **SETTING_ONE),
+    "rebel-lt": dict(loss="rebel", turns="last", eta=1e3, **SETTING_ONE),
+    "rebel-mt": dict(loss="rebel", turns="sampled", eta=1e3, **SETTING_ONE),
+}
+"""The paper's baselines as flag values: `--preset NAME`, then any flag to override one of them."""
+
+
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """DPO's loss per pair (DPO paper Eq. 7) from summed log-probs, and the implicit reward margin
@@ -170,10 +203,10 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return -F.logsigmoid(margin), margin
 
 
-def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, scores: torch.Tensor, eta: float) -> torch.Tensor:
+def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor, eta: float) -> torch.Tensor:
     """REBEL's squared regression residual per pair, tensors [pairs, 2] (as refuel_loss, without the weights)."""
     log_ratio = new_lp - old_lp
-    return ((log_ratio[:, 0] - log_ratio[:, 1]) - eta * (scores[:, 0] - scores[:, 1])) ** 2
+    return ((log_ratio[:, 0] - log_ratio[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])) ** 2
 
 
 def training_states(rng: np.random.Generator, turns_played: list[int], n: int, mode: str,
@@ -231,9 +264,13 @@ def check_args(args: Args) -> None:
     problems = [message for bad, message in [
         (args.temperature <= 0, "--temperature must be > 0: log-probs divide the logits by it"),
         (args.beta <= 0 or args.eta <= 0, "--beta and --eta must be > 0"),
-        (min(args.states_per_rank, args.minibatch_pairs, args.micro_batch_pairs, args.num_epochs,
+        (args.lr <= 0, "--lr must be > 0"),
+        (not 0 <= args.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
+        (args.weight_decay < 0, "--weight_decay must be >= 0"),
+        (args.max_grad_norm <= 0, "--max_grad_norm must be > 0: gradients are clipped to this norm"),
+        (min(args.pairs_per_rank, args.minibatch_pairs, args.micro_batch_pairs, args.num_epochs,
              args.num_iterations) < 1,
-         "--states_per_rank, --minibatch_pairs, --micro_batch_pairs, --num_epochs, --num_iterations must be >= 1"),
+         "--pairs_per_rank, --minibatch_pairs, --micro_batch_pairs, --num_epochs, --num_iterations must be >= 1"),
         (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
         (args.preference_dataset is not None and args.loss != "dpo",
          "--preference_dataset has preferences, not scores: it trains --loss dpo only"),
@@ -244,7 +281,7 @@ def check_args(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    args = utils.parse_args(Args, {})
+    args = utils.parse_args(Args, PRESETS)
     check_args(args)
     utils.quiet_third_party(args.verbose)
 
@@ -259,10 +296,13 @@ if __name__ == "__main__":
 
     # the task and the policy it is played with
     kv_cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
-    task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16, model=args.model,
-                     max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                     engine_memory_share=args.engine_memory_share, kv_cache_bytes=kv_cache_bytes,
-                     rollout_backend=args.rollout_backend)
+    try:
+        task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16,
+                         model=args.model, max_prompt_tokens=args.max_prompt_tokens,
+                         max_new_tokens=args.max_new_tokens, engine_memory_share=args.engine_memory_share,
+                         kv_cache_bytes=kv_cache_bytes, rollout_backend=args.rollout_backend)
+    except ValueError as e:  # bad data or task flags (a missing file, no usable row): one line, not a traceback
+        raise SystemExit(str(e))
     horizon = task.horizon
     if args.contexts == "offline" and not task.recorded:
         raise SystemExit(f"--contexts offline: task {args.task_args.task!r} has no recorded dialogues")
@@ -270,7 +310,10 @@ if __name__ == "__main__":
     tokenizer = utils.load_tokenizer(policy_path)
     preferences = None
     if args.preference_dataset is not None:
-        pairs, skipped_pairs = dialogues.load_preferences(args.preference_dataset, args.preference_split)
+        try:
+            pairs, skipped_pairs = dialogues.load_preferences(args.preference_dataset, args.preference_split)
+        except ValueError as e:  # a missing file, no such column, no usable pair: one line, not a traceback
+            raise SystemExit(str(e))
         preferences = [preference_tokens(tokenizer, a, b) for a, b in pairs]
         utils.print0(f"{args.preference_dataset}: {len(preferences)} preference pairs; skipped rows {skipped_pairs}")
     task.train, too_long = dialogues.openings_that_fit(task.train, tokenizer, args.max_prompt_tokens)
@@ -285,9 +328,19 @@ if __name__ == "__main__":
     turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
     max_model_len = args.max_prompt_tokens + horizon * turn_tokens
     uses_reference = args.loss == "dpo" and args.reference == "initial"
-    memory_plan.plan_and_check(policy_path, device, world_size, args.bf16, args.gradient_checkpointing,
-                               kv_cache_bytes, args.sync_bucket_mb, 2 * args.micro_batch_pairs * max_model_len,
-                               uses_reference, args.engine_memory_share)
+    # a pair's rows are a state s_h and one turn's answer; a recorded context's turns are not capped by
+    # --max_new_tokens, so only the engine's context bounds its states; a preference dataset's pairs are measured
+    longest_opening = max(len(utils.chat_token_ids(tokenizer, e.messages, True)) for e in task.train)
+    sequence_tokens = max_model_len if args.contexts == "offline" else longest_opening + horizon * turn_tokens
+    response_tokens = args.max_new_tokens
+    if preferences is not None:
+        response_tokens = max(len(answer) for _, *answers in preferences for answer in answers)
+        sequence_tokens = max(len(prompt) for prompt, _, _ in preferences) + response_tokens
+    memory_plan.plan_and_check(
+        model_path=policy_path, device=device, world_size=world_size, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, kv_cache_bytes=kv_cache_bytes,
+        sync_bucket_mb=args.sync_bucket_mb, rows=2 * args.micro_batch_pairs, sequence_tokens=sequence_tokens,
+        response_tokens=response_tokens, reference=uses_reference, engine_memory_share=args.engine_memory_share)
 
     # models: the policy and (DPO against pi_0) the frozen reference, sharded with FSDP2
     policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16,
@@ -296,32 +349,35 @@ if __name__ == "__main__":
     if uses_reference:
         reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
         reference.requires_grad_(False)
-    steps = args.num_iterations * args.num_epochs * -(-args.states_per_rank // args.minibatch_pairs)
+    steps = args.num_iterations * args.num_epochs * -(-args.pairs_per_rank // args.minibatch_pairs)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   utils.lr_lambda(args.lr_schedule, steps, args.warmup_ratio))
 
     # the policy's rollout engine, colocated on this rank
-    engine = engines.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
-                                   kv_cache_bytes, args.rollout_backend,
-                                   sleep_mode=args.engine_sleep)
+    engine = engines.make_engine(policy_path, device, max_model_len=max_model_len, seed=args.seed, bf16=args.bf16,
+                                 gpu_memory_utilization=args.engine_memory_share, kv_cache_memory_bytes=kv_cache_bytes,
+                                 backend=args.rollout_backend, sleep_mode=args.engine_sleep)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
                  + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
 
-    def play(openings: list[dialogues.Episode], horizons: list[int], seed: tuple) -> list[dialogues.Episode]:
-        return dialogues.rollout_dialogues(openings, engine, tokenizer, task.user, horizons, args.max_new_tokens,
-                                           args.temperature, seed)
+    def play(openings: list[dialogues.Episode], horizons: list[int], seed: tuple,
+             keys: list[tuple] | None = None) -> list[dialogues.Episode]:
+        return dialogues.rollout_dialogues(openings, engine, tokenizer=tokenizer, user=task.user, horizons=horizons,
+                                           max_tokens=args.max_new_tokens, temperature=args.temperature, seed=seed,
+                                           keys=keys)
 
     def evaluate() -> list[list[float]]:
-        return dialogues.evaluate_by_turn(task, engine, tokenizer, args.max_new_tokens, args.temperature, args.seed,
-                                          rank, world_size)
+        return dialogues.evaluate_by_turn(task, engine, tokenizer=tokenizer, max_tokens=args.max_new_tokens,
+                                          temperature=args.temperature, seed=args.seed, rank=rank,
+                                          world_size=world_size)
 
-    logger = utils.MetricsLogger(run_dir, utils.flat_args(args), args.track, args.wandb_project,
-                                 args.wandb_entity, run_name, args.resume)
-    checkpoint = utils.latest_checkpoint(run_dir) if args.resume else None
+    logger = utils.MetricsLogger(run_dir, config=utils.flat_args(args), track=args.track, project=args.wandb_project,
+                                 entity=args.wandb_entity, run_name=run_name, resume=args.resume)
+    checkpoint = checkpoints.latest_checkpoint(run_dir) if args.resume else None
     if checkpoint is not None:
-        saved = utils.load_checkpoint(checkpoint, {"policy": (policy, optimizer)})
+        saved = checkpoints.load_checkpoint(checkpoint, {"policy": (policy, optimizer)})
         scheduler.load_state_dict(saved["scheduler"])
         initial_scores, recorded, spent = saved["initial_scores"], saved["recorded"] or task.recorded, saved["spent"]
         start_iteration = saved["iteration"] + 1
@@ -360,17 +416,19 @@ if __name__ == "__main__":
         t0 = time.time()
         contexts = recorded
         if args.contexts == "onpolicy":
-            openings = [task.train[i] for i in rng.choice(len(task.train), args.states_per_rank)]
+            openings = [task.train[i] for i in rng.choice(len(task.train), args.pairs_per_rank)]
             contexts = play([fresh(e) for e in openings], [horizon] * len(openings), (args.seed, iteration, rank))
             count(contexts, [0] * len(contexts))
         chosen_states = training_states(rng, [len([m for m in d.messages if m["role"] == "assistant"])
-                                              for d in contexts], args.states_per_rank, args.turns, horizon)
+                                              for d in contexts], args.pairs_per_rank, args.turns, horizon)
         states = [state(contexts[d], h) for d, h in chosen_states]
         turns = [h for _, h in chosen_states]
-        # 2. two answers to each state from pi_t; with the future target both are played on to the horizon
+        # 2. two answers to each state from pi_t, drawn in the same engine call; with the future target both are
+        # played on to the horizon side by side
         until = [h + 1 for h in turns] if args.target == "immediate" else [horizon] * len(turns)
-        answered = [play([copy.deepcopy(s) for s in states], until, (args.seed, iteration, rank, side))
-                    for side in "AB"]
+        both = play([copy.deepcopy(s) for s in states + states], until + until, (args.seed, iteration, rank),
+                    keys=[(side, i) for side in "AB" for i in range(len(states))])
+        answered = [both[: len(states)], both[len(states) :]]
         if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()
         for side in answered:
@@ -401,7 +459,7 @@ if __name__ == "__main__":
             pair_prompts, responses, turns, scores = generated_pairs(iteration, rng, timings)
         else:
             # offline preference data: the dataset's own chosen (column 0) and rejected answers, nothing generated
-            picks = rng.choice(len(preferences), args.states_per_rank)
+            picks = rng.choice(len(preferences), args.pairs_per_rank)
             pair_prompts = [preferences[i][0] for i in picks]
             responses = [[preferences[i][1], preferences[i][2]] for i in picks]
             turns, scores = [0] * len(picks), torch.tensor([[1.0, 0.0]] * len(picks))
@@ -421,7 +479,7 @@ if __name__ == "__main__":
             reference, input_ids, attention_mask, response_mask, args.temperature, chunk).sum(-1).view(-1, 2)
         # DPO needs a preference; REBEL regresses any score difference, a tie included (as refuel.py)
         weights = (keep if args.loss == "dpo" else ~identical & torch.isfinite(scores).all(1)).float()
-        targets = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
+        rewards = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
         timings["old_logprobs"] = time.time() - t0
 
         # 5. fit the policy to the preferences, in minibatches of accumulated micro-batches
@@ -446,7 +504,7 @@ if __name__ == "__main__":
                                                     *ref_lp[pairs].to(device).gather(1, pick).unbind(1), args.beta)
                         margins += margin.detach()[w > 0].tolist()
                     else:
-                        per_pair = rebel_loss(new_lp, old_lp[pairs].to(device), targets[pairs].to(device), args.eta)
+                        per_pair = rebel_loss(new_lp, old_lp[pairs].to(device), rewards[pairs].to(device), args.eta)
                     # pairs of weight 0 still run the forward, so that every rank makes the same FSDP2 collectives
                     ((w * per_pair).sum() / mb_weight).backward()
                     losses += per_pair.detach()[w > 0].tolist()
@@ -487,9 +545,10 @@ if __name__ == "__main__":
                 utils.plot_curves(logger.read(), os.path.join(run_dir, "curves.png"))
         utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1, shown, timings))
         if iteration % args.save_every == 0 or last:
-            utils.save_checkpoint(run_dir, iteration, {"policy": (policy, optimizer)}, {
+            checkpoints.save_checkpoint(run_dir, iteration, {"policy": (policy, optimizer)}, {
                 "iteration": iteration, "scheduler": scheduler.state_dict(), "initial_scores": initial_scores,
-                "recorded": recorded if args.contexts == "initial" else None, "spent": spent}, tokenizer)
+                "recorded": recorded if args.contexts == "initial" else None, "spent": spent}, tokenizer,
+                bucket_bytes=int(args.sync_bucket_mb * 2**20))
         if over_budget:
             utils.print0(f"token budget reached: {metrics['budget/generated_tokens']:.0f} >= {args.token_budget}")
             break

@@ -200,7 +200,7 @@ CPU_KV_CACHE_BYTES = 2**28
 """vLLM's KV cache on CPU when no size is given: 0.25 GiB"""
 
 
-def make_engine(model_path: str, device: torch.device, max_model_len: int, seed: int, bf16: bool,
+def make_engine(model_path: str, device: torch.device, *, max_model_len: int, seed: int, bf16: bool,
                 gpu_memory_utilization: float, kv_cache_memory_bytes: int | None, backend: str = "auto",
                 sleep_mode: bool = False):
     """vLLM when it is installed (or `backend="vllm"`), else transformers `generate`. The KV cache has

@@ -23,13 +23,19 @@ Run:
 import copy
 import dataclasses
 import os
+import sys
 import time
 from typing import Annotated, Literal
+
+# torch reads its C++ log level once, when first imported: without --verbose, keep its warnings (vLLM's "NUMA
+# binding" line at every engine start) off the console
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "WARNING" if "--verbose" in sys.argv else "ERROR")
 
 import numpy as np
 import torch
 import tyro
 
+import checkpoints
 import dialogues
 import engines
 import memory_plan
@@ -136,7 +142,7 @@ class Args:
     """iterations; each plays fresh dialogues with the current policy"""
     dialogues_per_rank: int = 256
     """dialogues per iteration per rank (paper: 256 responses per rollout batch in all)"""
-    ppo_epochs: int = 1
+    num_epochs: int = 1
     """passes over an iteration's dialogues (paper: 1)"""
     minibatch_dialogues: int = 64
     """dialogues per optimizer step per rank"""
@@ -146,14 +152,19 @@ class Args:
     """actor learning rate (paper: 1.5e-5 for Gemma)"""
     critic_lr: float = 1e-4
     """critic learning rate (paper: 1.5e-5)"""
+    lr_schedule: Literal["linear", "cosine"] = "linear"
+    """learning-rate decay of both models after the warmup (official run: linear)"""
     warmup_ratio: float = 0.05
-    """linear warmup over this share of the steps, then linear decay (paper: 0.05)"""
+    """linear warmup over this share of the steps (official run: 0.05)"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas (paper: 0.9, 0.95)"""
     weight_decay: float = 0.0
     """AdamW weight decay (paper: 0.1 on non-bias, non-norm weights)"""
     max_grad_norm: float = 1.0
     """gradient clipping of each model (paper: 1.0)"""
+    token_budget: int | None = None
+    """stop after the iteration in which the generated tokens (policy and user, all ranks) reach this many, so that
+    methods can be compared at equal generation cost"""
 
     # bookkeeping
     eval_every: int = 2
@@ -170,7 +181,7 @@ PRESETS = {
         reward_model="<your TL;DR reward model>", dataset="openai/summarize_from_feedback", prompt_column="prompt",
         horizon=1, termination="ngram", ngram=5, kl_coef=0.05, reward_clip=2.5, gamma=1.0, lam=0.95,
         temperature=0.8, max_new_tokens=512, max_prompt_tokens=512, dialogues_per_rank=32, minibatch_dialogues=32,
-        micro_batch_dialogues=4, lr=1.5e-5, critic_lr=1.5e-5, warmup_ratio=0.05, weight_decay=0.1, ppo_epochs=1),
+        micro_batch_dialogues=4, lr=1.5e-5, critic_lr=1.5e-5, warmup_ratio=0.05, weight_decay=0.1, num_epochs=1),
 }
 """The paper's run as flag values: `--preset NAME`, then any flag to override one of them (the models too)."""
 
@@ -319,8 +330,20 @@ def check_args(args: Args) -> None:
     problems = [message for bad, message in [
         (args.temperature <= 0, "--temperature must be > 0: log-probs divide the logits by it"),
         (args.ngram < 1, "--ngram must be at least 1"),
-        (min(args.dialogues_per_rank, args.minibatch_dialogues, args.micro_batch_dialogues, args.ppo_epochs,
-             args.num_iterations) < 1, "batch sizes, --ppo_epochs and --num_iterations must be at least 1"),
+        (min(args.random_lengths, default=1) < 1 or args.random_repeats < 1,
+         "--random_lengths and --random_repeats must be at least 1"),
+        (args.kl_coef < 0, "--kl_coef must be >= 0: a negative penalty would reward drifting from the reference"),
+        (args.reward_clip <= 0, "--reward_clip must be > 0: the score is clipped to [-reward_clip, reward_clip]"),
+        (not 0 <= args.gamma <= 1, "--gamma must be in [0, 1]: it discounts the next macro step's value"),
+        (not 0 <= args.lam <= 1, "--lam must be in [0, 1]: it weighs the later macro steps' TD errors"),
+        (args.clip_eps <= 0, "--clip_eps must be > 0: the ratio is clipped to [1 - clip_eps, 1 + clip_eps]"),
+        (args.value_clip <= 0, "--value_clip must be > 0: the values are clipped to the rollout's +- value_clip"),
+        (min(args.lr, args.critic_lr) <= 0, "--lr and --critic_lr must be > 0"),
+        (not 0 <= args.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
+        (args.weight_decay < 0, "--weight_decay must be >= 0"),
+        (args.max_grad_norm <= 0, "--max_grad_norm must be > 0: gradients are clipped to this norm"),
+        (min(args.dialogues_per_rank, args.minibatch_dialogues, args.micro_batch_dialogues, args.num_epochs,
+             args.num_iterations) < 1, "batch sizes, --num_epochs and --num_iterations must be at least 1"),
         (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
     ] if bad]
     if problems:
@@ -345,10 +368,13 @@ if __name__ == "__main__":
 
     # the task and the policy it is played with
     kv_cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
-    task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16, model=args.model,
-                     max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                     engine_memory_share=args.engine_memory_share, kv_cache_bytes=kv_cache_bytes,
-                     rollout_backend=args.rollout_backend)
+    try:
+        task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16,
+                         model=args.model, max_prompt_tokens=args.max_prompt_tokens,
+                         max_new_tokens=args.max_new_tokens, engine_memory_share=args.engine_memory_share,
+                         kv_cache_bytes=kv_cache_bytes, rollout_backend=args.rollout_backend)
+    except ValueError as e:  # bad data or task flags (a missing file, no usable row): one line, not a traceback
+        raise SystemExit(str(e))
     horizon = task.horizon
     policy_path = utils.resolve_model_path(args.model or task.policy or utils.EMBEDDED_SMOLLM2)
     tokenizer = utils.load_tokenizer(policy_path)
@@ -364,9 +390,15 @@ if __name__ == "__main__":
     # size: its shards, gradients and optimizer state come on top), checked on CUDA before anything large loads
     turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
     max_model_len = args.max_prompt_tokens + horizon * turn_tokens
-    memory_plan.plan_and_check(policy_path, device, world_size, args.bf16, args.gradient_checkpointing,
-                               kv_cache_bytes, args.sync_bucket_mb, args.micro_batch_dialogues * max_model_len, True,
-                               args.engine_memory_share)
+    # a row is a whole dialogue, right-padded, whose answers of every turn get logits: from the shortest opening's
+    # first answer to the longest dialogue's end, bounded here by the whole dialogue
+    dialogue_tokens = max(len(utils.chat_token_ids(tokenizer, e.messages, True)) for e in task.train) \
+        + horizon * turn_tokens
+    memory_plan.plan_and_check(
+        model_path=policy_path, device=device, world_size=world_size, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, kv_cache_bytes=kv_cache_bytes,
+        sync_bucket_mb=args.sync_bucket_mb, rows=args.micro_batch_dialogues, sequence_tokens=dialogue_tokens,
+        response_tokens=dialogue_tokens, reference=True, engine_memory_share=args.engine_memory_share)
 
     # models: actor, critic (a value head on a transformer), frozen reference, each sharded with FSDP2
     actor = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16,
@@ -380,34 +412,35 @@ if __name__ == "__main__":
     critic = utils.shard_model(critic, args.bf16, args.gradient_checkpointing)
     reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
     reference.requires_grad_(False)
-    steps = args.num_iterations * args.ppo_epochs * -(-args.dialogues_per_rank // args.minibatch_dialogues)
+    steps = args.num_iterations * args.num_epochs * -(-args.dialogues_per_rank // args.minibatch_dialogues)
     optimizers, schedulers = {}, {}
     for name, model, lr in (("actor", actor, args.lr), ("critic", critic, args.critic_lr)):
         optimizers[name] = torch.optim.AdamW(model.parameters(), lr=lr, betas=args.adam_betas,
                                              weight_decay=args.weight_decay)
         schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
-            optimizers[name], utils.lr_lambda("linear", steps, args.warmup_ratio))
+            optimizers[name], utils.lr_lambda(args.lr_schedule, steps, args.warmup_ratio))
     trained = {"actor": (actor, optimizers["actor"]), "critic": (critic, optimizers["critic"])}
 
     # the actor's rollout engine, colocated on this rank
-    engine = engines.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
-                                   kv_cache_bytes, args.rollout_backend,
-                                   sleep_mode=args.engine_sleep)
+    engine = engines.make_engine(policy_path, device, max_model_len=max_model_len, seed=args.seed, bf16=args.bf16,
+                                 gpu_memory_utilization=args.engine_memory_share, kv_cache_memory_bytes=kv_cache_bytes,
+                                 backend=args.rollout_backend, sleep_mode=args.engine_sleep)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
                  + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
 
     def evaluate() -> list[list[float]]:
-        return dialogues.evaluate_by_turn(task, engine, tokenizer, args.max_new_tokens, args.temperature, args.seed,
-                                          rank, world_size)
+        return dialogues.evaluate_by_turn(task, engine, tokenizer=tokenizer, max_tokens=args.max_new_tokens,
+                                          temperature=args.temperature, seed=args.seed, rank=rank,
+                                          world_size=world_size)
 
-    logger = utils.MetricsLogger(run_dir, utils.flat_args(args), args.track, args.wandb_project,
-                                 args.wandb_entity, run_name, args.resume)
-    checkpoint = utils.latest_checkpoint(run_dir) if args.resume else None
+    logger = utils.MetricsLogger(run_dir, config=utils.flat_args(args), track=args.track, project=args.wandb_project,
+                                 entity=args.wandb_entity, run_name=run_name, resume=args.resume)
+    checkpoint = checkpoints.latest_checkpoint(run_dir) if args.resume else None
     if checkpoint is not None:
-        saved = utils.load_checkpoint(checkpoint, trained)
+        saved = checkpoints.load_checkpoint(checkpoint, trained)
         for name in schedulers:
             schedulers[name].load_state_dict(saved["schedulers"][name])
-        initial_scores, start_iteration = saved["initial_scores"], saved["iteration"] + 1
+        initial_scores, start_iteration, spent = saved["initial_scores"], saved["iteration"] + 1, saved["spent"]
         logger.truncate_after(saved["iteration"])
         engines.sync_weights(engine, actor, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
@@ -415,7 +448,7 @@ if __name__ == "__main__":
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
-        start_iteration = 1
+        start_iteration, spent = 1, {"policy_tokens": 0, "user_tokens": 0, "reward_calls": 0}
         engines.check_logprob_parity(engine, actor, probe_ids, device, sync_tolerance)
         initial_scores = evaluate()
         initial = dialogues.eval_metrics(initial_scores, initial_scores)
@@ -434,12 +467,17 @@ if __name__ == "__main__":
         # 1. play dialogues with pi_theta and the simulated user to the horizon
         t0 = time.time()
         openings = [task.train[i] for i in rng.choice(len(task.train), args.dialogues_per_rank)]
-        episodes = dialogues.rollout_dialogues([fresh(e) for e in openings], engine, tokenizer, task.user,
-                                               [horizon] * len(openings), args.max_new_tokens, args.temperature,
-                                               (args.seed, iteration, rank))
+        episodes = dialogues.rollout_dialogues([fresh(e) for e in openings], engine, tokenizer=tokenizer,
+                                               user=task.user, horizons=[horizon] * len(openings),
+                                               max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                               seed=(args.seed, iteration, rank))
         if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()
         timings["rollout"] = time.time() - t0
+        policy_tokens, user_tokens = dialogues.generated_tokens(episodes, tokenizer, [0] * len(episodes))
+        spent["policy_tokens"] += policy_tokens
+        spent["user_tokens"] += user_tokens
+        spent["reward_calls"] += len(episodes)
 
         # 2. the score of each finished dialogue, clipped (official clip_reward_value)
         t0 = time.time()
@@ -486,7 +524,7 @@ if __name__ == "__main__":
         # 5. PPO epochs over minibatches: the actor's clipped loss, the critic's clipped regression
         t0 = time.time()
         actor_losses, critic_losses, clip_fractions = [], [], []
-        for epoch in range(args.ppo_epochs):
+        for epoch in range(args.num_epochs):
             shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
             order = torch.randperm(len(episodes), generator=shuffle)
             for mb_start in range(0, len(episodes), args.minibatch_dialogues):
@@ -537,9 +575,13 @@ if __name__ == "__main__":
                                           "returns_sq": (token_returns[actions] ** 2).tolist()})
         metrics["value/explained_variance"] = 1 - metrics["value/error"] / max(
             variance["returns_sq"] - variance["returns"] ** 2, 1e-12)
-        metrics.update(utils.sum_over_ranks({"skipped/nan_reward_dialogues": (~finite).sum().item()}))
+        metrics.update(utils.sum_over_ranks({"skipped/nan_reward_dialogues": (~finite).sum().item(),
+                                             **{f"budget/{k}": v for k, v in spent.items()}}))
+        metrics["budget/generated_tokens"] = metrics["budget/policy_tokens"] + metrics["budget/user_tokens"]
         metrics["policy/lr"] = schedulers["actor"].get_last_lr()[0]
-        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+        over_budget = args.token_budget is not None and metrics["budget/generated_tokens"] >= args.token_budget
+        last = iteration == args.num_iterations or over_budget
+        if iteration % args.eval_every == 0 or last:
             metrics.update(dialogues.eval_metrics(evaluate(), initial_scores))
         logger.log(metrics, iteration=iteration)
         shown = {"reward": metrics["reward/score"], "kl": metrics["reward/kl"], "macros": metrics["macro/per_dialogue"],
@@ -549,10 +591,14 @@ if __name__ == "__main__":
             if rank == 0:
                 utils.plot_curves(logger.read(), os.path.join(run_dir, "curves.png"))
         utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1, shown, timings))
-        if iteration % args.save_every == 0 or iteration == args.num_iterations:
-            utils.save_checkpoint(run_dir, iteration, trained, {
+        if iteration % args.save_every == 0 or last:
+            checkpoints.save_checkpoint(run_dir, iteration, trained, {
                 "iteration": iteration, "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-                "initial_scores": initial_scores}, tokenizer, export="actor")
+                "initial_scores": initial_scores, "spent": spent}, tokenizer, export="actor",
+                bucket_bytes=int(args.sync_bucket_mb * 2**20))
+        if over_budget:
+            utils.print0(f"token budget reached: {metrics['budget/generated_tokens']:.0f} >= {args.token_budget}")
+            break
 
     # TRY NOT TO MODIFY: the summary
     if rank == 0:

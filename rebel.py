@@ -17,12 +17,18 @@ Run:
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Literal
+
+# torch reads its C++ log level once, when first imported: without --verbose, keep its warnings (vLLM's "NUMA
+# binding" line at every engine start) off the console
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "WARNING" if "--verbose" in sys.argv else "ERROR")
 
 import numpy as np
 import torch
 
+import checkpoints
 import dialogues
 import engines
 import memory_plan
@@ -87,7 +93,7 @@ class Args:
     max_prompt_tokens: int = 256
     """prompts longer than this (templated) are skipped and counted (paper: 1024 for chat)"""
     num_eval_prompts: int = 16
-    """prompts held out from training for the greedy evaluation"""
+    """prompts held out from training for evaluation (answered at the training temperature, fixed seeds)"""
 
     # reward
     reward_model: str | None = None
@@ -113,12 +119,13 @@ class Args:
     """response length cap (paper: 53 TL;DR, 1024 chat)"""
     num_iterations: int = 8
     """iterations; each samples a fresh batch from the current policy and trains on it"""
-    prompts_per_rank: int = 4
-    """prompts per iteration per rank; each gets 2 responses (paper chat: 4 per GPU with grad accumulation)"""
+    pairs_per_rank: int = 4
+    """prompts per iteration per rank, each answered twice: one pair (paper chat: 4 per GPU with grad
+    accumulation)"""
     num_epochs: int = 2
     """passes over each batch (paper: 4; 2 keeps the CPU default run to a few minutes)"""
-    num_minibatches: int = 1
-    """optimizer steps per pass (paper: 1)"""
+    minibatch_pairs: int = 4
+    """pairs per optimizer step per rank (paper: all of an iteration's pairs, one step per pass)"""
     micro_batch_pairs: int = 4
     """pairs per forward/backward; gradients accumulate over a minibatch"""
     lr: float = 1e-5
@@ -127,16 +134,21 @@ class Args:
     """linear decay to 0 (paper's online REBEL) or cosine"""
     warmup_ratio: float = 0.0
     """fraction of optimizer steps with linear warmup"""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (official REBEL code: torch's default 0.9, 0.999; the REFUEL runs use 0.9, 0.95)"""
     adam_eps: float = 1e-5
     """AdamW epsilon (paper: 1e-5 TL;DR, 1e-8 chat)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
+    token_budget: int | None = None
+    """stop after the iteration in which the generated tokens (all ranks) reach this many, so that methods can be
+    compared at equal generation cost"""
 
     # bookkeeping
     eval_every: int = 4
-    """greedy evaluation on the held-out prompts every this many iterations (and at the first and last)"""
+    """evaluate on the held-out prompts every this many iterations (and before the first and after the last)"""
     save_every: int = 4
     """checkpoint every this many iterations (and at the last)"""
 
@@ -147,7 +159,7 @@ PRESETS = {
         model="meta-llama/Meta-Llama-3-8B-Instruct", reward_model="sfairXC/FsfairX-LLaMA3-RM-v0.1",
         dataset="HuggingFaceH4/ultrafeedback_binarized", dataset_split="train_prefs", prompt_column="prompt",
         lr=1e-7, adam_eps=1e-8, eta=1.0, temperature=0.5, max_new_tokens=1024, max_prompt_tokens=1024,
-        kl_coef=0.05, penalty_reward=-4.0, prompts_per_rank=4, num_iterations=2000),
+        kl_coef=0.05, penalty_reward=-4.0, pairs_per_rank=4, num_iterations=2000),
 }
 """The paper's run as flag values: `--preset NAME`, then any flag to override one of them."""
 
@@ -170,10 +182,15 @@ def check_args(args: Args) -> None:
     problems = [message for bad, message in [
         (args.temperature <= 0, "--temperature must be > 0: log-probs divide the logits by it"),
         (args.eta <= 0, "--eta must be > 0: it scales the rewards the log-ratios regress onto"),
-        (not 1 <= args.num_minibatches <= args.prompts_per_rank,
-         f"--num_minibatches {args.num_minibatches} must be within 1..{args.prompts_per_rank} (--prompts_per_rank)"),
-        (min(args.micro_batch_pairs, args.num_epochs, args.num_iterations) < 1,
-         "--micro_batch_pairs, --num_epochs and --num_iterations must be at least 1"),
+        (args.kl_coef < 0, "--kl_coef must be >= 0: a negative penalty would reward drifting from the reference"),
+        (args.lr <= 0, "--lr must be > 0"),
+        (not 0 <= args.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
+        (args.weight_decay < 0, "--weight_decay must be >= 0"),
+        (args.max_grad_norm <= 0, "--max_grad_norm must be > 0: gradients are clipped to this norm"),
+        (min(args.pairs_per_rank, args.minibatch_pairs, args.micro_batch_pairs, args.num_epochs,
+             args.num_iterations) < 1,
+         "--pairs_per_rank, --minibatch_pairs, --micro_batch_pairs, --num_epochs and --num_iterations must be at "
+         "least 1"),
         (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
     ] if bad]
     if problems:
@@ -211,7 +228,10 @@ if __name__ == "__main__":
     policy_path = utils.resolve_model_path(args.model)
     tokenizer = utils.load_tokenizer(policy_path)
     # data (before the models, so that bad data fails fast): prompts that fit, minus a held-out evaluation set
-    chats, skipped = dialogues.load_prompts(args.dataset, args.prompt_column, args.dataset_split)
+    try:
+        chats, skipped = dialogues.load_prompts(args.dataset, args.prompt_column, args.dataset_split)
+    except ValueError as e:  # a missing file, no such column, no usable row: one line, not a traceback
+        raise SystemExit(str(e))
     # a recorded dialogue is answered after its last user message (a transcript's final answer is dropped)
     chats = [d[: max(i for i, m in enumerate(d) if m["role"] == "user") + 1] for d in chats]
     prompts = [utils.chat_token_ids(tokenizer, d, add_generation_prompt=True) for d in chats]
@@ -227,10 +247,12 @@ if __name__ == "__main__":
 
     # the memory plan of this rank, checked against the device before anything large is loaded
     kv_cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
-    memory_plan.plan_and_check(policy_path, device, world_size, args.bf16, args.gradient_checkpointing,
-                               kv_cache_bytes, args.sync_bucket_mb,
-                               2 * args.micro_batch_pairs * (args.max_prompt_tokens + args.max_new_tokens),
-                               args.kl_coef > 0, args.engine_memory_share)
+    memory_plan.plan_and_check(
+        model_path=policy_path, device=device, world_size=world_size, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, kv_cache_bytes=kv_cache_bytes,
+        sync_bucket_mb=args.sync_bucket_mb, rows=2 * args.micro_batch_pairs,
+        sequence_tokens=max(map(len, prompts)) + args.max_new_tokens, response_tokens=args.max_new_tokens,
+        reference=args.kl_coef > 0, engine_memory_share=args.engine_memory_share)
 
     # models: the policy and the frozen reference, both sharded with FSDP2
     policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16,
@@ -239,8 +261,9 @@ if __name__ == "__main__":
     if args.kl_coef > 0:
         reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
         reference.requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay)
-    total_steps = args.num_iterations * args.num_epochs * args.num_minibatches
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+    total_steps = args.num_iterations * args.num_epochs * -(-args.pairs_per_rank // args.minibatch_pairs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, utils.lr_lambda(args.lr_schedule, total_steps, args.warmup_ratio))
 
@@ -253,29 +276,33 @@ if __name__ == "__main__":
         score_dialogues = lambda ds: [float(reward_function(d)) for d in ds]  # noqa: E731
 
     # rollout engine, colocated on this rank; a fixed probe sequence checks every weight sync
-    engine = engines.make_engine(policy_path, device, args.max_prompt_tokens + args.max_new_tokens, args.seed,
-                                   args.bf16, args.engine_memory_share, kv_cache_bytes, args.rollout_backend,
-                                   sleep_mode=args.engine_sleep)
+    engine = engines.make_engine(policy_path, device, max_model_len=args.max_prompt_tokens + args.max_new_tokens,
+                                 seed=args.seed, bf16=args.bf16, gpu_memory_utilization=args.engine_memory_share,
+                                 kv_cache_memory_bytes=kv_cache_bytes, backend=args.rollout_backend,
+                                 sleep_mode=args.engine_sleep)
     probe_answer = tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids
     probe_ids = prompts[0] + probe_answer + [tokenizer.eos_token_id]
 
-    def evaluate() -> dict[str, float]:
-        """Mean reward of greedy responses to the held-out prompts (temperature 0), over all ranks; the score of
-        the dialogue's one assistant turn, hence `eval/score_turn1` as in the multi-turn scripts."""
+    def evaluate() -> list[list[float]]:
+        """Scores of this rank's share of the held-out prompts, answered at the training temperature with seeds
+        fixed per prompt (as the multi-turn scripts' `dialogues.evaluate_by_turn`, so evaluations of two policies
+        are paired); one turn, hence [[...]] and `eval/score_turn1`."""
         mine = list(range(rank, len(eval_prompts), world_size))
-        outs = engine.generate([eval_prompts[i] for i in mine], args.max_new_tokens, 0.0, [0] * len(mine))
+        seeds = [utils.sample_seed(args.seed, "eval", i) for i in mine]
+        outs = engine.generate([eval_prompts[i] for i in mine], args.max_new_tokens, args.temperature, seeds)
         scores = score_dialogues([eval_dialogues[i] + [{"role": "assistant", "content": o.text}]
                                   for i, o in zip(mine, outs)])
         if args.penalty_reward is not None:
             scores = [s if o.finished else args.penalty_reward for s, o in zip(scores, outs)]
-        return utils.mean_over_ranks({"eval/score_turn1": scores})
+        return [scores]
 
-    logger = utils.MetricsLogger(run_dir, utils.flat_args(args), args.track, args.wandb_project,
-                                 args.wandb_entity, run_name, args.resume)
-    checkpoint = utils.latest_checkpoint(run_dir) if args.resume else None
+    logger = utils.MetricsLogger(run_dir, config=utils.flat_args(args), track=args.track, project=args.wandb_project,
+                                 entity=args.wandb_entity, run_name=run_name, resume=args.resume)
+    checkpoint = checkpoints.latest_checkpoint(run_dir) if args.resume else None
     if checkpoint is not None:
-        state = utils.load_checkpoint(checkpoint, {"policy": (policy, optimizer)})
+        state = checkpoints.load_checkpoint(checkpoint, {"policy": (policy, optimizer)})
         scheduler.load_state_dict(state["scheduler"])
+        initial_scores, spent = state["initial_scores"], state["spent"]
         start_iteration = state["iteration"] + 1
         logger.truncate_after(state["iteration"])
         engines.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
@@ -284,12 +311,13 @@ if __name__ == "__main__":
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
-        start_iteration = 1
+        start_iteration, spent = 1, {"policy_tokens": 0, "reward_calls": 0}
         engines.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
-        initial = evaluate()
+        initial_scores = evaluate()
+        initial = dialogues.eval_metrics(initial_scores, initial_scores)
         logger.log({**initial, **{f"skipped/rows_{cause}": n for cause, n in skipped.items()}}, iteration=0)
-        utils.print0(f"initial evaluation: greedy reward {initial['eval/score_turn1']:.3f} on "
-                     f"{len(eval_prompts)} held-out prompts")
+        utils.print0(f"initial evaluation: reward {initial['eval/score_turn1']:.3f} on {len(eval_prompts)} "
+                     "held-out prompts")
 
     started = time.time()
     for iteration in range(start_iteration, args.num_iterations + 1):
@@ -297,14 +325,16 @@ if __name__ == "__main__":
 
         # 1. sample two responses per prompt from pi_t (this rank's slice of the iteration's prompts)
         t0 = time.time()
-        indices = prompt_indices(len(prompts), iteration, world_size * args.prompts_per_rank, args.seed)
-        indices = indices[rank * args.prompts_per_rank : (rank + 1) * args.prompts_per_rank]
+        indices = prompt_indices(len(prompts), iteration, world_size * args.pairs_per_rank, args.seed)
+        indices = indices[rank * args.pairs_per_rank : (rank + 1) * args.pairs_per_rank]
         pair_prompts = [prompts[i] for i in indices for _ in range(2)]
         seeds = [utils.sample_seed(args.seed, iteration, rank, j) for j in range(len(pair_prompts))]
         completions = engine.generate(pair_prompts, args.max_new_tokens, args.temperature, seeds)
         if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()
         timings["rollout"] = time.time() - t0
+        spent["policy_tokens"] += sum(len(c.token_ids) for c in completions)
+        spent["reward_calls"] += len(completions)
 
         # 2. score: the reward of each response; a response that never ends gets the fixed penalty
         t0 = time.time()
@@ -342,14 +372,15 @@ if __name__ == "__main__":
         old_lp = old_lp.view(-1, 2)
         timings["old_logprobs"] = time.time() - t0
 
-        # 4. regress: num_epochs passes, num_minibatches optimizer steps each, micro-batches accumulate
+        # 4. regress: num_epochs passes, one optimizer step per minibatch_pairs, micro-batches accumulate
         t0 = time.time()
         losses, residuals = [], []
         for epoch in range(args.num_epochs):
             # the shuffle has its own seed: vLLM draws from torch's global generator, so that one is not replayable
             shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
-            order = torch.randperm(args.prompts_per_rank, generator=shuffle)
-            for mb in torch.tensor_split(order, args.num_minibatches):
+            order = torch.randperm(args.pairs_per_rank, generator=shuffle)
+            for mb_start in range(0, args.pairs_per_rank, args.minibatch_pairs):
+                mb = order[mb_start : mb_start + args.minibatch_pairs]
                 mb_weight = valid[mb].float().sum().clamp(min=1)
                 for micro_start in range(0, len(mb), args.micro_batch_pairs):
                     pairs = mb[micro_start : micro_start + args.micro_batch_pairs]
@@ -385,24 +416,34 @@ if __name__ == "__main__":
         })
         metrics.update(utils.sum_over_ranks({"skipped/nan_reward_pairs": (~finite).sum().item(),
                                              "skipped/identical_pairs": identical.sum().item()}))
+        metrics.update(utils.sum_over_ranks({f"budget/{k}": v for k, v in spent.items()}))
+        metrics["budget/generated_tokens"] = metrics["budget/policy_tokens"]  # no simulated user in single-turn RLHF
         metrics["policy/lr"] = scheduler.get_last_lr()[0]
-        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
-            metrics.update(evaluate())
+        over_budget = args.token_budget is not None and metrics["budget/generated_tokens"] >= args.token_budget
+        last = iteration == args.num_iterations or over_budget
+        if iteration % args.eval_every == 0 or last:
+            metrics.update(dialogues.eval_metrics(evaluate(), initial_scores))
         logger.log(metrics, iteration=iteration)
         if "eval/score_turn1" in metrics and rank == 0:
             utils.plot_curves(logger.read(), os.path.join(run_dir, "curves.png"))
         utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1,
                                          {"reward": metrics["reward/score"], "loss": metrics["loss/rebel"]}, timings))
-        if iteration % args.save_every == 0 or iteration == args.num_iterations:
-            utils.save_checkpoint(run_dir, iteration, {"policy": (policy, optimizer)},
-                                  {"iteration": iteration, "scheduler": scheduler.state_dict()}, tokenizer)
+        if iteration % args.save_every == 0 or last:
+            checkpoints.save_checkpoint(run_dir, iteration, {"policy": (policy, optimizer)}, {
+                "iteration": iteration, "scheduler": scheduler.state_dict(), "initial_scores": initial_scores,
+                "spent": spent}, tokenizer, bucket_bytes=int(args.sync_bucket_mb * 2**20))
+        if over_budget:
+            utils.print0(f"token budget reached: {metrics['budget/generated_tokens']:.0f} >= {args.token_budget}")
+            break
 
     # TRY NOT TO MODIFY: the summary
     if rank == 0:
         logged = logger.read()
-        evaluated = [m for m in logged if "eval/score_turn1" in m]
-        utils.print0(f"\ngreedy evaluation reward: {evaluated[0]['eval/score_turn1']:.3f} at iteration "
-                     f"{evaluated[0]['iteration']}, {evaluated[-1]['eval/score_turn1']:.3f} at iteration "
-                     f"{evaluated[-1]['iteration']}\nrun folder: {run_dir} (metrics.jsonl, curves.png, checkpoints/)")
+        final = next(m for m in reversed(logged) if "eval/score_turn1" in m)
+        rows = {name: [m["eval/score_turn1"]]
+                for name, m in [("initial policy", logged[0]), (f"after iteration {final['iteration']}", final)]}
+        utils.print0(f"\nevaluation reward on {len(eval_prompts)} held-out prompts\n{utils.score_table(rows)}\n"
+                     f"win rate against the initial policy: {final['eval/winrate_vs_initial_turn1']:.3f}\n\n"
+                     f"run folder: {run_dir} (metrics.jsonl, curves.png, checkpoints/)")
     logger.close()
     utils.shutdown(engine)

@@ -26,14 +26,21 @@ Run:
 
 import copy
 import dataclasses
+import functools
 import os
+import sys
 import time
 from typing import Annotated, Literal
+
+# torch reads its C++ log level once, when first imported: without --verbose, keep its warnings (vLLM's "NUMA
+# binding" line at every engine start) off the console
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "WARNING" if "--verbose" in sys.argv else "ERROR")
 
 import numpy as np
 import torch
 import tyro
 
+import checkpoints
 import dialogues
 import engines
 import memory_plan
@@ -116,8 +123,9 @@ class Args:
     """score when the turn-h response never ends (setting two: -10 HH, -4 UltraInteract); None: no penalty"""
     num_iterations: int = 8
     """iterations; each plays fresh dialogues with the current policy (paper: 2, with 64k dialogues each)"""
-    dialogues_per_rank: int = 512
-    """dialogues (so pairs) per iteration per rank; the guessing task's one-bit reward needs hundreds"""
+    pairs_per_rank: int = 512
+    """dialogues per iteration per rank, each giving one pair (its turn-h answer and its branch's); the guessing
+    task's one-bit reward needs hundreds"""
     num_epochs: int = 1
     """passes over an iteration's pairs (paper: 1)"""
     minibatch_pairs: int = 64
@@ -159,7 +167,7 @@ LLAMA3_8B = "meta-llama/Meta-Llama-3-8B-Instruct"
 SETTING_TWO = dict(  # official setting_two/*/refuel.py and its README: the dataset's own user turns, online
     model=LLAMA3_8B, user="dataset", reward_model="sfairXC/FsfairX-LLaMA3-RM-v0.1", eta=1.0, temperature=1.0,
     lr=3e-7, lr_schedule="linear", warmup_ratio=0.0, horizon_sampling="uniform", horizon=5, num_epochs=4,
-    dialogues_per_rank=4, minibatch_pairs=4, micro_batch_pairs=1, num_iterations=31_250, max_prompt_tokens=1024)
+    pairs_per_rank=4, minibatch_pairs=4, micro_batch_pairs=1, num_iterations=31_250, max_prompt_tokens=1024)
 PRESETS = {
     # official setting_one (README, generate.py, refuel.py): 64k on-policy dialogues per iteration with the 70B
     # user, ArmoRM on the dialogue at H', 128 pairs per optimizer step on 8 GPUs, each iteration a fresh run
@@ -168,7 +176,7 @@ PRESETS = {
         reward_model="RLHFlow/ArmoRM-Llama3-8B-v0.1", trust_remote_code=True, dataset="openbmb/UltraInteract_pair",
         prompt_column="trajectory", eta=1e3, temperature=0.8, max_new_tokens=1024, user_max_tokens=1024,
         lr=3e-7, lr_schedule="cosine", warmup_ratio=0.1, schedule_scope="iteration", horizon_sampling="paper",
-        horizon=5, num_iterations=2, dialogues_per_rank=8000, minibatch_pairs=16, micro_batch_pairs=1,
+        horizon=5, num_iterations=2, pairs_per_rank=8000, minibatch_pairs=16, micro_batch_pairs=1,
         val_fraction=500 / 64_000),
     "refuel-setting-two-hh": dict(
         task="chat", dataset="trl-internal-testing/hh-rlhf-trl-style", prompt_column="chosen", kl_coef=0.05,
@@ -180,7 +188,7 @@ PRESETS = {
 """The paper's runs as flag values: `--preset NAME`, then any flag to override one of them."""
 
 
-def refuel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, returns: torch.Tensor, eta: float,
+def refuel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor, eta: float,
                 weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """REFUEL's regression loss (paper Eq. 5; official `refuel.py`), tensors [pairs, 2] for (y, y') at turn h.
 
@@ -188,14 +196,14 @@ def refuel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, returns: torch.Tenso
     rewards) add nothing but still run the forward, so every rank does the same FSDP collectives.
     """
     log_ratio = new_lp - old_lp
-    residual = (log_ratio[:, 0] - log_ratio[:, 1]) - eta * (returns[:, 0] - returns[:, 1])
+    residual = (log_ratio[:, 0] - log_ratio[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])
     return (weights * residual**2).sum() / weights.sum().clamp(min=1), residual
 
 
-def regression_targets(scores: torch.Tensor, turn_finished: torch.Tensor, old_lp: torch.Tensor,
-                       ref_lp: torch.Tensor | None, identical: torch.Tensor, kl_coef: float,
-                       penalty_reward: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The returns Q(s_h, y), Q(s_h, y') that the log-ratio difference is regressed onto, and each pair's weight.
+def branch_rewards(scores: torch.Tensor, turn_finished: torch.Tensor, old_lp: torch.Tensor,
+                   ref_lp: torch.Tensor | None, identical: torch.Tensor, kl_coef: float,
+                   penalty_reward: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rewards Q(s_h, y), Q(s_h, y') that the log-ratio difference is regressed onto, and each pair's weight.
 
     Tensors [pairs, 2]. Q is the score of the branch's finished dialogue (a single Monte-Carlo return), or
     `penalty_reward` when the turn-h response ran into the length cap without ending (official setting two), minus
@@ -205,9 +213,9 @@ def regression_targets(scores: torch.Tensor, turn_finished: torch.Tensor, old_lp
     """
     if penalty_reward is not None:
         scores = torch.where(turn_finished, scores, torch.full_like(scores, penalty_reward))
-    returns = scores if ref_lp is None else scores - kl_coef * (old_lp - ref_lp)
-    weights = (torch.isfinite(returns).all(1) & ~identical).float()
-    return torch.nan_to_num(returns, nan=0.0, posinf=0.0, neginf=0.0), weights
+    rewards = scores if ref_lp is None else scores - kl_coef * (old_lp - ref_lp)
+    weights = (torch.isfinite(rewards).all(1) & ~identical).float()
+    return torch.nan_to_num(rewards, nan=0.0, posinf=0.0, neginf=0.0), weights
 
 
 def sample_horizons(rng: np.random.Generator, n: int, horizon: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -222,13 +230,11 @@ def sample_horizons(rng: np.random.Generator, n: int, horizon: int, mode: str) -
     return np.full(n, horizon), rng.integers(0, horizon, n)
 
 
-def redraw_past_the_end(rng: np.random.Generator, branch_turns: np.ndarray, turns_played: list[int]) -> np.ndarray:
-    """Branch turns for dialogues that ended before turn h (a dataset user that ran out, a task that finished):
-    h is drawn again uniformly over the turns the dialogue has, as the official setting two draws it over the
-    dialogue's real turns; the others keep theirs."""
-    turns_played = np.asarray(turns_played)
-    past = branch_turns >= turns_played
-    return np.where(past, rng.integers(0, np.maximum(turns_played, 1)), branch_turns)
+def redraw_past_the_end(rng: np.random.Generator, turns_played: int) -> int:
+    """The branch turn of a dialogue that ended before turn h (a dataset user that ran out, a task that finished):
+    drawn again uniformly over the turns the dialogue has, as the official setting two draws h over the dialogue's
+    real turns."""
+    return int(rng.integers(0, max(turns_played, 1)))
 
 
 def pair_rows(pairs: torch.Tensor) -> torch.Tensor:
@@ -244,8 +250,13 @@ def check_args(args: Args) -> None:
     """Flags that cannot work are refused before anything loads."""
     problems = [message for bad, message in [
         (args.temperature <= 0, "--temperature must be > 0: log-probs divide the logits by it"),
-        (args.eta <= 0, "--eta must be > 0: it scales the returns the log-ratios regress onto"),
-        (args.dialogues_per_rank < 2, "--dialogues_per_rank must be at least 2: one pair to train on, one for val/*"),
+        (args.eta <= 0, "--eta must be > 0: it scales the rewards the log-ratios regress onto"),
+        (args.kl_coef < 0, "--kl_coef must be >= 0: a negative penalty would reward drifting from the reference"),
+        (args.lr <= 0, "--lr must be > 0"),
+        (not 0 <= args.warmup_ratio <= 1, "--warmup_ratio must be in [0, 1]"),
+        (args.weight_decay < 0, "--weight_decay must be >= 0"),
+        (args.max_grad_norm <= 0, "--max_grad_norm must be > 0: gradients are clipped to this norm"),
+        (args.pairs_per_rank < 2, "--pairs_per_rank must be at least 2: one pair to train on, one for val/*"),
         (min(args.minibatch_pairs, args.micro_batch_pairs, args.num_epochs, args.num_iterations) < 1,
          "--minibatch_pairs, --micro_batch_pairs, --num_epochs and --num_iterations must be at least 1"),
         (not 0 < args.val_fraction < 1, "--val_fraction must be in (0, 1)"),
@@ -272,10 +283,13 @@ if __name__ == "__main__":
 
     # the task: openings, a user, a reward, a horizon H; then the policy it is played with
     kv_cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
-    task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16, model=args.model,
-                     max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                     engine_memory_share=args.engine_memory_share, kv_cache_bytes=kv_cache_bytes,
-                     rollout_backend=args.rollout_backend)
+    try:
+        task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16,
+                         model=args.model, max_prompt_tokens=args.max_prompt_tokens,
+                         max_new_tokens=args.max_new_tokens, engine_memory_share=args.engine_memory_share,
+                         kv_cache_bytes=kv_cache_bytes, rollout_backend=args.rollout_backend)
+    except ValueError as e:  # bad data or task flags (a missing file, no usable row): one line, not a traceback
+        raise SystemExit(str(e))
     horizon = task.horizon
     policy_path = utils.resolve_model_path(args.model or task.policy or utils.EMBEDDED_SMOLLM2)
     tokenizer = utils.load_tokenizer(policy_path)
@@ -291,9 +305,14 @@ if __name__ == "__main__":
     # the memory plan of this rank, checked against the device before anything large is loaded
     turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
     max_model_len = args.max_prompt_tokens + horizon * turn_tokens
-    memory_plan.plan_and_check(policy_path, device, world_size, args.bf16, args.gradient_checkpointing,
-                               kv_cache_bytes, args.sync_bucket_mb, 2 * args.micro_batch_pairs * max_model_len,
-                               args.kl_coef > 0, args.engine_memory_share)
+    # a pair's rows are its state s_h (at most the longest opening and the turns before h) and one turn's answer
+    longest_opening = max(len(utils.chat_token_ids(tokenizer, e.messages, True)) for e in task.train)
+    memory_plan.plan_and_check(
+        model_path=policy_path, device=device, world_size=world_size, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, kv_cache_bytes=kv_cache_bytes,
+        sync_bucket_mb=args.sync_bucket_mb, rows=2 * args.micro_batch_pairs,
+        sequence_tokens=longest_opening + horizon * turn_tokens, response_tokens=args.max_new_tokens,
+        reference=args.kl_coef > 0, engine_memory_share=args.engine_memory_share)
 
     # models: the policy and (with a KL term) the frozen reference, sharded with FSDP2
     policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16,
@@ -302,8 +321,8 @@ if __name__ == "__main__":
     if args.kl_coef > 0:
         reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
         reference.requires_grad_(False)
-    num_val = min(max(1, int(args.val_fraction * args.dialogues_per_rank)), args.dialogues_per_rank - 1)
-    num_train = args.dialogues_per_rank - num_val
+    num_val = min(max(1, int(args.val_fraction * args.pairs_per_rank)), args.pairs_per_rank - 1)
+    num_train = args.pairs_per_rank - num_val
     steps_per_iteration = args.num_epochs * -(-num_train // args.minibatch_pairs)
 
     def make_optimizer() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -319,25 +338,22 @@ if __name__ == "__main__":
     optimizer, scheduler = make_optimizer()
 
     # the policy's rollout engine, colocated on this rank
-    engine = engines.make_engine(policy_path, device, max_model_len, args.seed, args.bf16, args.engine_memory_share,
-                                   kv_cache_bytes, args.rollout_backend,
-                                   sleep_mode=args.engine_sleep)
+    engine = engines.make_engine(policy_path, device, max_model_len=max_model_len, seed=args.seed, bf16=args.bf16,
+                                 gpu_memory_utilization=args.engine_memory_share, kv_cache_memory_bytes=kv_cache_bytes,
+                                 backend=args.rollout_backend, sleep_mode=args.engine_sleep)
     probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
                  + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
 
-    def play(openings: list[dialogues.Episode], horizons: list[int], seed: tuple) -> list[dialogues.Episode]:
-        return dialogues.rollout_dialogues(openings, engine, tokenizer, task.user, horizons, args.max_new_tokens,
-                                           args.temperature, seed)
-
     def evaluate() -> list[list[float]]:
-        return dialogues.evaluate_by_turn(task, engine, tokenizer, args.max_new_tokens, args.temperature, args.seed,
-                                          rank, world_size)
+        return dialogues.evaluate_by_turn(task, engine, tokenizer=tokenizer, max_tokens=args.max_new_tokens,
+                                          temperature=args.temperature, seed=args.seed, rank=rank,
+                                          world_size=world_size)
 
-    logger = utils.MetricsLogger(run_dir, utils.flat_args(args), args.track, args.wandb_project,
-                                 args.wandb_entity, run_name, args.resume)
-    checkpoint = utils.latest_checkpoint(run_dir) if args.resume else None
+    logger = utils.MetricsLogger(run_dir, config=utils.flat_args(args), track=args.track, project=args.wandb_project,
+                                 entity=args.wandb_entity, run_name=run_name, resume=args.resume)
+    checkpoint = checkpoints.latest_checkpoint(run_dir) if args.resume else None
     if checkpoint is not None:
-        state = utils.load_checkpoint(checkpoint, {"policy": (policy, optimizer)})
+        state = checkpoints.load_checkpoint(checkpoint, {"policy": (policy, optimizer)})
         scheduler.load_state_dict(state["scheduler"])
         initial_scores, spent = state["initial_scores"], state["spent"]
         start_iteration = state["iteration"] + 1
@@ -366,16 +382,17 @@ if __name__ == "__main__":
         if args.schedule_scope == "iteration":
             optimizer, scheduler = make_optimizer()
 
-        # 1. roll in and out with pi_t: dialogue A is played to its horizon H' with the simulated user
+        # 1. roll in with pi_t and the simulated user: dialogue A is played towards its horizon H'; at turn h it is
+        # answered twice, and the second answer (branch B, sharing A's prefix through user turn h) plays on beside
+        # A to H': both futures of s_h in one pass, every engine call holding both sides
         t0 = time.time()
-        openings = [task.train[i] for i in rng.choice(len(task.train), args.dialogues_per_rank)]
-        lengths, branch_turns = sample_horizons(rng, len(openings), horizon, args.horizon_sampling)
-        a_side = play([fresh(e) for e in openings], lengths.tolist(), (args.seed, iteration, rank, "A"))
-        redrawn = int((branch_turns >= [e.turns for e in a_side]).sum())
-        branch_turns = redraw_past_the_end(rng, branch_turns, [e.turns for e in a_side]).tolist()
-        # 2. branch: B shares A's prefix through user turn h, answers turn h anew, and plays on to H'
-        b_side = play([e.prefix(h) for e, h in zip(a_side, branch_turns)], lengths.tolist(),
-                      (args.seed, iteration, rank, "B"))
+        openings = [task.train[i] for i in rng.choice(len(task.train), args.pairs_per_rank)]
+        lengths, drawn_turns = sample_horizons(rng, len(openings), horizon, args.horizon_sampling)
+        a_side, b_side, branch_turns = dialogues.rollout_pairs(
+            [fresh(e) for e in openings], engine, tokenizer=tokenizer, user=task.user, horizons=lengths.tolist(),
+            branch_turns=drawn_turns.tolist(), redraw=functools.partial(redraw_past_the_end, rng),
+            max_tokens=args.max_new_tokens, temperature=args.temperature, seed=(args.seed, iteration, rank))
+        redrawn = int((drawn_turns != branch_turns).sum())
         if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()
         timings["rollout"] = time.time() - t0
@@ -385,13 +402,13 @@ if __name__ == "__main__":
             spent["user_tokens"] += user_tokens
         spent["reward_calls"] += len(a_side) + len(b_side)
 
-        # 3. the Monte-Carlo returns' scores: the reward of each finished dialogue
+        # 2. the Monte-Carlo returns' scores: the reward of each finished dialogue
         t0 = time.time()
         scores = torch.tensor([task.reward(a_side), task.reward(b_side)], dtype=torch.float32).T  # [pairs, 2]
         turn_finished = torch.tensor([[a.finished[h], b.finished[h]] for a, b, h in zip(a_side, b_side, branch_turns)])
         timings["reward"] = time.time() - t0
 
-        # 4. log-probs of the two turn-h responses under pi_t (training forward) and the reference, then the targets
+        # 3. log-probs of the two turn-h responses under pi_t (training forward) and the reference, then the rewards
         t0 = time.time()
         prompts = [a.prompts[h] for a, h in zip(a_side, branch_turns) for _ in range(2)]
         responses = [r for a, b, h in zip(a_side, b_side, branch_turns) for r in (a.responses[h], b.responses[h])]
@@ -403,14 +420,14 @@ if __name__ == "__main__":
         ref_lp = None if reference is None else utils.token_logprobs_in_chunks(
             reference, input_ids, attention_mask, response_mask, args.temperature, chunk).sum(-1).view(-1, 2)
         identical = torch.tensor([r0 == r1 for r0, r1 in zip(responses[0::2], responses[1::2])])
-        returns, weights = regression_targets(scores, turn_finished, old_lp, ref_lp, identical, args.kl_coef,
-                                              args.penalty_reward)
+        rewards, weights = branch_rewards(scores, turn_finished, old_lp, ref_lp, identical, args.kl_coef,
+                                          args.penalty_reward)
         timings["old_logprobs"] = time.time() - t0
         if utils.sum_over_ranks({"finite": torch.isfinite(scores).sum().item()})["finite"] == 0:
             raise SystemExit(f"iteration {iteration}: the reward is NaN for every dialogue on every rank; "
                              "nothing to learn from (check the reward model or function)")
 
-        # 5. regress the relative future on the training pairs, in minibatches of accumulated micro-batches
+        # 4. regress the relative future on the training pairs, in minibatches of accumulated micro-batches
         t0 = time.time()
         losses = []
         for epoch in range(args.num_epochs):
@@ -425,7 +442,7 @@ if __name__ == "__main__":
                     rows = pair_rows(pairs).to(device)
                     new_lp = utils.token_logprobs(policy, input_ids[rows], attention_mask[rows], response_mask[rows],
                                                   args.temperature).sum(-1).view(-1, 2)
-                    loss, _ = refuel_loss(new_lp, old_lp[pairs].to(device), returns[pairs].to(device), args.eta,
+                    loss, _ = refuel_loss(new_lp, old_lp[pairs].to(device), rewards[pairs].to(device), args.eta,
                                           weights[pairs].to(device))
                     (loss * weights[pairs].sum().clamp(min=1) / mb_weight).backward()
                     losses.append(loss.item())
@@ -435,25 +452,25 @@ if __name__ == "__main__":
                 optimizer.zero_grad(set_to_none=True)
         timings["train"] = time.time() - t0
 
-        # 6. the official code's regression diagnostics on the held-out pairs: loss, and how often the sign of
+        # 5. the official code's regression diagnostics on the held-out pairs: loss, and how often the sign of
         # the log-ratio difference agrees with the sign of the return difference
-        val = torch.arange(num_train, args.dialogues_per_rank)
+        val = torch.arange(num_train, args.pairs_per_rank)
         rows = pair_rows(val).to(device)
         new_lp = utils.token_logprobs_in_chunks(policy, input_ids[rows], attention_mask[rows], response_mask[rows],
                                                 args.temperature, chunk).sum(-1).view(-1, 2)
-        val_loss, residual = refuel_loss(new_lp, old_lp[val], returns[val], args.eta, weights[val])
-        log_ratio_diff = residual + args.eta * (returns[val, 0] - returns[val, 1])
-        informative = (weights[val] > 0) & (returns[val, 0] != returns[val, 1])
-        aligned = (torch.sign(log_ratio_diff) == torch.sign(returns[val, 0] - returns[val, 1]))[informative]
+        val_loss, residual = refuel_loss(new_lp, old_lp[val], rewards[val], args.eta, weights[val])
+        log_ratio_diff = residual + args.eta * (rewards[val, 0] - rewards[val, 1])
+        informative = (weights[val] > 0) & (rewards[val, 0] != rewards[val, 1])
+        aligned = (torch.sign(log_ratio_diff) == torch.sign(rewards[val, 0] - rewards[val, 1]))[informative]
 
-        # 7. push the new weights into this rank's engine, and check that they arrived
+        # 6. push the new weights into this rank's engine, and check that they arrived
         t0 = time.time()
         sync_gap = engines.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
         metrics = utils.mean_over_ranks({
-            "reward/score": scores[:, 0].tolist(), "reward/return": returns[weights > 0].flatten().tolist(),
+            "reward/score": scores[:, 0].tolist(), "reward/total": rewards[weights > 0].flatten().tolist(),
             "loss/refuel": losses, "val/loss": val_loss.item(),
             "val/sign_align": aligned.float().tolist(), "policy/grad_norm": grad_norm,
             "data/horizon": lengths.tolist(), "data/branch_turn": [h + 1 for h in branch_turns],
@@ -481,9 +498,9 @@ if __name__ == "__main__":
                 utils.plot_curves(logger.read(), os.path.join(run_dir, "curves.png"))
         utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1, shown, timings))
         if iteration % args.save_every == 0 or last:
-            utils.save_checkpoint(run_dir, iteration, {"policy": (policy, optimizer)}, {
+            checkpoints.save_checkpoint(run_dir, iteration, {"policy": (policy, optimizer)}, {
                 "iteration": iteration, "scheduler": scheduler.state_dict(), "initial_scores": initial_scores,
-                "spent": spent}, tokenizer)
+                "spent": spent}, tokenizer, bucket_bytes=int(args.sync_bucket_mb * 2**20))
         if over_budget:
             utils.print0(f"token budget reached: {metrics['budget/generated_tokens']:.0f} >= {args.token_budget}")
             break

@@ -11,6 +11,7 @@ import time
 import torch
 
 import dialogues
+import engines
 import utils
 from tasks import Task, import_function
 
@@ -179,14 +180,15 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
 
         def reward(episodes):
             return [float(score_dialogue(e.messages)) for e in episodes]
-    engines = []
+    started = []
     user_seed = utils.sample_seed(seed, "user", rank)
     if user == "llm":
         user_path = utils.resolve_model_path(user_model or model or utils.EMBEDDED_SMOLLM2)
         context = max_prompt_tokens + horizon * (max_new_tokens + user_max_tokens + TEMPLATE_TOKENS_PER_TURN)
-        engine = engines.make_engine(user_path, device, context + USER_PROMPT_TOKENS, seed + 1, bf16,
-                                       engine_memory_share, kv_cache_bytes, rollout_backend)
-        engines.append(engine)
+        engine = engines.make_engine(user_path, device, max_model_len=context + USER_PROMPT_TOKENS, seed=seed + 1,
+                                     bf16=bf16, gpu_memory_utilization=engine_memory_share,
+                                     kv_cache_memory_bytes=kv_cache_bytes, backend=rollout_backend)
+        started.append(engine)
         simulated_user = LLMUser(engine, utils.load_tokenizer(user_path), user_max_tokens, user_temperature,
                                  user_seed)
     elif user == "server":
@@ -195,4 +197,4 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
     else:
         simulated_user = DatasetUser()
     return Task(train=openings[num_eval_prompts:], eval=openings[:num_eval_prompts], user=simulated_user,
-                          reward=reward, horizon=horizon, engines=engines, skipped=skipped)
+                reward=reward, horizon=horizon, engines=started, skipped=skipped)

@@ -6,6 +6,8 @@ in minutes. `make_task` is what `--task guess_number` calls; it also supplies a 
 short supervised warm start (`warm_start_policy`), used when the script is given no `--model`.
 """
 
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -105,17 +107,40 @@ class GuessNumber:
         return episode
 
 
+WARM_START_GAMES_PER_STEP = 32
+"""games of random consistent play per supervised step of the warm start"""
+
+
+def warm_start_key(games: list[utils.Dialogue], tokenizer_path: str, settings: dict) -> str:
+    """The warm start's cache key: a hash of what the policy is trained on (every training game's text, so any
+    other wording or rule changes it, and the tokenizer's files) and how (`settings`: shape, lr, seed)."""
+    digest = hashlib.sha256(json.dumps([games, sorted(settings.items())]).encode())
+    for name in sorted(os.listdir(tokenizer_path)):
+        if name.startswith(("tokenizer", "special_tokens_map", "chat_template", "vocab", "merges")):
+            with open(os.path.join(tokenizer_path, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:16]
+
+
 def warm_start_policy(game: GuessNumber, tokenizer_path: str, steps: int = 800, seed: int = 0) -> str:
     """A tiny Llama taught the game by a short supervised warm start on random consistent play, cached.
 
     It learns to answer with a number inside the interval the user restates, i.e. to play about as well as random
     consistent play (docs/refuel.md has the measured figures); from there the algorithms can find binary search.
-    Trained on one CPU thread, once per machine, game and `steps`.
+    Trained on one CPU thread, once per machine and `warm_start_key`: a game with other wording or rules (a fork's
+    subclass), another tokenizer or other `steps` gets a policy of its own.
     """
     # at lr 3e-3 the loss stays for hundreds of steps at the guesses' marginal distribution: the model does not
     # learn to read the interval, and about half of its later guesses fall outside it
     lr = 1e-3
-    folder = os.path.join(utils.cache_dir(), f"guess_number_n{game.n}_h{game.horizon}_s{steps}_lr{lr:g}_seed{seed}")
+    shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4)
+    # every step's games drawn up front (the same games in the same order as drawn step by step): the cache key
+    # is a hash of them
+    rng = random.Random(seed)
+    games = [game.random_consistent_game(rng).messages for _ in range(steps * WARM_START_GAMES_PER_STEP)]
+    key = warm_start_key(games, tokenizer_path, dict(shape, lr=lr, seed=seed))
+    folder = os.path.join(utils.cache_dir(), f"guess_number_n{game.n}_h{game.horizon}_s{steps}_{key}")
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
     with utils.file_lock(folder + ".lock"):
@@ -123,16 +148,14 @@ def warm_start_policy(game: GuessNumber, tokenizer_path: str, steps: int = 800, 
             return folder
         tmp = folder + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        utils.make_tiny_model(tmp, tokenizer_path, seed, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=4)
+        utils.make_tiny_model(tmp, tokenizer_path, seed, **shape)
         tokenizer, model = utils.load_tokenizer(tmp), utils.load_causal_lm(tmp)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         started, threads = time.time(), torch.get_num_threads()
         torch.set_num_threads(1)  # the ops of a model this small are too small to share between threads
-        rng = random.Random(seed)
         for step in range(steps):
-            games = [game.random_consistent_game(rng).messages for _ in range(32)]
-            batch = [utils.tokenize_dialogue(tokenizer, messages) for messages in games]
+            batch = [utils.tokenize_dialogue(tokenizer, messages)
+                     for messages in games[step * WARM_START_GAMES_PER_STEP : (step + 1) * WARM_START_GAMES_PER_STEP]]
             input_ids = utils.pad_right([ids for ids, _ in batch], tokenizer.pad_token_id)
             attention_mask = utils.pad_right([[1] * len(ids) for ids, _ in batch], 0)
             # next-token loss on the assistant tokens only; the vocabulary projection is applied to those

@@ -92,7 +92,8 @@ def kill_run():
 
 @pytest.fixture(scope="session")
 def vllm_engine(process_group, tiny_model):
-    engine = engines.make_engine(tiny_model, process_group[2], 512, 0, False, 0.05, 64 * 2**20, "vllm")
+    engine = engines.make_engine(tiny_model, process_group[2], max_model_len=512, seed=0, bf16=False,
+                                 gpu_memory_utilization=0.05, kv_cache_memory_bytes=64 * 2**20, backend="vllm")
     yield engine
     engine.close()
 

@@ -1,6 +1,7 @@
 """Builds a model from a config.json on the meta device and shards it with FSDP2 as one rank of a simulated
 8-rank job (torch's fake process group: collectives return without moving data), then prints that rank's shard
-shapes and what a weight sync would stream, as JSON. No weights are allocated.
+shapes, what a weight sync would stream, and the bytes of each fp32 bucket a checkpoint's Hugging Face export
+(`checkpoints.save_hf_folder`) would gather, as JSON. No weights are allocated.
 
 Usage: python tests/simulate_fsdp.py CONFIG_JSON RANK WORLD_SIZE
 """
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402
 import engines  # noqa: E402
 import memory_plan  # noqa: E402
 import utils  # noqa: E402
@@ -25,6 +27,8 @@ if __name__ == "__main__":
     local = {name: list(p.to_local().shape) for name, p in model.named_parameters()}
     streamed = [(name, list(t.shape), str(t.dtype))
                 for name, t in engines.stream_weights(model, torch.bfloat16, 2**29)]
-    print(json.dumps({"local": local, "streamed": streamed,
+    exported = [[(name, t.numel() * t.element_size()) for name, t in bucket]
+                for bucket in utils.gathered_buckets(checkpoints.hf_export_tensors(model), torch.float32, 2**29)]
+    print(json.dumps({"local": local, "streamed": streamed, "exported": exported,
                       "meta": all(p.device.type == "meta" for p in model.parameters())}))
     dist.destroy_process_group()

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -89,6 +90,13 @@ def test_empty_file_is_an_error(tmp_path):
     (tmp_path / "p.jsonl").write_text("")
     with pytest.raises(ValueError, match="the file is empty"):
         dialogues.load_prompts(str(tmp_path / "p.jsonl"), "prompt")
+
+
+@pytest.mark.parametrize("name", ["p.jsonl", "p.json", "p.parquet", "p.csv"])
+def test_a_missing_data_file_is_named_not_looked_up_on_the_hub(tmp_path, name):
+    # the hub would answer with its own error about a dataset repository (or, offline, a connection error)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / name))}: no such file$"):
+        dialogues.load_preferences(str(tmp_path / name))
 
 
 def test_parquet_and_saved_folders_load(tmp_path):

@@ -67,8 +67,9 @@ def contexts(kind: str, game, tokenizer) -> list[dialogues.Episode]:
         return [game.random_consistent_game(random.Random(i)) for i in range(40)]
     openings = [game.new_episode(secret) for secret in range(1, game.n + 1) for _ in range(3)]
     player = "low" if kind == "initial" else "high"
-    return dialogues.rollout_dialogues(openings, ScriptedPlayer(tokenizer, player, player), tokenizer, game.users,
-                                       [game.horizon] * len(openings), 8, 1.0, (0, kind))
+    return dialogues.rollout_dialogues(openings, ScriptedPlayer(tokenizer, player, player), tokenizer=tokenizer,
+                                       user=game.users, horizons=[game.horizon] * len(openings), max_tokens=8,
+                                       temperature=1.0, seed=(0, kind))
 
 
 @pytest.mark.parametrize("target", ["immediate", "future"])
@@ -86,8 +87,9 @@ def test_pairs_of_every_combination_match_the_oracle(tokenizer, turns_mode, kind
     picked = training_states(np.random.default_rng(0), played, 30, turns_mode, game.horizon)
     states = [state(played_dialogues[d], h) for d, h in picked]
     until = [h + 1 if target == "immediate" else game.horizon for _, h in picked]
-    sides = [[dialogues.rollout_dialogues([copy.deepcopy(s)], ScriptedPlayer(tokenizer, first, "mid"), tokenizer,
-                                          game.users, [u], 8, 1.0, (0, first))[0] for s, u in zip(states, until)]
+    sides = [[dialogues.rollout_dialogues([copy.deepcopy(s)], ScriptedPlayer(tokenizer, first, "mid"),
+                                          tokenizer=tokenizer, user=game.users, horizons=[u], max_tokens=8,
+                                          temperature=1.0, seed=(0, first))[0] for s, u in zip(states, until)]
              for first in ("mid", "low")]
     scores = torch.tensor([game.rewards(side) for side in sides]).T
     identical = torch.tensor([a.responses[h] == b.responses[h] for a, b, (_, h) in zip(*sides, picked)])

@@ -66,7 +66,8 @@ def test_a_sleeping_transformers_engine_wakes_with_the_next_sync(process_group, 
     """--engine_sleep with the transformers backend (the GPU machines' rollouts): the engine's copy leaves the
     device while the trainer runs, and the next weight sync brings it back, checked by log-prob parity."""
     device = process_group[2]
-    engine = engines.make_engine(tiny_model, device, 512, 0, False, 0.05, None, "transformers", sleep_mode=True)
+    engine = engines.make_engine(tiny_model, device, max_model_len=512, seed=0, bf16=False, gpu_memory_utilization=0.05,
+                                 kv_cache_memory_bytes=None, backend="transformers", sleep_mode=True)
     policy = utils.shard_model(utils.load_causal_lm(tiny_model), bf16=False)
     with torch.no_grad():
         for p in policy.parameters():

@@ -9,6 +9,7 @@ import helpers
 import pytest
 import torch
 
+import checkpoints
 import utils
 from tasks import TaskArgs, load_task
 
@@ -77,7 +78,8 @@ def test_a_run_folder_is_never_reused_and_resume_refuses_changed_flags(tmp_path,
 
 
 def test_metrics_file_never_holds_an_iteration_twice(tmp_path, process_group):
-    logger = utils.MetricsLogger(str(tmp_path), {}, False, "p", None, "r", False)
+    logger = utils.MetricsLogger(str(tmp_path), config={}, track=False, project="p", entity=None, run_name="r",
+                                 resume=False)
     for i in range(3):
         logger.log({"x": i}, iteration=i)
     with pytest.raises(RuntimeError, match="iteration 2 logged twice"):
@@ -98,15 +100,15 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny
         optimizer.step()
         optimizer.zero_grad()
         weights.append({k: v.clone() for k, v in helpers.full_state_dict(policy).items()})
-        utils.save_checkpoint(str(tmp_path), iteration, trained, {"iteration": iteration}, tokenizer)
-    assert utils.latest_checkpoint(str(tmp_path)).endswith("iteration_000002")
+        checkpoints.save_checkpoint(str(tmp_path), iteration, trained, {"iteration": iteration}, tokenizer)
+    assert checkpoints.latest_checkpoint(str(tmp_path)).endswith("iteration_000002")
     shard = next(os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "checkpoints" / "iteration_000002" / "dcp")
                  for f in fs if f.endswith(".distcp"))
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)  # a disk that filled up while the last checkpoint was written
-    latest = utils.latest_checkpoint(str(tmp_path))
+    latest = checkpoints.latest_checkpoint(str(tmp_path))
     assert latest.endswith("iteration_000001") and "iteration_000002 is not usable" in capsys.readouterr().out
-    assert utils.load_checkpoint(latest, trained) == {"iteration": 1}
+    assert checkpoints.load_checkpoint(latest, trained) == {"iteration": 1}
     for name, tensor in helpers.full_state_dict(policy).items():
         torch.testing.assert_close(tensor, weights[0][name])
 
@@ -116,7 +118,15 @@ def test_curves_and_the_summary_table(tmp_path):
                 "reference/optimal_turn2": 1.0}, {"iteration": 1, "reward/score": 0.2},
                {"iteration": 2, "eval/score_turn1": 0.2, "eval/score_turn2": 0.6}]
     utils.plot_curves(metrics, str(tmp_path / "curves.png"))
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+
+    image = (imread(tmp_path / "curves.png")[..., :3] * 255).round().astype(int)
+    assert image.shape == (320, 800, 3)  # one 4 x 3.2 inch panel per turn at 100 dpi
+    # each panel (its half of the image) draws the policy's curve through its two points (tab:blue: a lone marker
+    # is about 50 pixels) and the reference line (tab:green)
+    for panel in (image[:, :400], image[:, 400:]):
+        for color in ((31, 119, 180), (44, 160, 44)):
+            assert (panel == color).all(-1).sum() > 200, color
     table = utils.score_table({"initial": [0.1, 0.3], "optimal": [0.5, 1.0]}).splitlines()
     assert table[0].split("|")[1:] == [" turn  1 ", " turn  2"] and table[2].endswith("0.500 |   1.000")
 

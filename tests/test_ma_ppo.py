@@ -144,7 +144,18 @@ def test_single_turn_chat_on_two_ranks(tmp_path, script_env, tiny_model, tiny_re
     assert [m["iteration"] for m in metrics] == [0, 1, 2, 3]
     for m in metrics[1:]:
         assert m["sync/logprob_gap"] < 1e-3 and m["data/turns_played"] == 1 and m["macro/per_dialogue"] >= 1
-    assert sorted(os.listdir(tmp_path / "r" / "checkpoints" / "iteration_000003" / "hf"))  # the actor exported
+    # the export is the trained actor: it loads as the policy's causal LM with every weight and nothing else (the
+    # critic's value head would be an unexpected key), and its weights moved away from the initial ones
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "r" / "checkpoints" / "iteration_000003" / "hf"
+    actor, loading = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(loading.values()), loading
+    initial = dict(AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters())
+    trained = dict(actor.named_parameters())
+    assert {n: p.shape for n, p in trained.items()} == {n: p.shape for n, p in initial.items()}
+    assert any(not torch.equal(p, initial[n]) for n, p in trained.items())
+    assert len(AutoTokenizer.from_pretrained(folder)) == len(AutoTokenizer.from_pretrained(tiny_model))
 
 
 @pytest.mark.slow

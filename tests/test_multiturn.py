@@ -1,5 +1,6 @@
 """The multi-turn machinery: the rollout loop, branching, the simulated users, the guessing task."""
 
+import os
 import time
 
 import numpy as np
@@ -31,8 +32,8 @@ class EchoUser:
 
 def test_turns_alternate_and_unfinished_turns_are_marked(vllm_engine, tiny_model):
     tokenizer = utils.load_tokenizer(tiny_model)
-    episodes = dialogues.rollout_dialogues([opening(), opening("Hi.")], vllm_engine, tokenizer, EchoUser(), [3, 2], 4,
-                                           1.0, (0,))
+    episodes = dialogues.rollout_dialogues([opening(), opening("Hi.")], vllm_engine, tokenizer=tokenizer,
+                                           user=EchoUser(), horizons=[3, 2], max_tokens=4, temperature=1.0, seed=(0,))
     for e, h in zip(episodes, [3, 2]):
         assert e.turns == h and len(e.prompts) == h and len(e.finished) == h
         roles = [m["role"] for m in e.messages]
@@ -44,19 +45,22 @@ def test_turns_alternate_and_unfinished_turns_are_marked(vllm_engine, tiny_model
 
 def test_early_ending_dialogues_stop(vllm_engine, tiny_model):
     tokenizer = utils.load_tokenizer(tiny_model)
-    episodes = dialogues.rollout_dialogues([opening(), opening()], vllm_engine, tokenizer, EchoUser(stop_after=2),
-                                           [5, 1], 4, 1.0, (0,))
+    episodes = dialogues.rollout_dialogues([opening(), opening()], vllm_engine, tokenizer=tokenizer,
+                                           user=EchoUser(stop_after=2), horizons=[5, 1], max_tokens=4, temperature=1.0,
+                                           seed=(0,))
     assert [e.turns for e in episodes] == [2, 1]
     assert episodes[0].done and not episodes[1].done  # the second reached its horizon, nobody ended it
 
 
 def test_branch_shares_the_prefix_token_for_token(vllm_engine, tiny_model):
     tokenizer = utils.load_tokenizer(tiny_model)
-    a_side = dialogues.rollout_dialogues([opening() for _ in range(4)], vllm_engine, tokenizer, EchoUser(), [4] * 4, 5,
-                                         1.0, (0, "A"))
+    a_side = dialogues.rollout_dialogues([opening() for _ in range(4)], vllm_engine, tokenizer=tokenizer,
+                                         user=EchoUser(), horizons=[4] * 4, max_tokens=5, temperature=1.0,
+                                         seed=(0, "A"))
     for h in range(4):
-        b = dialogues.rollout_dialogues([a.prefix(h) for a in a_side], vllm_engine, tokenizer, EchoUser(), [4] * 4, 5,
-                                        1.0, (0, "B", h))
+        b = dialogues.rollout_dialogues([a.prefix(h) for a in a_side], vllm_engine, tokenizer=tokenizer,
+                                        user=EchoUser(), horizons=[4] * 4, max_tokens=5, temperature=1.0,
+                                        seed=(0, "B", h))
         for a, bb in zip(a_side, b):
             assert bb.messages[: 2 * h + 1] == a.messages[: 2 * h + 1]
             assert bb.prompts[h] == a.prompts[h]  # the same state s_h, token for token
@@ -71,7 +75,8 @@ def test_branch_shares_the_prefix_token_for_token(vllm_engine, tiny_model):
 def test_dataset_user_replays_the_dataset_turns(vllm_engine, tiny_model):
     tokenizer = utils.load_tokenizer(tiny_model)
     e = dialogues.Episode([{"role": "user", "content": "First?"}], {"user_turns": ["Second?", "Third?"]})
-    dialogues.rollout_dialogues([e], vllm_engine, tokenizer, DatasetUser(), [5], 3, 1.0, (0,))
+    dialogues.rollout_dialogues([e], vllm_engine, tokenizer=tokenizer, user=DatasetUser(), horizons=[5], max_tokens=3,
+                                temperature=1.0, seed=(0,))
     assert [m["content"] for m in e.messages if m["role"] == "user"] == ["First?", "Second?", "Third?"]
     assert e.turns == 3 and e.done
 
@@ -208,6 +213,34 @@ def test_warm_start_games_are_consistent_play():
                 low, high = map(int, m["content"].rstrip(".").split("from ")[1].split(" to "))
 
 
+def test_the_warm_start_cache_is_keyed_by_what_the_policy_learns(monkeypatch, tmp_path, smollm2_path):
+    """A fork's game with other wording gets a policy of its own, not the one cached for the original wording."""
+    import random
+    import shutil
+
+    from tasks.guess_number import warm_start_key, warm_start_policy
+
+    class Reworded(GuessNumber):
+        def __init__(self):
+            super().__init__()
+            self.opening = "Pick the number I have in mind, 1 to 7. Reply with a digit."
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # smollm2_path was resolved before: not moved
+    original = warm_start_policy(GuessNumber(), smollm2_path, steps=1)
+    assert warm_start_policy(GuessNumber(), smollm2_path, steps=1) == original
+    reworded = warm_start_policy(Reworded(), smollm2_path, steps=1)
+    assert reworded != original and os.path.isfile(os.path.join(reworded, "config.json"))
+    built = [d for d in os.listdir(tmp_path / "cache" / "multiturn_rlhf") if not d.endswith(".lock")]
+    assert sorted(built) == sorted(os.path.basename(f) for f in (original, reworded))  # the repeat was cached
+    # another tokenizer (here: the same one with another chat template) is another key too
+    games = [GuessNumber().random_consistent_game(random.Random(0)).messages]
+    other = shutil.copytree(smollm2_path, tmp_path / "tokenizer", ignore=shutil.ignore_patterns("*.safetensors"))
+    with open(other / "chat_template.jinja", "a") as f:
+        f.write("\n")
+    assert warm_start_key(games, smollm2_path, {}) == warm_start_key(games, smollm2_path, {})
+    assert warm_start_key(games, str(other), {}) != warm_start_key(games, smollm2_path, {})
+
+
 def test_guess_number_reference_scores():
     """The task's yardsticks: binary search solves 31/32 games in 5 turns, random consistent play about half."""
     game = GuessNumber(n=32, horizon=5)
@@ -225,9 +258,9 @@ def test_guess_number_reference_scores():
 def test_refuel_loss_by_hand():
     new = torch.tensor([[-3.0, -5.0], [-1.0, -1.0]], dtype=torch.float64)
     old = torch.tensor([[-4.0, -4.0], [-2.0, -2.0]], dtype=torch.float64)
-    returns = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
-    loss, residual = refuel_loss(new, old, returns, eta=3.0, weights=torch.ones(2, dtype=torch.float64))
-    # pair 0: (1 - (-1)) - 3*1 = -1 ; pair 1: equal returns and equal log-ratios -> 0
+    rewards = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+    loss, residual = refuel_loss(new, old, rewards, eta=3.0, weights=torch.ones(2, dtype=torch.float64))
+    # pair 0: (1 - (-1)) - 3*1 = -1 ; pair 1: equal rewards and equal log-ratios -> 0
     assert residual.tolist() == pytest.approx([-1.0, 0.0])
     assert loss.item() == pytest.approx(0.5)
 

@@ -7,11 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow  # every test here starts refuel.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOY = ["--num_iterations", "1", "--dialogues_per_rank", "4", "--max_new_tokens", "4", "--num_eval_prompts", "2",
+TOY = ["--num_iterations", "1", "--pairs_per_rank", "4", "--max_new_tokens", "4", "--num_eval_prompts", "2",
        "--kv_cache_gib", "0.0625", "--max_prompt_tokens", "256"]
 
 
@@ -52,10 +53,13 @@ def test_setting_one(tmp_path, script_env, tiny_model, tiny_reward_model, user_s
     metrics, args = run_preset(tmp_path, script_env, "refuel-setting-one", ultrainteract_pair_rows(8),
                                "--model", tiny_model, "--user_url", user_server, "--user_model", tiny_model,
                                "--user_max_tokens", "4", "--reward_model", tiny_reward_model, "--horizon", "2",
-                               "--minibatch_pairs", "2", "--val_fraction", "0.25")
-    assert args["preset"] == "refuel-setting-one" and args["eta"] == 1000 and args["schedule_scope"] == "iteration"
-    assert args["user"] == "server" and args["prompt_column"] == "trajectory" and args["trust_remote_code"]
-    assert [m["iteration"] for m in metrics] == [0, 1]
+                               "--minibatch_pairs", "2", "--val_fraction", "0.25",
+                               # a schedule over 2 iterations; the token budget, spent by the first, stops the run
+                               "--num_iterations", "2", "--token_budget", "1")
+    assert args["preset"] == "refuel-setting-one" and [m["iteration"] for m in metrics] == [0, 1]
+    # 3 training pairs (1 of 4 held out), 2 per step: 2 optimizer steps. The fresh cosine of the iteration (warmup
+    # ceil(0.1 * 2) = 1 step) has ended at 0; one cosine over both iterations would be at 0.75 * 3e-7 here
+    assert metrics[1]["policy/lr"] == 0.0
     # the paper's horizon sampling plays A to H' in {1, 2}; the server user answered every dialogue to its H'
     assert metrics[1]["data/turns_played"] == metrics[1]["data/horizon"] and "eval/score_turn2" in metrics[1]
 
@@ -64,13 +68,19 @@ def test_setting_one(tmp_path, script_env, tiny_model, tiny_reward_model, user_s
                                                ("refuel-setting-two-ultrainteract", 0.0, -4.0)])
 def test_setting_two(tmp_path, script_env, tiny_model, tiny_reward_model, preset, kl, penalty):
     rows = hh_trl_style_rows(8) if preset.endswith("hh") else ultrainteract_pair_rows(8)
-    metrics, args = run_preset(tmp_path, script_env, preset, rows, "--model", tiny_model,
-                               "--reward_model", tiny_reward_model)
-    assert args["user"] == "dataset" and args["kl_coef"] == kl and args["penalty_reward"] == penalty
-    assert args["num_epochs"] == 4 and args["lr_schedule"] == "linear" and args["temperature"] == 1.0
+    # a schedule over 3 iterations (the preset's schedule_scope run); the token budget, spent by the first, stops
+    # the run after it
+    metrics, _ = run_preset(tmp_path, script_env, preset, rows, "--model", tiny_model, "--reward_model",
+                            tiny_reward_model, "--num_iterations", "3", "--token_budget", "1")
+    # 3 training pairs (1 of 4 held out) in one minibatch of 4, 4 epochs: 4 optimizer steps of 12. Linear decay of
+    # 3e-7 without warmup leaves 2/3 of it (a cosine would leave 3/4; a warmup of 0.1, 0.8)
+    saved = torch.load(tmp_path / "r" / "checkpoints" / "iteration_000001" / "rank0.pt", weights_only=False)
+    assert saved["trainer_state"]["scheduler"]["last_epoch"] == 4
+    assert metrics[1]["policy/lr"] == pytest.approx(2e-7, rel=1e-6)
+    assert ("reward/kl" in metrics[1]) == (kl > 0)  # the KL term's reference is loaded only with a kl_coef
     # the dataset's dialogues have 1 or 2 user turns: the dataset user ends them there, before H = 5
     assert 1 <= metrics[1]["data/turns_played"] <= 2 and metrics[1]["data/branch_turn"] <= 2
-    assert metrics[1]["reward/return"] == penalty  # tiny random models never end a 4-token turn
+    assert metrics[1]["reward/total"] == penalty  # tiny random models never end a 4-token turn
 
 
 def test_rebel_ultrafeedback(tmp_path, script_env, tiny_model, tiny_reward_model):
@@ -87,10 +97,30 @@ def test_rebel_ultrafeedback(tmp_path, script_env, tiny_model, tiny_reward_model
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
     subprocess.run([sys.executable, os.path.join(REPO, "rebel.py"), "--preset", "rebel-ultrafeedback",
                     "--model", tiny_model, "--reward_model", tiny_reward_model, "--dataset", str(dataset),
-                    "--output_dir", str(tmp_path), "--run_name", "r", "--num_iterations", "1", "--prompts_per_rank",
+                    "--output_dir", str(tmp_path), "--run_name", "r", "--num_iterations", "1", "--pairs_per_rank",
                     "2", "--max_new_tokens", "4", "--num_eval_prompts", "2", "--kv_cache_gib", "0.0625"],
                    check=True, timeout=600, env=script_env)
     args = json.load(open(tmp_path / "r" / "args.json"))
     assert args["preset"] == "rebel-ultrafeedback" and args["kl_coef"] == 0.05 and args["temperature"] == 0.5
     metrics = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert [m["iteration"] for m in metrics] == [0, 1] and metrics[1]["policy/finished"] == 0  # 4 tokens never end
+
+
+@pytest.mark.parametrize("preset", ["dpo-lt", "dpo-mt", "rebel-lt", "rebel-mt"])
+def test_dpo_multiturn_baselines(tmp_path, script_env, tiny_model, tiny_reward_model, user_server, preset):
+    """The paper's four baselines in setting one: the server user plays pi_0's dialogues once (MIXED contexts)."""
+    dataset = tmp_path / "data.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in ultrainteract_pair_rows(8)))
+    subprocess.run([sys.executable, os.path.join(REPO, "dpo_multiturn.py"), "--preset", preset, "--dataset",
+                    str(dataset), "--output_dir", str(tmp_path), "--run_name", "r", "--model", tiny_model,
+                    "--user_url", user_server, "--user_model", tiny_model, "--user_max_tokens", "4",
+                    "--reward_model", tiny_reward_model, "--horizon", "2", "--num_recorded_dialogues", "4",
+                    "--num_iterations", "1", "--pairs_per_rank", "4", "--minibatch_pairs", "2", "--max_new_tokens",
+                    "4", "--num_eval_prompts", "2", "--kv_cache_gib", "0.0625", "--max_prompt_tokens", "256"],
+                   check=True, timeout=600, env=script_env)
+    metrics = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert [m["iteration"] for m in metrics] == [0, 1] and "eval/score_turn2" in metrics[1]
+    loss = "loss/dpo" if preset.startswith("dpo") else "loss/rebel"
+    assert loss in metrics[1] and metrics[1][loss] == metrics[1][loss]  # the preset's loss ran and is a number
+    if preset.endswith("-lt"):  # the server user answers every turn, so the last turn of pi_0's dialogues is H
+        assert metrics[1]["data/branch_turn"] == 2

@@ -29,7 +29,7 @@ def prompt_file(tmp_path_factory):
 def command(model, prompt_file, output_dir, run_name, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             os.path.join(REPO, "rebel.py"), "--model", model, "--dataset", prompt_file, "--output_dir", output_dir,
-            "--run_name", run_name, "--num_iterations", "4", "--prompts_per_rank", "2", "--max_new_tokens", "8",
+            "--run_name", run_name, "--num_iterations", "4", "--pairs_per_rank", "2", "--max_new_tokens", "8",
             "--num_epochs", "2", "--micro_batch_pairs", "1", "--eval_every", "2", "--save_every", "2",
             "--num_eval_prompts", "4", "--lr", "1e-3", "--penalty_reward", "None", "--reward_function",
             os.path.join(REPO, "tests", "rewards.py") + ":brevity_or_nan", *extra]
@@ -75,10 +75,11 @@ def test_wandb_offline_run_was_written(full_run):
 
 
 HF_CHECK = """
-import sys, dialogues, utils
+import sys, engines, utils
 folder = sys.argv[1]
 device = utils.init_distributed()[2]
-engine = engines.make_engine(folder, device, 256, 0, False, 0.05, 32 * 2**20, "vllm")
+engine = engines.make_engine(folder, device, max_model_len=256, seed=0, bf16=False, gpu_memory_utilization=0.05,
+                             kv_cache_memory_bytes=32 * 2**20, backend="vllm")
 prompt = utils.chat_token_ids(utils.load_tokenizer(folder), [{"role": "user", "content": "Hi"}],
                               add_generation_prompt=True)
 engines.check_logprob_parity(engine, utils.load_causal_lm(folder), prompt + [5, 6, 7], device, 1e-4)

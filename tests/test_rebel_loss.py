@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -49,7 +50,10 @@ def test_zero_weight_pairs_do_not_count():
 
 def test_prompt_order_is_a_function_of_the_update():
     first = [prompt_indices(10, u, 4, seed=3) for u in range(1, 6)]
-    again = [prompt_indices(10, u, 4, seed=3) for u in range(1, 6)]
-    assert all((a == b).all() for a, b in zip(first, again))
+    # the stream written out: epoch e is the permutation of seed (3, e); update u takes its 4 positions in turn
+    stream = np.concatenate([np.random.default_rng([3, epoch]).permutation(10) for epoch in range(2)])
+    assert [batch.tolist() for batch in first] == [stream[4 * u : 4 * u + 4].tolist() for u in range(5)]
+    # no hidden state: asked out of order (as a resume does), each update gets the same prompts
+    assert [prompt_indices(10, u, 4, seed=3).tolist() for u in (5, 2, 4)] == [first[u - 1].tolist() for u in (5, 2, 4)]
     seen = sorted(i for batch in first[:2] for i in batch[:4]) + sorted(first[2][:2])
     assert sorted(seen) == list(range(10))  # updates 1-2 and half of 3 cover the first epoch exactly once

@@ -21,7 +21,7 @@ def command(output_dir, run_name, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--rdzv_backend", "c10d",
             "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--nproc_per_node=2",
             os.path.join(REPO, "refuel.py"), "--output_dir", output_dir, "--run_name", run_name,
-            "--num_iterations", "3", "--dialogues_per_rank", "8", "--minibatch_pairs", "4", "--micro_batch_pairs", "4",
+            "--num_iterations", "3", "--pairs_per_rank", "8", "--minibatch_pairs", "4", "--micro_batch_pairs", "4",
             "--eval_every", "2", "--save_every", "1", "--horizon_sampling", "uniform",
             "--warm_start_steps", "50", *extra]
 

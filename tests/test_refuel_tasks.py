@@ -10,7 +10,7 @@ import pytest
 pytestmark = pytest.mark.slow  # every test here starts a script or torchrun
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHORT = ["--num_iterations", "1", "--dialogues_per_rank", "4", "--minibatch_pairs", "2", "--micro_batch_pairs", "2",
+SHORT = ["--num_iterations", "1", "--pairs_per_rank", "4", "--minibatch_pairs", "2", "--micro_batch_pairs", "2",
          "--max_new_tokens", "4", "--eval_every", "1", "--kv_cache_gib", "0.0625"]
 
 
@@ -32,7 +32,7 @@ def test_chat_task_with_an_llm_user_and_a_reward_model(tmp_path, tiny_model, tin
     assert [m["iteration"] for m in metrics] == [0, 1] and metrics[0]["skipped/rows_empty"] == 1
     assert {"eval/score_turn1", "eval/score_turn2", "eval/winrate_vs_initial_turn2"} <= metrics[1].keys()
     assert metrics[1]["data/turns_played"] == 2  # the LLM user kept every dialogue going to the horizon
-    assert metrics[1]["reward/return"] == -1  # tiny random models never end a 4-token turn: all penalised (and
+    assert metrics[1]["reward/total"] == -1  # tiny random models never end a 4-token turn: all penalised (and
     # the KL term is 0: pi_t is the reference in the first iteration)
 
 

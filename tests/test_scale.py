@@ -1,6 +1,7 @@
-"""Memory at scale: streamed weight syncs, activation checkpointing, and the memory plan of an 8B and a 70B model
-checked on 8 simulated ranks against numbers computed by hand."""
+"""Memory at scale: streamed weight syncs, checkpoint exports, activation checkpointing, and the memory plan of an 8B
+and a 70B model checked on 8 simulated ranks against numbers computed by hand."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ SIMULATED = {
 }
 
 
+@pytest.mark.slow  # starts simulate_fsdp.py for two of the 8 ranks
 @pytest.mark.parametrize("config", sorted(SIMULATED))
 def test_simulated_8_ranks_shards_sync_and_plan(config):
     expected = SIMULATED[config]
@@ -61,32 +63,52 @@ def test_simulated_8_ranks_shards_sync_and_plan(config):
         largest = max(sum(sizes[i] for i in b) for b in buckets)
         assert largest == 2 * expected["embedding"]  # the embedding, alone in its bucket
         assert all(sum(sizes[i] for i in b) <= 512 * MiB for b in buckets if len(b) > 1)
+        # the checkpoint's export gathers every tensor once, whole, in fp32 buckets of at most 512 MiB: only a
+        # tensor larger than that (an embedding) makes a bucket of its own that is bigger
+        exported = [sum(n for _, n in bucket) for bucket in result["exported"]]
+        assert sum(exported) == 4 * expected["parameters"]
+        assert len([name for bucket in result["exported"] for name, _ in bucket]) == 3 + 9 * expected["layers"]
+        assert all(size <= 512 * MiB for size, bucket in zip(exported, result["exported"]) if len(bucket) > 1)
+        assert max(exported) == 4 * expected["embedding"]
 
     plan = memory_plan.plan_memory(memory_plan.meta_model(path), world_size=8, bf16=True, gradient_checkpointing=True,
-                                   kv_cache_bytes=20 * GiB, sync_bucket_bytes=512 * MiB, tokens=8192)
+                                   kv_cache_bytes=20 * GiB, sync_bucket_bytes=512 * MiB, rows=4, sequence_tokens=2048,
+                                   response_tokens=1024)
     shard = expected["parameters"] // 8
-    logits = 8192 * 128256 * (2 + 4)
+    logits = 4 * 1024 * 128256 * (2 + 4)  # over the response columns only
     assert plan.parameters == expected["parameters"]
     assert (plan.weights, plan.gradients, plan.optimizer, plan.reference) == (4 * shard, 4 * shard, 8 * shard, 0)
     assert plan.engine_weights == 2 * expected["parameters"]
     assert plan.gathered_layers == 2 * 2 * expected["layer"]
     assert plan.sync_bucket == 2 * expected["embedding"]
-    assert plan.activations == 8192 * expected["per_token"] * 2 + logits
+    assert plan.checkpoint_bucket == max(exported)  # what the simulated export gathered
+    assert plan.activations == 4 * 2048 * expected["per_token"] * 2 + logits
     assert plan.total == (16 * shard + 4 * expected["layer"] + 2 * expected["parameters"] + 20 * GiB
-                          + 2 * expected["embedding"] + plan.activations)
+                          + 2 * expected["embedding"] + 4 * expected["embedding"] + plan.activations)
 
 
 def test_plan_fits_an_80gib_device_only_with_checkpointing_for_8b_and_never_for_70b():
     model = memory_plan.meta_model(os.path.join(HERE, "data", "llama3_8b_config.json"))
-    common = dict(world_size=8, bf16=True, kv_cache_bytes=20 * GiB, sync_bucket_bytes=512 * MiB, tokens=8192)
+    common = dict(world_size=8, bf16=True, kv_cache_bytes=20 * GiB, sync_bucket_bytes=512 * MiB, rows=4,
+                  sequence_tokens=2048, response_tokens=1024)
     with_checkpointing = memory_plan.plan_memory(model, gradient_checkpointing=True, **common)
-    assert with_checkpointing.total == 65_346_256_896  # 60.9 GiB: fits
+    assert with_checkpointing.total == 64_295_583_744  # 59.9 GiB: fits
     memory_plan.check_fits(with_checkpointing, 80 * GiB)
     without = memory_plan.plan_memory(model, gradient_checkpointing=False, **common)
-    assert without.total == 105_846_456_320  # 98.6 GiB: activations of 32 layers are kept
+    assert without.total == 104_795_783_168  # 97.6 GiB: activations of 32 layers are kept
     with pytest.raises(SystemExit, match="--gradient_checkpointing"):
         memory_plan.check_fits(without, 80 * GiB)
-    assert "total" in memory_plan.format_plan(without, 8)
+    # the log shows every term as the plan holds it (the activations labelled as a bound), and their sum as total
+    lines = memory_plan.format_plan(without, 8).splitlines()
+    assert lines[0] == "memory plan per rank (8.03B parameters, 8 ranks):"
+    shown = {label.strip(): float(gib) for label, gib, unit in (line.rsplit(None, 2) for line in lines[1:])
+             if unit == "GiB"}
+    terms = [f.name for f in dataclasses.fields(without) if f.name != "parameters"]
+    assert list(shown) == [t if t != "activations" else "activations (bound)" for t in terms] + ["total"]
+    assert all(shown[t if t != "activations" else "activations (bound)"] == round(getattr(without, t) / GiB, 2)
+               for t in terms)
+    assert shown["total"] == 97.60 == pytest.approx(sum(shown[t] for t in shown if t != "total"),
+                                                    abs=0.005 * len(terms))  # each term rounded to 0.01
 
     big = memory_plan.plan_memory(memory_plan.meta_model(os.path.join(HERE, "data", "llama3.1_70b_config.json")),
                                   gradient_checkpointing=True, **common)
