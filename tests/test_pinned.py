@@ -1,0 +1,48 @@
+"""Each script's first update, pinned: a fixed seed, a tiny random policy and a reward that varies from answer to
+answer; the first iteration's loss and the first optimizer step's gradient norm must equal the values recorded
+here (relative tolerance 1e-4). The resume tests compare a run with itself; these catch a change of the numbers
+themselves (a loss, a mask, a target, a sampler), on purpose or not. When a change is meant to move them, rerun
+the test, check the new numbers are right, and record them with the reason in the commit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here starts a script
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# one-turn chat openings from the embedded prompt set, answered by a tiny random policy; the dataset user ends each
+# dialogue after its first answer, and the brevity reward scores it by its length (tasks/chat.py)
+CHAT = ["--task", "chat", "--user", "dataset", "--num_eval_prompts", "4", "--max_new_tokens", "8",
+        "--kv_cache_gib", "0.0625", "--max_prompt_tokens", "256"]
+PINNED = {
+    "refuel.py": (CHAT + ["--pairs_per_rank", "8", "--val_fraction", "0.25", "--minibatch_pairs", "8",
+                          "--micro_batch_pairs", "4", "--lr", "1e-3"],
+                  {"loss/refuel": 0.00762939453125, "policy/grad_norm": 4.7293782234191895}),
+    # rebel.py: no penalty, which a tiny random policy that never ends an answer would get on every answer
+    "rebel.py": (["--pairs_per_rank", "4", "--minibatch_pairs", "4", "--num_epochs", "1", "--max_new_tokens", "8",
+                  "--penalty_reward", "None", "--num_eval_prompts", "4", "--kv_cache_gib", "0.0625", "--lr", "1e-3"],
+                 {"loss/rebel": 0.00067138671875, "policy/grad_norm": 2.1295859813690186}),
+    "dpo_multiturn.py": (CHAT + ["--contexts", "onpolicy", "--pairs_per_rank", "8", "--minibatch_pairs", "8",
+                                 "--micro_batch_pairs", "4", "--lr", "1e-3"],
+                         {"loss/dpo": 0.6931471824645996, "policy/grad_norm": 1.3650094270706177}),
+    "ma_ppo.py": (CHAT + ["--dialogues_per_rank", "8", "--minibatch_dialogues", "8", "--micro_batch_dialogues", "4",
+                          "--lr", "1e-4"],
+                  {"loss/policy": -0.8466403186321259, "loss/value": 0.3711201101541519,
+                   "policy/actor_grad_norm": 1.7922292947769165, "policy/critic_grad_norm": 7.058985710144043}),
+}
+
+
+@pytest.mark.parametrize("script", sorted(PINNED))
+def test_first_update_is_pinned(script, tiny_model, tmp_path, script_env):
+    flags, expected = PINNED[script]
+    subprocess.run([sys.executable, os.path.join(REPO, script), "--model", tiny_model, "--seed", "1",
+                    "--num_iterations", "1", "--output_dir", str(tmp_path), "--run_name", "pinned", *flags],
+                   check=True, timeout=600, env=script_env)
+    with open(tmp_path / "pinned" / "metrics.jsonl") as f:
+        first = [json.loads(line) for line in f][1]
+    got = {key: first[key] for key in expected}
+    assert got == {key: pytest.approx(value, rel=1e-4) for key, value in expected.items()}, got
