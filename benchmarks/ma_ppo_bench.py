@@ -5,24 +5,24 @@ generated tokens and optimizer steps), evaluated every iteration. Reported per t
 horizon against iteration (mean and spread over seeds), and the paper's measure: the iterations MA-PPO needs to
 reach token-level PPO's final score, as a ratio (the paper reports parity 1.7-2x sooner), per seed. Tasks: the
 guessing game (multi-turn) and the chat task with one turn (brevity reward). Then the seconds per update split
-by phase (rollout, reward, old log-probs and values, train, sync), next to refuel.py's on the guessing game.
+by phase (rollout, reward, old log-probs and values, train, sync), next to refuel.py's on the guessing game (its
+own defaults and the first seed, plus `--refuel_flags`). Flags after `--` go to every ma_ppo.py run. 3 seeds of 10
+iterations: about 55 minutes on 2 CPU cores. Writes ma_ppo_bench.json and ma_ppo_bench.png to --output_dir; the
+flags all benchmarks share are described in benchmarks/common.py.
 
-    .venv/bin/python benchmarks/ma_ppo_bench.py [--seeds 1 2 3] [--iterations 10] [--ngram 5] [--output_dir DIR]
-
-Writes the markdown table to stdout and the plot to docs/ma_ppo_bench.png.
+    .venv/bin/python benchmarks/ma_ppo_bench.py [--seeds 1 2 3] [--num_iterations 10] [--token_budget T] [--ngram 5]
+        [--output_dir docs] [--runs_dir DIR] [-- more ma_ppo.py flags]
+    .venv/bin/python benchmarks/ma_ppo_bench.py --report     # the tables again, from docs/ma_ppo_bench.json
 """
 
 import argparse
-import json
 import os
 import re
-import shutil
+import shlex
 import statistics
-import subprocess
-import sys
-import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import common
+
 TASKS = {
     "guessing game (3 turns)": ["--task", "guess_number"],
     # 16 dialogues per iteration in minibatches of 8 (two optimizer steps): the default 256 takes ~5 min an
@@ -34,106 +34,108 @@ TASKS = {
 PHASES = ("rollout", "reward", "old_logprobs", "train", "sync")
 
 
-def run(script: str, flags: list[str], name: str, iterations: int, output_dir: str) -> list[dict]:
-    """The metrics of one run of `script`, evaluated after every iteration (iteration 0 first). A run that already
-    finished in `output_dir` (an interrupted benchmark given its folder again) is read, not repeated."""
-    metrics_file = os.path.join(output_dir, name, "metrics.jsonl")
-    if os.path.exists(metrics_file):
-        with open(metrics_file) as f:
-            done = [json.loads(line) for line in f]
-        if done and done[-1]["iteration"] == iterations:
-            return done
-        shutil.rmtree(os.path.join(output_dir, name))
-    command = [sys.executable, os.path.join(REPO, script), *flags, "--num_iterations", str(iterations),
-               "--eval_every", "1", "--save_every", str(iterations), "--output_dir", output_dir, "--run_name", name]
-    print(" ".join(command[1:]), file=sys.stderr, flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    with open(metrics_file) as f:
-        return [json.loads(line) for line in f]
-
-
-def short_name(task: str) -> str:
-    return re.sub(r"\W", "", task.split()[0])
-
-
-def scores_at_horizon(metrics: list[dict]) -> list[float]:
+def run(script: str, flags: list[str], name: str, iterations: int, runs_dir: str) -> dict:
+    """One run evaluated after every iteration: its evaluation score at the horizon per iteration (iteration 0
+    first) and its mean seconds per update of each phase."""
+    done = common.run_script(script, [*flags, "--num_iterations", str(iterations), "--eval_every", "1",
+                                      "--save_every", str(iterations)], runs_dir, name)
+    metrics = done["metrics"]
     horizon = max(int(k.rsplit("turn", 1)[1]) for k in metrics[0] if k.startswith("eval/score_turn"))
-    return [m[f"eval/score_turn{horizon}"] for m in metrics]
+    return {"command": done["command"], "curve": [m[f"eval/score_turn{horizon}"] for m in metrics],
+            "seconds": {p: statistics.mean(m[f"time/{p}"] for m in metrics[1:]) for p in PHASES}}
 
 
-def seconds_per_phase(runs: list[list[dict]]) -> dict[str, float]:
-    """Mean seconds per update of each phase over the runs' iterations (iteration 0 only evaluates)."""
-    return {p: statistics.mean(m[f"time/{p}"] for metrics in runs for m in metrics[1:]) for p in PHASES}
-
-
-def split_row(name: str, seconds: dict[str, float]) -> str:
-    total = sum(seconds.values())
-    shares = " | ".join(f"{seconds[p]:.1f} ({seconds[p] / total:.0%})" for p in PHASES)
-    return f"| {name} | {total:.1f} | {shares} |"
+def measure(args: argparse.Namespace) -> dict:
+    runs_dir = common.runs_dir(args, "ma_ppo_bench")
+    tasks = {}
+    for task in args.tasks:
+        short = re.sub(r"\W", "", task.split()[0])
+        tasks[task] = {str(n): [{"seed": seed, **run("ma_ppo.py", [*TASKS[task], "--ngram", str(n), "--seed", str(seed),
+                                                                   *common.budget_flags(args), *args.script_flags],
+                                                     f"{short}_{n}_{seed}", args.num_iterations, runs_dir)}
+                                for seed in args.seeds]
+                       for n in (1, args.ngram)}
+    refuel = run("refuel.py", ["--task", "guess_number", "--seed", str(args.seeds[0]), *shlex.split(args.refuel_flags)],
+                 "refuel_guess", args.refuel_iterations, runs_dir)
+    return {"seeds": args.seeds, "ngram": args.ngram, "tasks": tasks, "refuel": refuel}
 
 
 def iterations_to_reach(curve: list[float], target: float) -> int | None:
     return next((i for i, score in enumerate(curve) if score >= target), None)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--ngram", type=int, default=5)
-    parser.add_argument("--refuel_iterations", type=int, default=3)
-    parser.add_argument("--plot", default=os.path.join(REPO, "docs", "ma_ppo_bench.png"))
-    parser.add_argument("--output_dir", help="the runs' folder (default: a new temporary one); give an interrupted "
-                        "benchmark's folder to keep its finished runs")
-    args, args.extra = parser.parse_known_args()
+def label(n: str) -> str:
+    return "token-level PPO (n = 1)" if n == "1" else f"MA-PPO (n = {n})"
 
+
+def split_row(name: str, seconds: dict[str, float]) -> list[str]:
+    total = sum(seconds.values())
+    return [name, f"{total:.1f}", *(f"{seconds[p]:.1f} ({seconds[p] / total:.0%})" for p in PHASES)]
+
+
+def report(results: dict) -> str:
+    rows, splits = [], []
+    for task, by_n in results["tasks"].items():
+        ppo = [r["curve"] for r in by_n["1"]]
+        for n, runs in by_n.items():
+            curves = [r["curve"] for r in runs]
+            reach = [iterations_to_reach(c, p[-1]) for c, p in zip(curves, ppo)]
+            rows.append([task, label(n), f"{statistics.mean(c[0] for c in curves):.3f}",
+                         common.spread([c[-1] for c in curves]),
+                         ", ".join("never" if i is None else str(i) for i in reach)])
+            seconds = {p: statistics.mean(r["seconds"][p] for r in runs) for p in PHASES}
+            splits.append(split_row(f"ma_ppo.py n = {n}, {task}", seconds))
+        ratios = [p_i / m_i if m_i else float("inf") for p_i, m_i in
+                  ((iterations_to_reach(p, p[-1]), iterations_to_reach(m["curve"], p[-1]))
+                   for p, m in zip(ppo, by_n[str(results["ngram"])])) if m_i is not None]
+        rows.append([task, "speed-up to PPO's final score (per seed, PPO iterations / MA-PPO iterations)", "", "",
+                     ", ".join(f"{r:.2f}" for r in ratios)])
+    splits.append(split_row("refuel.py, guessing game (3 turns)", results["refuel"]["seconds"]))
+    return "\n".join([
+        common.header(results),
+        f"refuel.py's run: `{results['refuel']['command']}`.\n",
+        common.table(["task", "method", "initial", f"final (mean ± sd over {len(results['seeds'])} seeds)",
+                      "iterations to reach PPO's final score, per seed"], rows),
+        "",
+        "Time per update, split by phase (mean over the runs' iterations):\n",
+        common.table(["run", "seconds per update", *PHASES], splits)])
+
+
+def plot(results: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    output_dir = args.output_dir or tempfile.mkdtemp(prefix="ma_ppo_bench_")
-    splits = {}
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.5), squeeze=False)
-    print("| task | method | initial | final (mean ± sd over seeds) | iterations to reach PPO's final score |")
-    print("|---|---|---|---|---|")
-    for ax, task in zip(axes[0], TASKS):
-        metrics = {n: [run("ma_ppo.py", [*TASKS[task], "--ngram", str(n), "--seed", str(seed), *args.extra],
-                           f"{short_name(task)}_{n}_{seed}", args.iterations, output_dir) for seed in args.seeds]
-                   for n in (1, args.ngram)}
-        splits[task] = {n: seconds_per_phase(runs) for n, runs in metrics.items()}
-        curves = {n: [scores_at_horizon(m) for m in runs] for n, runs in metrics.items()}
-        for n, runs in curves.items():
-            mean = [statistics.mean(c[i] for c in runs) for i in range(len(runs[0]))]
-            sd = [statistics.stdev(c[i] for c in runs) if len(runs) > 1 else 0 for i in range(len(runs[0]))]
-            label = "token-level PPO (n = 1)" if n == 1 else f"MA-PPO (n = {n})"
-            ax.plot(range(len(mean)), mean, marker="o", label=label)
-            ax.fill_between(range(len(mean)), [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
-                            alpha=0.2)
-            finals = [c[-1] for c in runs]
-            reach = [iterations_to_reach(c, ppo[-1]) for c, ppo in zip(runs, curves[1])]
-            print(f"| {task} | {label} | {mean[0]:.3f} | {statistics.mean(finals):.3f} ± "
-                  f"{statistics.stdev(finals) if len(finals) > 1 else 0:.3f} | {reach} |")
-        ratios = [ppo / ma if ma else float("inf") for ppo, ma in
-                  ((iterations_to_reach(p, p[-1]), iterations_to_reach(m, p[-1]))
-                   for p, m in zip(curves[1], curves[args.ngram])) if ma is not None and ppo is not None]
-        print(f"| {task} | speed-up to PPO's final score (per seed, PPO iterations / MA-PPO iterations) | | | "
-              f"{[round(r, 2) for r in ratios]} |")
+    tasks = results["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
+    for ax, (task, by_n) in zip(axes[0], tasks.items()):
+        for n, runs in by_n.items():
+            curves = [r["curve"] for r in runs]
+            steps = range(min(map(len, curves)))
+            mean = [statistics.mean(c[i] for c in curves) for i in steps]
+            sd = [statistics.stdev(c[i] for c in curves) if len(curves) > 1 else 0 for i in steps]
+            ax.plot(steps, mean, marker="o", label=label(n))
+            ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], alpha=0.2)
         ax.set_title(task)
         ax.set_xlabel("iteration (equal tokens and steps)")
         ax.set_ylabel("evaluation score at the horizon")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=110)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
-    # time per update, split by phase, next to refuel.py's on the guessing game (its own defaults: 512 dialogues a
-    # rank, each with a branch from a sampled turn; the first seed)
-    refuel = run("refuel.py", ["--task", "guess_number", "--seed", str(args.seeds[0])], "refuel_guess",
-                 args.refuel_iterations, output_dir)
-    print("\n| run | seconds per update | " + " | ".join(PHASES) + " |")
-    print("|---|---|" + "---|" * len(PHASES))
-    for task, by_n in splits.items():
-        for n, seconds in by_n.items():
-            print(split_row(f"ma_ppo.py n = {n}, {task}", seconds))
-    print(split_row("refuel.py, guessing game (3 turns)", seconds_per_phase([refuel])))
-    print(f"\nplot: {args.plot}; runs in {output_dir}")
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_run_flags(parser, seeds=[1, 2, 3], num_iterations=10, token_budget=None)
+    parser.add_argument("--ngram", type=int, default=5, help="MA-PPO's macro length (compared with n = 1)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--refuel_iterations", type=int, default=3, help="iterations of the refuel.py run")
+    parser.add_argument("--refuel_flags", default="", help='more refuel.py flags, one string (e.g. "--lr 1e-4")')
+    args = common.parse_args(parser)
+    path = os.path.join(args.output_dir, "ma_ppo_bench.json")
+    if not args.report:
+        common.save_results(path, measure(args))
+        plot(common.load_results(path), os.path.join(args.output_dir, "ma_ppo_bench.png"))
+    print(report(common.load_results(path)))

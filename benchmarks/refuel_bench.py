@@ -1,60 +1,152 @@
 """Learning check for refuel.py on the guessing task: success rate per turn before and after training.
 
-Runs refuel.py twice from the same warm-started tiny policy and seed, with the paper's horizon sampling
+Runs refuel.py, per seed, from the same warm-started tiny policy, with the paper's horizon sampling
 (H' ~ U{1..H}, h ~ U{1..H'}) and with uniform sampling (every dialogue played to H, h ~ U{1..H}), all other flags
-refuel.py's defaults (or those given here). Prints, per turn h, the share of the 1024 evaluation games solved by
-turn h for the initial policy, each trained policy, random consistent play and binary search (the optimum), the
-paired win rates against the initial policy, the opening guess of each policy, the time split and the
-regression diagnostics per iteration. About 13 minutes on 2 CPU cores, plus 6 for the warm start the first
-time (cached).
+refuel.py's defaults (or those given after `--`). Reports, per turn h, the share of the 1024 evaluation games
+solved by turn h for the initial policy, each trained policy (mean ± sd over the seeds), random consistent play and
+binary search (the optimum), the paired win rates against the initial policy, the opening guess of each policy,
+the time split and the regression diagnostics per iteration. One seed: about 13 minutes on 2 CPU cores, plus 6 for
+the warm start the first time (cached). Writes refuel_bench.json and refuel_bench.png to --output_dir; the flags
+all benchmarks share are described in benchmarks/common.py.
 
-    .venv/bin/python benchmarks/refuel_bench.py [--num_iterations 16] [--seed 1] [--nproc 1] [more refuel.py flags]
+    .venv/bin/python benchmarks/refuel_bench.py [--seeds 1] [--num_iterations 16] [--token_budget T] [--nproc 1]
+        [--output_dir docs] [--runs_dir DIR] [-- more refuel.py flags]
+    .venv/bin/python benchmarks/refuel_bench.py --report     # the tables again, from docs/refuel_bench.json
 """
 
 import argparse
 import collections
 import json
 import os
-import subprocess
+import statistics
 import sys
-import tempfile
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import common
 
+sys.path.insert(0, common.REPO)
 import engines  # noqa: E402
 import utils  # noqa: E402
 from tasks.guess_number import GuessNumber, warm_start_policy  # noqa: E402
 
 SAMPLINGS = ("paper", "uniform")
+REFERENCES = ("random consistent", "binary search (optimal)")
+PHASES = ("rollout", "reward", "old_logprobs", "train", "sync")
 
 
-def first_guesses(policy: str, game: GuessNumber, seed: int, games: int = 512) -> list[int | None]:
+def first_guesses(policy: str, game: GuessNumber, seed: int, games: int) -> list[int | None]:
     """The opening guess of `games` games at the training temperature. Turn 1 sees the same state in every
     game, so its choice pays off only through the later turns: the midpoint is best, an end worst."""
     tokenizer = utils.load_tokenizer(policy)
     prompt = utils.chat_token_ids(tokenizer, game.new_episode(1).messages, add_generation_prompt=True)
-    engine = engines.make_engine(policy, utils.init_distributed()[2], 1024, seed, False, 0.3, 2**28, "vllm")
+    engine = engines.make_engine(policy, utils.init_distributed()[2], max_model_len=1024, seed=seed, bf16=False,
+                                 gpu_memory_utilization=0.3, kv_cache_memory_bytes=2**28, backend="vllm")
     seeds = [utils.sample_seed(seed, "first guess", i) for i in range(games)]
     completions = engine.generate([prompt] * games, 8, 0.8, seeds)
     engine.close()
     return [game.parse(c.text) for c in completions]
 
 
-def plot_scores_by_turn(metrics: dict[str, list[dict]], turns: list[int], path: str) -> None:
+def measure(args: argparse.Namespace) -> dict:
+    """Both samplings for every seed, then the opening guesses of the initial and the trained policies."""
+    runs_dir = common.runs_dir(args, "refuel_bench")
+    n = args.num_iterations
+    runs = {s: [] for s in SAMPLINGS}
+    for seed in args.seeds:
+        for sampling in SAMPLINGS:
+            flags = ["--seed", str(seed), "--num_iterations", str(n), "--eval_every", str(n), "--horizon_sampling",
+                     sampling, *common.budget_flags(args), *args.script_flags]
+            runs[sampling].append({"seed": seed, **common.run_script("refuel.py", flags, runs_dir,
+                                                                     f"{sampling}_{seed}", args.nproc)})
+    with open(os.path.join(runs_dir, f"{SAMPLINGS[0]}_{args.seeds[0]}", "args.json")) as f:
+        run_args = json.load(f)
+    turns = score_turns(runs[SAMPLINGS[0]][0]["metrics"][0])
+    game = GuessNumber(run_args["guess_max"], len(turns))
+    initial = run_args["model"] or warm_start_policy(game, utils.resolve_model_path(utils.EMBEDDED_SMOLLM2),
+                                                     run_args["warm_start_steps"])
+    guesses = collections.defaultdict(list)
+    for i, seed in enumerate(args.seeds):
+        guesses["initial policy"] += first_guesses(initial, game, seed, args.first_guess_games)
+        for s in SAMPLINGS:
+            last = runs[s][i]["metrics"][-1]["iteration"]
+            trained = os.path.join(runs_dir, f"{s}_{seed}", "checkpoints", f"iteration_{last:06d}", "hf")
+            guesses[f"REFUEL, {s} h"] += first_guesses(trained, game, seed, args.first_guess_games)
+    return {"seeds": args.seeds, "num_iterations": n, "guess_max": game.n, "first_guess_games": args.first_guess_games,
+            "runs": runs, "first_guesses": guesses}
+
+
+def score_turns(record: dict) -> list[int]:
+    return sorted(int(k.rsplit("turn", 1)[1]) for k in record if k.startswith("eval/score_turn"))
+
+
+def report(results: dict) -> str:
+    runs = results["runs"]
+    initials = [r["metrics"][0] for r in runs[SAMPLINGS[0]]]
+    finals = {s: [r["metrics"][-1] for r in runs[s]] for s in SAMPLINGS}
+    turns = score_turns(initials[0])
+    lines = [common.header(results), "Runs (`--output_dir` and `--run_name` left out): " + ", ".join(
+        f"`{r['command']}` ({r['seconds'] / 60:.1f} min)" for s in SAMPLINGS for r in runs[s]) + ".\n",
+        "Per turn h: share of evaluation games solved by turn h, and in brackets the paired win rate against the "
+        "initial policy on the same games (ties 1/2).\n"]
+    rows = []
+    for t in turns:
+        trained = [f"{common.spread([m[f'eval/score_turn{t}'] for m in finals[s]])} "
+                   f"({statistics.mean(m[f'eval/winrate_vs_initial_turn{t}'] for m in finals[s]):.3f})"
+                   for s in SAMPLINGS]
+        rows.append([t, common.spread([m[f"eval/score_turn{t}"] for m in initials]), *trained,
+                     *(f"{initials[0][f'reference/{name}_turn{t}']:.3f}" for name in REFERENCES)])
+    lines += [common.table(["turn h", "initial policy", *(f"REFUEL, {s} h (win rate)" for s in SAMPLINGS),
+                            *REFERENCES], rows), ""]
+
+    middle = (results["guess_max"] + 1) / 2
+    rows = []
+    for name, guesses in results["first_guesses"].items():
+        valid = [g for g in guesses if g is not None]
+        common_guesses = ", ".join(f"{g} ({k})" for g, k in collections.Counter(guesses).most_common(3))
+        rows.append([name, f"{sum(abs(g - middle) <= 1 for g in valid) / len(guesses):.3f}",
+                     f"{sum(abs(g - middle) for g in valid) / max(1, len(valid)):.2f}", common_guesses])
+    lines += [common.table([f"first guess ({results['first_guess_games']} games a seed, T 0.8)",
+                            f"share within 1 of {middle:g}", f"mean distance from {middle:g}", "most common"], rows),
+              ""]
+
+    iterations = {s: [m for r in runs[s] for m in r["metrics"][1:]] for s in SAMPLINGS}
+    rows = []
+    for phase in PHASES:
+        cells = []
+        for s in SAMPLINGS:
+            total = sum(m[f"time/{p}"] for m in iterations[s] for p in PHASES)
+            spent = sum(m[f"time/{phase}"] for m in iterations[s])
+            cells.append(f"{spent / len(iterations[s]):.2f} ({spent / total:.0%})")
+        rows.append([phase, *cells])
+    lines += ["Time per iteration (the evaluations excluded):\n",
+              common.table(["phase", *(f"{s} h: s / iteration (share)" for s in SAMPLINGS)], rows)]
+
+    for s in SAMPLINGS:
+        rows = [[by_seed[0]["iteration"], *(common.spread([m[k] for m in by_seed]) for k in
+                                             ("reward/score", "loss/refuel", "val/loss", "val/sign_align"))]
+                for by_seed in zip(*(r["metrics"][1:] for r in runs[s]))]
+        lines += [f"\n{s} h, regression diagnostics per iteration:\n",
+                  common.table(["iteration", "train reward (dialogue A)", "loss", "val/loss", "val/sign_align"], rows)]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
     """Grouped bars: the share of games solved by turn h, for the initial policy, each trained one and the
-    task's references."""
+    task's references (means over the seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    initial = metrics[SAMPLINGS[0]][0]
-    bars = {"initial policy": [initial[f"eval/score_turn{t}"] for t in turns]}
-    bars.update({f"REFUEL, {s} h": [metrics[s][-1][f"eval/score_turn{t}"] for t in turns] for s in SAMPLINGS})
-    for name in ("random consistent", "binary search (optimal)"):
-        bars[name] = [initial[f"reference/{name}_turn{t}"] for t in turns]
+    runs = results["runs"]
+    initial = runs[SAMPLINGS[0]][0]["metrics"][0]
+    turns = score_turns(initial)
+
+    def mean_score(s: str, index: int, t: int) -> float:
+        return statistics.mean(r["metrics"][index][f"eval/score_turn{t}"] for r in runs[s])
+
+    bars = {"initial policy": [mean_score(SAMPLINGS[0], 0, t) for t in turns]}
+    bars.update({f"REFUEL, {s} h": [mean_score(s, -1, t) for t in turns] for s in SAMPLINGS})
+    bars.update({name: [initial[f"reference/{name}_turn{t}"] for t in turns] for name in REFERENCES})
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(bars)
     for i, (name, values) in enumerate(bars.items()):
@@ -69,78 +161,16 @@ def plot_scores_by_turn(metrics: dict[str, list[dict]], turns: list[int], path: 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_iterations", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=1)
+    common.add_run_flags(parser, seeds=[1], num_iterations=16, token_budget=None)
     parser.add_argument("--nproc", type=int, default=1, help="ranks (torchrun) for each run")
-    parser.add_argument("--plot", default=os.path.join(REPO, "docs", "refuel_bench.png"), help="where the plot goes")
-    args, extra = parser.parse_known_args()
-    utils.quiet_third_party(verbose=False)
-
-    output_dir = tempfile.mkdtemp(prefix="refuel_bench_")
-    metrics, walls = {}, {}
-    for sampling in SAMPLINGS:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   os.path.join(REPO, "refuel.py"), "--output_dir", output_dir, "--run_name", sampling,
-                   "--seed", str(args.seed), "--num_iterations", str(args.num_iterations),
-                   "--eval_every", str(args.num_iterations), "--horizon_sampling", sampling, *extra]
-        print(" ".join(command[3:]), flush=True)
-        started = time.time()
-        subprocess.run(command, check=True)
-        walls[sampling] = time.time() - started
-        with open(os.path.join(output_dir, sampling, "metrics.jsonl")) as f:
-            metrics[sampling] = [json.loads(line) for line in f]
-    with open(os.path.join(output_dir, SAMPLINGS[0], "args.json")) as f:
-        run_args = json.load(f)
-
-    initial = metrics[SAMPLINGS[0]][0]
-    turns = sorted(int(k.rsplit("turn", 1)[1]) for k in initial if k.startswith("eval/score_turn"))
-    print(f"\nrefuel.py flags beyond its defaults: --seed {args.seed} --num_iterations {args.num_iterations} "
-          f"{' '.join(extra)}\nwall time: " + ", ".join(f"{s} {w / 60:.1f} min" for s, w in walls.items()) + "\n")
-    print("| turn h | initial policy | " + " | ".join(f"REFUEL, {s} h (win rate)" for s in SAMPLINGS)
-          + " | random consistent | binary search (optimal) |")
-    print("|---|---|" + "---|" * len(SAMPLINGS) + "---|---|")
-    for t in turns:
-        trained = " | ".join(f"{metrics[s][-1][f'eval/score_turn{t}']:.3f} "
-                             f"({metrics[s][-1][f'eval/winrate_vs_initial_turn{t}']:.3f})" for s in SAMPLINGS)
-        print(f"| {t} | {initial[f'eval/score_turn{t}']:.3f} | {trained} | "
-              f"{initial[f'reference/random consistent_turn{t}']:.3f} | "
-              f"{initial[f'reference/binary search (optimal)_turn{t}']:.3f} |")
-
-    plot_scores_by_turn(metrics, turns, args.plot)
-    print(f"\nplot: {args.plot}")
-
-    phases = [k for k in metrics[SAMPLINGS[0]][1] if k.startswith("time/")]
-    print("\n| phase | " + " | ".join(f"{s} h: s / iteration (share)" for s in SAMPLINGS) + " |")
-    print("|---|" + "---|" * len(SAMPLINGS))
-    for k in phases:
-        cells = []
-        for s in SAMPLINGS:
-            iterations = metrics[s][1:]
-            total = sum(sum(m[p] for p in phases) for m in iterations)
-            spent = sum(m[k] for m in iterations)
-            cells.append(f"{spent / len(iterations):.2f} ({spent / total:.0%})")
-        print(f"| {k[5:]} | " + " | ".join(cells) + " |")
-
-    game = GuessNumber(run_args["guess_max"], len(turns))
-    middle = (game.n + 1) / 2
-    policies = {"initial policy": warm_start_policy(
-        game, utils.resolve_model_path(utils.EMBEDDED_SMOLLM2), run_args["warm_start_steps"])}
-    for s in SAMPLINGS:
-        policies[f"REFUEL, {s} h"] = os.path.join(output_dir, s, "checkpoints",
-                                                  f"iteration_{args.num_iterations:06d}", "hf")
-    print(f"\n| first guess (512 games, T 0.8) | share within 1 of {middle:g} | mean distance from {middle:g} "
-          "| most common |\n|---|---|---|---|")
-    for name, path in policies.items():
-        guesses = first_guesses(path, game, args.seed)
-        valid = [g for g in guesses if g is not None]
-        common = ", ".join(f"{g} ({n})" for g, n in collections.Counter(guesses).most_common(3))
-        print(f"| {name} | {sum(abs(g - middle) <= 1 for g in valid) / len(guesses):.3f} | "
-              f"{sum(abs(g - middle) for g in valid) / max(1, len(valid)):.2f} | {common} |")
-
-    for s in SAMPLINGS:
-        print(f"\n{s} h:\n\n| iteration | train reward (dialogue A) | loss | val/loss | val/sign_align |"
-              "\n|---|---|---|---|---|")
-        for m in metrics[s][1:]:
-            print(f"| {m['iteration']} | {m['reward/score']:.3f} | {m['loss/refuel']:.3f} | {m['val/loss']:.3f} | "
-                  f"{m['val/sign_align']:.3f} |")
-    utils.shutdown()
+    parser.add_argument("--first_guess_games", type=int, default=512,
+                        help="opening guesses sampled per policy and seed")
+    args = common.parse_args(parser)
+    path = os.path.join(args.output_dir, "refuel_bench.json")
+    if not args.report:
+        utils.quiet_third_party(verbose=False)
+        common.save_results(path, measure(args))
+        plot(common.load_results(path), os.path.join(args.output_dir, "refuel_bench.png"))
+    print(report(common.load_results(path)))
+    if not args.report:
+        utils.shutdown()

@@ -1,0 +1,153 @@
+"""The command line and the results file the benchmarks share.
+
+Each benchmark of training runs takes:
+
+    --seeds S [S ...]    seeds of the benchmarked runs (every configuration runs once per seed)
+    --num_iterations N   iterations of each run (the cap, where a token budget stops the runs first)
+    --token_budget T     generated tokens per run (policy and user), passed to the benchmarked scripts
+    --output_dir DIR     where <benchmark>.json (every number of its tables and plot) and <benchmark>.png go
+    --runs_dir DIR       where the benchmarked scripts write their runs (default: a new temporary folder); a run that
+                         finished there with the same command is read instead of run again, so giving an
+                         interrupted benchmark its folder again continues it
+    --report             print the tables from DIR/<benchmark>.json and exit, running nothing
+    -- FLAGS             everything after `--` is appended to the benchmarked script's command line
+
+The tables are always printed from the JSON file, after a run too, so the Markdown in docs/ is `--report`'s output.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output_dir", default=os.path.join(REPO, "docs"),
+                        help="where the results JSON and the plot are written (default docs/)")
+    parser.add_argument("--report", action="store_true",
+                        help="print the tables from the results JSON in --output_dir and exit, running nothing")
+
+
+def add_run_flags(parser: argparse.ArgumentParser, seeds: list[int], num_iterations: int,
+                  token_budget: int | None) -> None:
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds, help="seeds of the benchmarked runs")
+    parser.add_argument("--num_iterations", type=int, default=num_iterations, help="iterations of each run")
+    parser.add_argument("--token_budget", type=int, default=token_budget,
+                        help="generated tokens per run (policy and user); none: the iterations alone stop a run")
+    parser.add_argument("--runs_dir", help="where the runs go (default: a new temporary folder); a run that "
+                        "finished there with the same command is reused")
+    add_output_flags(parser)
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The benchmark's flags; `script_flags` holds what follows `--`, for the benchmarked script."""
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.script_flags = argv[split + 1 :]
+    return args
+
+
+def runs_dir(args: argparse.Namespace, benchmark: str) -> str:
+    """--runs_dir, made if missing, or a new temporary folder."""
+    if args.runs_dir is None:
+        return tempfile.mkdtemp(prefix=f"{benchmark}_")
+    os.makedirs(args.runs_dir, exist_ok=True)
+    return args.runs_dir
+
+
+def budget_flags(args: argparse.Namespace) -> list[str]:
+    return [] if args.token_budget is None else ["--token_budget", str(args.token_budget)]
+
+
+def child_env() -> dict[str, str]:
+    """This environment without torchrun's rank variables: a child makes a process group of its own (or its own
+    torchrun does) instead of joining the one this process may have made; unbuffered, so its log follows it."""
+    return {**{k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}, "PYTHONUNBUFFERED": "1"}
+
+
+def run_script(script: str, flags: list[str], folder: str, name: str, nproc: int = 1) -> dict:
+    """Run `name` of `script` (a file in the repository) in `folder`: its command (without the run folder's
+    flags), its wall seconds and its metrics (one record per iteration, iteration 0 first). A run that finished
+    there with the same command is read, not repeated; an unfinished one is started again."""
+    command = f"python {script} {shlex.join(flags)}".strip()
+    run_dir, done = os.path.join(folder, name), os.path.join(folder, f"{name}.done.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            finished = json.load(f)
+        if finished["command"] != command:
+            raise SystemExit(f"{run_dir} was run as `{finished['command']}`, not `{command}`; give another --runs_dir")
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        launcher = [sys.executable] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        log(f"{name}: {command}")
+        started = time.time()
+        log_path = os.path.join(folder, f"{name}.log")
+        with open(log_path, "w") as log_file:
+            process = subprocess.Popen([*launcher, os.path.join(REPO, script), *flags, "--output_dir", folder,
+                                        "--run_name", name], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True)
+            for line in process.stdout:
+                log_file.write(line)
+                if line.startswith("iteration "):
+                    log("    " + line.rstrip())
+            process.wait()
+        if process.returncode != 0:
+            with open(log_path) as f:
+                sys.stderr.write(f.read()[-5000:])
+            raise SystemExit(f"{script} failed with exit code {process.returncode}; its log: {log_path}")
+        finished = {"command": command, "seconds": time.time() - started}
+        with open(done, "w") as f:
+            json.dump(finished, f)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {**finished, "metrics": [json.loads(line) for line in f]}
+
+
+def save_results(path: str, results: dict) -> None:
+    """The results JSON, with the benchmark's command and where and when it ran."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    command = f"python {os.path.relpath(sys.argv[0], REPO)} {shlex.join(sys.argv[1:])}".strip()
+    with open(path, "w") as f:
+        json.dump({"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
+                   "cpu_count": os.cpu_count(), **results}, f, indent=1)
+        f.write("\n")
+
+
+def load_results(path: str) -> dict:
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no results; run the benchmark with this --output_dir first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def header(results: dict) -> str:
+    return (f"Command: `{results['command']}`; run {results['date']} on {results['cpu_count']} CPU cores "
+            f"({results['machine']}).\n")
+
+
+def spread(values: list[float], digits: int = 3) -> str:
+    """The mean, and the standard deviation when there is more than one value."""
+    mean = f"{statistics.mean(values):.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(head: list[str], rows: list[list]) -> str:
+    """A Markdown table; floats with 4 significant digits."""
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
