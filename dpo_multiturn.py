@@ -196,11 +196,19 @@ PRESETS = {
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPO's loss per pair (DPO paper Eq. 7) from summed log-probs, and the implicit reward margin
-    beta * (log-ratio of the chosen answer - log-ratio of the other). logsigmoid keeps large margins finite."""
-    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
-    return -F.logsigmoid(margin), margin
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO's loss per pair (DPO paper Eq. 7) from summed log-probs, and per pair what a DPO user reads (the names
+    TRL logs, in this project's style): the policy's log-probs of the chosen and the other answer, their implicit
+    rewards beta * (ln pi - ln pi_ref), the margin between the two (the sigmoid's argument) and whether the chosen
+    one's reward is the higher (a tie is not). Without the log-probs, a loss near log 2 cannot tell a policy that
+    keeps both likelihoods from one that lowers both together. logsigmoid keeps large margins finite."""
+    rewards_chosen = beta * (policy_chosen - ref_chosen)
+    rewards_rejected = beta * (policy_rejected - ref_rejected)
+    margin = rewards_chosen - rewards_rejected
+    return -F.logsigmoid(margin), {
+        "dpo/logps_chosen": policy_chosen, "dpo/logps_rejected": policy_rejected,
+        "dpo/rewards_chosen": rewards_chosen, "dpo/rewards_rejected": rewards_rejected,
+        "dpo/accuracy": (margin > 0).float(), "loss/dpo_margin": margin}
 
 
 def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor, eta: float) -> torch.Tensor:
@@ -259,6 +267,33 @@ def state(episode: dialogues.Episode, h: int) -> dialogues.Episode:
                              [[] for _ in range(h)], [[] for _ in range(h)], [True] * h)
 
 
+def user_turns(episode: dialogues.Episode) -> int:
+    """The states s_h a dialogue offers, one per user turn: a played dialogue ends with its last answer, but a
+    recorded one may end with a user turn that its dataset answers elsewhere (UltraInteract's `trajectory` and its
+    `chosen`/`rejected` columns), and that last state is the one its data was recorded for."""
+    return sum(m["role"] == "user" for m in episode.messages)
+
+
+def recorded_that_fit(recorded: list[dialogues.Episode], tokenizer, horizon: int, max_prompt_tokens: int,
+                      turn_tokens: int) -> tuple[list[dialogues.Episode], int]:
+    """Recorded dialogues cut after their last state s_h that a run can train on: h < H, and the templated state no
+    longer than a played dialogue could be there, `max_prompt_tokens + h * turn_tokens`, so that the engine's context
+    holds it and all that is played from it (a recorded turn is not capped by --max_new_tokens). The cut stops at
+    the first state that does not fit; a dialogue whose first state does not fit is left out and counted."""
+    kept, too_long = [], 0
+    for episode in recorded:
+        ends = [i + 1 for i, m in enumerate(episode.messages) if m["role"] == "user"][:horizon]
+        fit = 0
+        while fit < len(ends) and (len(utils.chat_token_ids(tokenizer, episode.messages[: ends[fit]], True))
+                                   <= max_prompt_tokens + fit * turn_tokens):
+            fit += 1
+        if fit:
+            kept.append(dialogues.Episode(episode.messages[: ends[fit - 1]], episode.info))
+        else:
+            too_long += 1
+    return kept, too_long
+
+
 def check_args(args: Args) -> None:
     """Flags that cannot work are refused before anything loads."""
     problems = [message for bad, message in [
@@ -305,7 +340,9 @@ if __name__ == "__main__":
         raise SystemExit(str(e))
     horizon = task.horizon
     if args.contexts == "offline" and not task.recorded:
-        raise SystemExit(f"--contexts offline: task {args.task_args.task!r} has no recorded dialogues")
+        raise SystemExit(f"--contexts offline: task {args.task_args.task!r} has no recorded dialogues (the chat task "
+                         "records the rows of --prompt_column that hold assistant turns, as UltraInteract's "
+                         "`trajectory` or a message list does)")
     policy_path = utils.resolve_model_path(args.model or task.policy or utils.EMBEDDED_SMOLLM2)
     tokenizer = utils.load_tokenizer(policy_path)
     preferences = None
@@ -320,12 +357,21 @@ if __name__ == "__main__":
     task.eval, too_long_eval = dialogues.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
     if not task.train or not task.eval:
         raise SystemExit(f"no training or no evaluation opening fits --max_prompt_tokens {args.max_prompt_tokens}")
+    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
+    offline = args.contexts == "offline" and preferences is None
+    if offline:
+        task.recorded, too_long_recorded = recorded_that_fit(task.recorded, tokenizer, horizon,
+                                                             args.max_prompt_tokens, turn_tokens)
+        if not task.recorded:
+            raise SystemExit(f"--contexts offline: no recorded dialogue's first state fits --max_prompt_tokens "
+                             f"{args.max_prompt_tokens} ({too_long_recorded} too long)")
+        utils.print0(f"{len(task.recorded)} recorded dialogues, {sum(map(user_turns, task.recorded))} states "
+                     f"({too_long_recorded} dialogues too long from their first state, skipped)")
     utils.print0(f"task {args.task_args.task}: {len(task.train)} training and {len(task.eval)} evaluation openings "
                  f"({too_long} and {too_long_eval} over --max_prompt_tokens, skipped), horizon {horizon}; "
                  f"{args.loss.upper()}, turns {args.turns}, contexts {args.contexts}, target {args.target}")
 
     # the memory plan of this rank, checked against the device before anything large is loaded
-    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
     max_model_len = args.max_prompt_tokens + horizon * turn_tokens
     uses_reference = args.loss == "dpo" and args.reference == "initial"
     # a pair's rows are a state s_h and one turn's answer; a recorded context's turns are not capped by
@@ -395,7 +441,9 @@ if __name__ == "__main__":
         logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
                                   for t, v in enumerate(scores, start=1)},
                     **{f"skipped/rows_{cause}": n for cause, n in task.skipped.items()},
-                    "skipped/too_long_openings": too_long + too_long_eval}, iteration=0)
+                    "skipped/too_long_openings": too_long + too_long_eval,
+                    **({"data/recorded_dialogues": len(task.recorded), "skipped/too_long_recorded": too_long_recorded}
+                       if offline else {})}, iteration=0)
         utils.print0("initial evaluation, score by turn: "
                      + " ".join(f"{initial[f'eval/score_turn{t}']:.3f}" for t in range(1, horizon + 1)))
         recorded = task.recorded
@@ -419,8 +467,8 @@ if __name__ == "__main__":
             openings = [task.train[i] for i in rng.choice(len(task.train), args.pairs_per_rank)]
             contexts = play([fresh(e) for e in openings], [horizon] * len(openings), (args.seed, iteration, rank))
             count(contexts, [0] * len(contexts))
-        chosen_states = training_states(rng, [len([m for m in d.messages if m["role"] == "assistant"])
-                                              for d in contexts], args.pairs_per_rank, args.turns, horizon)
+        chosen_states = training_states(rng, [user_turns(d) for d in contexts], args.pairs_per_rank, args.turns,
+                                        horizon)
         states = [state(contexts[d], h) for d, h in chosen_states]
         turns = [h for _, h in chosen_states]
         # 2. two answers to each state from pi_t, drawn in the same engine call; with the future target both are
@@ -484,7 +532,9 @@ if __name__ == "__main__":
 
         # 5. fit the policy to the preferences, in minibatches of accumulated micro-batches
         t0 = time.time()
-        losses, margins = [], []
+        # the DPO diagnostics are read at each training forward, so they average over the iteration's steps as TRL's
+        # do over a logging interval; every rank runs a micro-batch, so each has every name for the all-reduce
+        losses, diagnostics = [], {}
         for epoch in range(args.num_epochs):
             shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
             order = torch.randperm(len(responses), generator=shuffle)
@@ -500,9 +550,11 @@ if __name__ == "__main__":
                     if args.loss == "dpo":
                         # column 0 of the gathered pairs is the preferred answer
                         pick = torch.stack([preferred[pairs], 1 - preferred[pairs]], 1).to(device)
-                        per_pair, margin = dpo_loss(*new_lp.gather(1, pick).unbind(1),
-                                                    *ref_lp[pairs].to(device).gather(1, pick).unbind(1), args.beta)
-                        margins += margin.detach()[w > 0].tolist()
+                        per_pair, per_pair_diagnostics = dpo_loss(
+                            *new_lp.gather(1, pick).unbind(1), *ref_lp[pairs].to(device).gather(1, pick).unbind(1),
+                            args.beta)
+                        for name, values in per_pair_diagnostics.items():
+                            diagnostics.setdefault(name, []).extend(values.detach()[w > 0].tolist())
                     else:
                         per_pair = rebel_loss(new_lp, old_lp[pairs].to(device), rewards[pairs].to(device), args.eta)
                     # pairs of weight 0 still run the forward, so that every rank makes the same FSDP2 collectives
@@ -523,8 +575,7 @@ if __name__ == "__main__":
         metrics = utils.mean_over_ranks({
             "reward/score": scores.flatten().tolist(), f"loss/{args.loss}": losses, "policy/grad_norm": grad_norm,
             "data/branch_turn": [h + 1 for h in turns], "data/pairs_kept": keep.float().tolist(),
-            "sync/logprob_gap": sync_gap, **{f"time/{k}": v for k, v in timings.items()},
-            **({"loss/dpo_margin": margins} if args.loss == "dpo" else {}),
+            "sync/logprob_gap": sync_gap, **{f"time/{k}": v for k, v in timings.items()}, **diagnostics,
         })
         metrics.update(utils.sum_over_ranks({
             "skipped/identical_pairs": identical.sum().item(),

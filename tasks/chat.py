@@ -133,16 +133,22 @@ class DatasetUser:
         return replies
 
 
-def dataset_openings(dataset: str, prompt_column: str, split: str) -> tuple[list[dialogues.Episode], dict[str, int]]:
+def dataset_openings(dataset: str, prompt_column: str,
+                     split: str) -> tuple[list[dialogues.Episode], list[dialogues.Episode | None], dict[str, int]]:
     """Each usable row as an episode ending at its first user turn; the row's later user turns are kept in
-    `info["user_turns"]` for the dataset user. Also returns the skipped rows' counts by cause."""
+    `info["user_turns"]` for the dataset user. A row that also holds assistant turns (UltraInteract's `trajectory`,
+    a message list) is a recorded dialogue as well: the whole row, its assistant turns included, with the same info
+    (the offline contexts of dpo_multiturn.py); other rows have None there. Also returns the skipped rows' counts by
+    cause."""
     chats, skipped = dialogues.load_prompts(dataset, prompt_column, split)
-    openings = []
+    openings, recorded = [], []
     for d in chats:
         first_user = next(i for i, m in enumerate(d) if m["role"] == "user")
         later_user_turns = [m["content"] for m in d[first_user + 1 :] if m["role"] == "user"]
         openings.append(dialogues.Episode(d[: first_user + 1], {"user_turns": later_user_turns}))
-    return openings, skipped
+        answered = any(m["role"] == "assistant" for m in d[first_user + 1 :])
+        recorded.append(dialogues.Episode(d, {"user_turns": later_user_turns}) if answered else None)
+    return openings, recorded, skipped
 
 
 def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str | None = None,
@@ -163,11 +169,16 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
         raise ValueError(f"unknown --user {user!r}: use llm, server or dataset")
     if user == "server" and (user_url is None or user_model is None):
         raise ValueError("--user server needs --user_url and --user_model")
-    openings, skipped = dataset_openings(dataset, prompt_column, dataset_split)
+    openings, recorded, skipped = dataset_openings(dataset, prompt_column, dataset_split)
     if skipped:
         utils.print0(f"{dataset}: skipped rows {skipped}")
     if len(openings) <= num_eval_prompts:
         raise ValueError(f"{dataset}: {len(openings)} openings, fewer than num_eval_prompts + 1 (skipped: {skipped})")
+    # the recorded dialogues of the training rows only: the evaluation openings' rows are never trained on
+    train_recorded = [e for e in recorded[num_eval_prompts:] if e is not None]
+    if train_recorded:
+        utils.print0(f"{dataset}: {len(train_recorded)} training rows hold assistant turns (recorded dialogues, for "
+                     f"offline contexts), {len(recorded) - num_eval_prompts - len(train_recorded)} do not")
     # the reward first: a reward function that cannot be imported fails before an engine starts
     if reward_model is not None:
         scorer = dialogues.RewardModel(reward_model, device, torch.bfloat16 if bf16 else torch.float32,
@@ -197,4 +208,4 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
     else:
         simulated_user = DatasetUser()
     return Task(train=openings[num_eval_prompts:], eval=openings[:num_eval_prompts], user=simulated_user,
-                reward=reward, horizon=horizon, engines=started, skipped=skipped)
+                reward=reward, horizon=horizon, engines=started, skipped=skipped, recorded=train_recorded)

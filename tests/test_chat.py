@@ -93,3 +93,37 @@ def test_token_logprobs_of_a_padded_batch_equal_each_sequence_alone(tiny_model):
             alone = logits.log_softmax(-1).gather(-1, ids[0, len(p) :, None]).squeeze(-1)
             torch.testing.assert_close(per_token[row][response[row] == 1].detach(), alone, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(ours[row].detach(), alone.sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_chat_task_records_the_rows_that_hold_assistant_turns(tmp_path):
+    """The chat task's recorded dialogues (dpo_multiturn.py --contexts offline) are its training rows that hold
+    assistant turns, whole, in UltraInteract_pair's `trajectory` ({"from", "value"}) or as role/content lists, with
+    the later user turns the dataset user replays; rows without an answer, and the evaluation rows, give none."""
+    import json
+
+    import torch
+    from test_presets import ultrainteract_pair_rows
+
+    import dialogues
+    from tasks.chat import make_task
+
+    def task(rows, column, num_eval_prompts):
+        path = tmp_path / f"{column}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return make_task(seed=1, rank=0, device=torch.device("cpu"), bf16=False, dataset=str(path),
+                         prompt_column=column, user="dataset", num_eval_prompts=num_eval_prompts)
+
+    rows = ultrainteract_pair_rows(8)  # odd rows: question, a wrong answer, "check it again"; even rows: a question
+    ultrainteract = task(rows, "trajectory", num_eval_prompts=2)
+    # rows 3, 5, 7 of the training rows 2-7 (row 1, held out for evaluation, is not one)
+    assert len(ultrainteract.train) == 6 and len(ultrainteract.recorded) == 3
+    for e, i in zip(ultrainteract.recorded, (3, 5, 7)):
+        assert e.messages == dialogues.as_messages(rows[i]["trajectory"]) and e.messages[1]["role"] == "assistant"
+        assert e.info == {"user_turns": ["Your answer is wrong. Check it again."]}
+    user, assistant = ({"role": r, "content": c} for r, c in (("user", "Name a colour."), ("assistant", "Red.")))
+    messages = [[user], [user, assistant, {"role": "user", "content": "Another?"}, {"role": "assistant",
+                                                                                  "content": "Blue."}], [user], [user]]
+    message_lists = task([{"messages": m} for m in messages], "messages", num_eval_prompts=1)
+    assert [e.messages for e in message_lists.recorded] == [messages[1]]
+    assert message_lists.recorded[0].info == {"user_turns": ["Another?"]}
+    assert task([{"prompt": f"Question {i}?"} for i in range(4)], "prompt", num_eval_prompts=1).recorded == []

@@ -140,9 +140,9 @@ def test_dpo_gradient_size_by_hand():
     margin of 1: -0.5 / (1 + e) = -0.134471; a pair with margin 0: -0.5 * 0.5 = -0.25."""
     chosen = torch.tensor([-1.0, -4.0], requires_grad=True)
     rejected = torch.tensor([-3.0, -4.0], requires_grad=True)
-    loss, margin = dpo_loss(chosen, rejected, torch.tensor([-2.0, -4.0]), torch.tensor([-2.0, -4.0]), beta=0.5)
+    loss, diagnostics = dpo_loss(chosen, rejected, torch.tensor([-2.0, -4.0]), torch.tensor([-2.0, -4.0]), beta=0.5)
     loss.sum().backward()
-    assert margin.tolist() == [1.0, 0.0]
+    assert diagnostics["loss/dpo_margin"].tolist() == [1.0, 0.0]
     assert loss.tolist() == pytest.approx([math.log(1 + math.exp(-1)), math.log(2)])
     assert chosen.grad.tolist() == pytest.approx([-0.5 / (1 + math.e), -0.25])
     assert rejected.grad.tolist() == pytest.approx([0.5 / (1 + math.e), 0.25])

@@ -14,7 +14,7 @@ import torch
 
 import dialogues
 import utils
-from dpo_multiturn import dpo_loss, preference_pairs, rebel_loss, state, training_states
+from dpo_multiturn import dpo_loss, preference_pairs, rebel_loss, recorded_that_fit, state, training_states, user_turns
 from tasks.guess_number import GuessNumber
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,15 +22,31 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_dpo_loss_by_hand():
     # margin = 0.5 * ((-1 - -2) - (-3 - -2)) = 0.5 * (1 + 1) = 1; loss = -log sigmoid(1) = log(1 + e^-1)
-    loss, margin = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]),
-                            beta=0.5)
-    assert margin.item() == pytest.approx(1.0) and loss.item() == pytest.approx(math.log(1 + math.exp(-1)))
+    loss, diagnostics = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
+                                 torch.tensor([-2.0]), beta=0.5)
+    assert diagnostics["loss/dpo_margin"].item() == pytest.approx(1.0)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)))
+
+
+def test_dpo_diagnostics_by_hand():
+    """Per pair: the policy's log-probs, the implicit rewards beta * (ln pi - ln pi_ref), their margin, and whether
+    the chosen answer's reward is the higher. Pair 1 lowers both likelihoods yet gains margin (the chosen less);
+    pair 2 is a tie (pi = pi_ref), which is not counted as right; pair 3 prefers the rejected answer."""
+    policy_chosen, policy_rejected = torch.tensor([-3.0, -2.0, -5.0]), torch.tensor([-6.0, -4.0, -1.0])
+    ref_chosen, ref_rejected = torch.tensor([-2.0, -2.0, -4.0]), torch.tensor([-2.0, -4.0, -2.0])
+    loss, diagnostics = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.5)
+    expected = {"dpo/logps_chosen": [-3.0, -2.0, -5.0], "dpo/logps_rejected": [-6.0, -4.0, -1.0],
+                "dpo/rewards_chosen": [-0.5, 0.0, -0.5], "dpo/rewards_rejected": [-2.0, 0.0, 0.5],
+                "loss/dpo_margin": [1.5, 0.0, -1.0], "dpo/accuracy": [1.0, 0.0, 0.0]}
+    assert {name: values.tolist() for name, values in diagnostics.items()} == expected
+    assert loss.tolist() == pytest.approx([math.log(1 + math.exp(-m)) for m in (1.5, 0.0, -1.0)])
 
 
 def test_dpo_loss_is_log_2_when_the_log_ratios_are_equal():
     policy = torch.tensor([-5.0, -1.0])
-    loss, margin = dpo_loss(policy[:1], policy[1:], policy[:1] - 0.3, policy[1:] - 0.3, beta=2.0)
-    assert margin.item() == pytest.approx(0, abs=1e-6) and loss.item() == pytest.approx(math.log(2))
+    loss, diagnostics = dpo_loss(policy[:1], policy[1:], policy[:1] - 0.3, policy[1:] - 0.3, beta=2.0)
+    assert diagnostics["loss/dpo_margin"].item() == pytest.approx(0, abs=1e-6)
+    assert loss.item() == pytest.approx(math.log(2))
 
 
 def test_dpo_gradient_raises_the_chosen_and_lowers_the_rejected():
@@ -109,6 +125,10 @@ def command(output_dir, run_name, *extra):
             *extra]
 
 
+DPO_DIAGNOSTICS = ("dpo/logps_chosen", "dpo/logps_rejected", "dpo/rewards_chosen", "dpo/rewards_rejected",
+                   "dpo/accuracy", "loss/dpo_margin")
+
+
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -127,8 +147,15 @@ def test_two_ranks_in_other_modes(tmp_path, script_env, flags):
         # 8 states x 2 ranks x 2 answers of a few tokens: about 64 tokens an iteration
         assert metrics[-1]["budget/generated_tokens"] >= 100 and metrics[-1]["iteration"] < 3
         assert all(m["budget/generated_tokens"] < 100 for m in metrics[1:-1]) and "eval/score_turn3" in metrics[-1]
+        # the guessing game's recorded games all fit
+        assert metrics[0]["data/recorded_dialogues"] == 4096 and metrics[0]["skipped/too_long_recorded"] == 0
+        # this short warm start solves no game, so every pair ties: the DPO diagnostics are logged, over no pair
+        # (their values: test_offline_contexts_on_chat_are_the_datasets_recorded_dialogues)
+        for m in metrics[1:]:
+            assert m["data/pairs_kept"] == 0 and all(math.isnan(m[name]) for name in DPO_DIAGNOSTICS)
     else:
         assert [m["iteration"] for m in metrics] == [0, 1, 2, 3] and math.isfinite(metrics[3]["loss/rebel"])
+        assert not any(name in m for m in metrics for name in DPO_DIAGNOSTICS)
 
 
 @pytest.mark.slow
@@ -173,3 +200,70 @@ def test_preference_datasets_in_the_usual_formats(tmp_path, smollm2_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"chosen": "\n\nHuman: only a question", "rejected": "x"}) + "\n")
     with pytest.raises(ValueError, match="row 0: no final answer"):
         dialogues.load_preferences(str(tmp_path / "bad.jsonl"))
+
+
+def test_recorded_dialogues_are_cut_to_the_states_that_fit(smollm2_path):
+    """A recorded dialogue keeps its states s_h with h < H whose tokens fit the room a played dialogue has at turn h
+    (here 40 + 20 h; SmolLM2's template: 35 tokens for the opening, 52 with one short answer and a question): one is
+    cut at the horizon, one before its long recorded answer, and one whose opening is too long is left out, counted."""
+    tokenizer = utils.load_tokenizer(smollm2_path)
+
+    def recorded(*texts):
+        return dialogues.Episode([{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts)],
+                                 {"user_turns": ["And 3?"]})
+
+    short = recorded("Is 2 even?", "Yes.", "And 3?", "No.", "And 4?")
+    long_answer = recorded("Is 2 even?", "Yes. " * 50, "And 3?")
+    long_opening = recorded("Is 2 even? " * 10, "Yes.", "And 3?")
+    kept, too_long = recorded_that_fit([short, long_answer, long_opening], tokenizer, horizon=2, max_prompt_tokens=40,
+                                       turn_tokens=20)
+    assert too_long == 1 and [user_turns(e) for e in kept] == [2, 1]
+    assert kept[0].messages == short.messages[:3] and kept[1].messages == long_answer.messages[:1]
+    # the last state of the first is the recorded dialogue through its second question, its recorded answer kept
+    last = state(kept[0], 1)
+    assert last.turns == 1 and last.messages == short.messages[:3] and last.info == short.info
+
+
+@pytest.mark.slow
+def test_offline_contexts_on_chat_are_the_datasets_recorded_dialogues(tmp_path, script_env, tiny_model):
+    """DPO-LT on UltraInteract_pair rows (--contexts offline, the dataset user): the states are the last user turns
+    of the rows' recorded trajectories, after the dataset's own answer, so no dialogue is played to reach them. One
+    optimizer step an iteration: the first one's forward is at pi = pi_ref, so its implicit rewards are 0 while the
+    log-probs are not; the second's are not 0, and agree with the margin and the loss."""
+    from test_presets import ultrainteract_pair_rows
+
+    dataset = tmp_path / "ultrainteract.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in ultrainteract_pair_rows(8)))
+    subprocess.run([sys.executable, os.path.join(REPO, "dpo_multiturn.py"), "--task", "chat", "--dataset",
+                    str(dataset), "--prompt_column", "trajectory", "--user", "dataset", "--contexts", "offline",
+                    "--model", tiny_model, "--num_eval_prompts", "2", "--horizon", "2", "--max_new_tokens", "4",
+                    "--kv_cache_gib", "0.0625", "--max_prompt_tokens", "256", "--num_iterations", "2",
+                    "--pairs_per_rank", "8", "--minibatch_pairs", "8", "--micro_batch_pairs", "4",
+                    "--output_dir", str(tmp_path), "--run_name", "r"], check=True, timeout=600, env=script_env)
+    initial, first, second = read_metrics(tmp_path / "r")
+    # training rows 2-7: the odd ones hold a recorded answer, the even ones are a question only
+    assert initial["data/recorded_dialogues"] == 3 and initial["skipped/too_long_recorded"] == 0
+    # every state is turn 2, which the policy never reached: its dialogue so far is the dataset's; the only tokens
+    # generated are the pairs' answers (8 states x 2 answers of at most 4 tokens), no user turn and no context
+    assert first["data/branch_turn"] == 2
+    assert 0 < first["budget/policy_tokens"] <= 8 * 2 * 4 and first["budget/user_tokens"] == 0
+    assert first["data/pairs_kept"] > 0 and 0 <= first["dpo/accuracy"] <= 1
+    assert first["dpo/logps_chosen"] < 0 and first["dpo/logps_rejected"] < 0
+    assert first["dpo/rewards_chosen"] == pytest.approx(0, abs=1e-6)
+    assert first["dpo/rewards_rejected"] == pytest.approx(0, abs=1e-6)
+    assert second["data/branch_turn"] == 2 and second["data/pairs_kept"] > 0 and 0 <= second["dpo/accuracy"] <= 1
+    assert second["dpo/rewards_chosen"] != 0 and second["dpo/rewards_rejected"] != 0
+    # the margin is the difference of the implicit rewards (both averaged over the same pairs), and the mean loss is
+    # at least the loss of the mean margin (-logsigmoid is convex)
+    assert second["dpo/rewards_chosen"] - second["dpo/rewards_rejected"] == pytest.approx(second["loss/dpo_margin"],
+                                                                                          abs=1e-7)
+    assert second["loss/dpo"] >= math.log1p(math.exp(-second["loss/dpo_margin"])) - 1e-7
+
+
+@pytest.mark.slow
+def test_offline_contexts_without_recorded_dialogues_are_a_clear_error(tmp_path, script_env):
+    """The embedded prompts are questions only: the chat task records no dialogue, and the run says so at once."""
+    done = subprocess.run([sys.executable, os.path.join(REPO, "dpo_multiturn.py"), "--task", "chat", "--user",
+                           "dataset", "--contexts", "offline", "--output_dir", str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=script_env)
+    assert done.returncode != 0 and "task 'chat' has no recorded dialogues" in done.stderr
