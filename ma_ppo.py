@@ -5,19 +5,26 @@ response is cut into macro actions w_1..w_K (runs of consecutive tokens, never a
 estimation runs over macro steps instead of tokens:
 
     r_t = -kl_coef * (ln pi(a_t|s_t) - ln pi_ref(a_t|s_t))      (+ the clipped score on the dialogue's last token)
-    R_k = sum_{t in w_k} r_t            V_k = sum_{t in w_k} sigma_t V(s_t)      (sigma: equal | unit | position)
+    R_k = sum_{t in w_k} sigma_t r_t    V_k = sum_{t in w_k} sigma_t V(s_t)      (sigma: equal | unit | position)
     delta_k = R_k + gamma V_{k+1} - V_k       A_k = delta_k + gamma lambda A_{k+1}       G_k = A_k + V_k
 
-A_k and G_k are broadcast to the tokens of w_k; the actor takes PPO's clipped loss with each token's own ratio and
-its macro's advantage, the critic a clipped regression of each token's value onto its macro's return. With one
-token per macro (`--ngram 1`) this is token-level PPO exactly. In a dialogue with the simulated user the
-assistant's tokens of every turn are actions and the user's are not; the reward comes at the end of the dialogue.
+sigma sums to 1 over a macro (equal: 1/|w|, the official default), and weighs the rewards as the values, as the
+official code does; `--reward_aggregation sum` takes the paper's R_k = sum_{t in w_k} r_t instead. The last token,
+which carries the score, is a macro of its own, so the score is never averaged away. A_k and G_k are broadcast to
+the tokens of w_k; the actor takes PPO's clipped loss with each token's own ratio and its macro's advantage, the
+critic a clipped regression of each token's value onto its macro's return, each loss a sample's token mean averaged
+over samples. The critic starts from the task's reward model when it has one (its score head becomes the value
+head). With one token per macro (`--ngram 1`) this is token-level PPO exactly. In a dialogue with the simulated user the assistant's tokens
+of every turn are actions and the user's are not; the reward comes at the end of the dialogue.
 
 Run:
     python ma_ppo.py                                  # guessing task, warm-started tiny policy, CPU (n = 5)
     python ma_ppo.py --ngram 1                        # token-level PPO, for comparison
+    python ma_ppo.py --task digits --max_new_tokens 48    # one turn, 48 digits scored as a whole
     python ma_ppo.py --task chat --horizon 1          # single turn: dataset prompts, brevity reward
+    python ma_ppo.py --task chat --horizon 1 --reward_model <rm> --critic_warmup_steps 4   # critic from the RM
     torchrun --nproc_per_node 2 ma_ppo.py --termination perplexity
+    torchrun --nproc_per_node 8 ma_ppo.py --preset ma-ppo-tldr   # the official TL;DR run (Gemma-2B)
 """
 
 import copy
@@ -70,7 +77,7 @@ class Args:
     verbose: bool = False
     """show third-party warnings (vLLM, transformers) on the console"""
     preset: str | None = None
-    """start from the paper's configuration (`PRESETS`: ma-ppo-tldr); flags given with it override it"""
+    """start from the official run's configuration (`PRESETS`: ma-ppo-tldr); flags given with it override it"""
 
     # the task: openings, a simulated user, a reward, a horizon (flags of tasks.TaskArgs)
     task_args: Annotated[TaskArgs, tyro.conf.arg(name="")] = dataclasses.field(default_factory=TaskArgs)
@@ -78,9 +85,10 @@ class Args:
     # models and engines
     model: str | None = None
     """actor: hub id or folder; default the task's own policy, else the embedded SmolLM2 (paper: Gemma SFT)"""
-    critic_model: str | None = None
-    """the critic's initial weights (a reward model, as the paper; or any model of the actor's family); default the
-    actor's, with a fresh value head"""
+    critic_init: Literal["reward_model", "policy"] | None = None
+    """the critic's initial weights: the task's `--reward_model` (its score head becomes the value head, so the
+    critic starts out predicting the score; official code: critic = the RM checkpoint) or the policy's with a fresh
+    value head; default `reward_model` when the task has one, else `policy`"""
     bf16: bool = torch.cuda.is_available()
     """bf16 forward/backward with fp32 master weights (on by default with a GPU)"""
     rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
@@ -106,20 +114,27 @@ class Args:
     above its macro's mean; or after clause-ending punctuation (a light stand-in for the paper's parser)"""
     ngram: int = 5
     """tokens per macro action for `ngram` (paper: 5; 1 is token-level PPO)"""
-    random_lengths: tuple[int, ...] = (2, 3, 5, 10)
+    random_lengths: tuple[int, ...] = (1, 2, 3, 5, 10)
     """`randomized`: macro lengths, each used `random_repeats` times in a shuffled order, then one macro for the
-    rest (paper's appendix: 2, 3, 5, 10 three times)"""
+    rest (official `randomized_ngram_selection`: 1, 2, 3, 5, 10; the paper's appendix: 2, 3, 5, 10)"""
     random_repeats: int = 3
-    """`randomized`: how often each length is used"""
+    """`randomized`: how often each length is used (official `--repeat_times`, no default; the paper's appendix: 3)"""
     isolate_last_token: bool = True
     """the dialogue's last token (it carries the score) is a macro of its own, as the official code"""
     value_weights: Literal["equal", "unit", "position"] = "equal"
-    """sigma for the macro value: the mean of its tokens' values (paper's default), the last token's, or weights
-    1/(i+1) normalised (first tokens weigh most)"""
-    reward_aggregation: Literal["sum", "mean"] = "sum"
-    """macro reward: the sum of its tokens' rewards (paper) or their mean (official code)"""
+    """sigma for the macro value: the mean of its tokens' values (official run's `--value_function equal`), the
+    last token's, or weights 1/(i+1) normalised (first tokens weigh most)"""
+    reward_aggregation: Literal["mean", "sum"] = "mean"
+    """macro reward: its tokens' rewards weighted by the same sigma as the value, a weighted mean (official code:
+    `modeling_macro_action` on the rewards too; the plain mean with `equal`), or their sum (the paper's R)"""
 
     # PPO
+    loss_averaging: Literal["sample", "token"] = "sample"
+    """both losses: the mean over a minibatch's samples of each sample's token mean (official run: one sample per
+    device, gradients accumulated and averaged over 32 steps and 8 devices), or one mean over all its tokens"""
+    critic_warmup_steps: int = 0
+    """the first this-many optimizer steps train the critic alone: the actor takes no step (its learning-rate
+    schedule starts after them), so the advantages come from a critic that has fitted the returns first"""
     kl_coef: float = 0.05
     """per-token KL penalty to the reference (paper: 0.05)"""
     reward_clip: float = 2.5
@@ -174,20 +189,26 @@ class Args:
 
 
 PRESETS = {
-    # the paper's TL;DR run (official run_gemma.sh, README): Gemma-2B SFT policy, its reward model as critic and
-    # scorer, n = 5, 256 responses per rollout (32 per GPU on 8), one PPO epoch
+    # the official TL;DR run (step 3 of run_gemma.sh, Gemma-2B): 256 responses per optimizer step (1 per device x
+    # 32 accumulation steps x 8 GPUs), one PPO epoch, one pass over the RL prompts (~37k: 145 steps), n = 5, equal
+    # sigma for values and rewards, the critic from the reward model. Its SFT policy and reward model (Gemma-2B
+    # trained on TL;DR by steps 1 and 2) are not released: Gemma-2B-it and a reward model trained from it (general
+    # preferences, the policy's vocabulary) stand in, on the Reddit TL;DR posts of trl-lib/tldr (docs/ma_ppo.md)
     "ma-ppo-tldr": dict(
-        task="chat", model="google/gemma-2b", critic_model="<your TL;DR reward model>", user="dataset",
-        reward_model="<your TL;DR reward model>", dataset="openai/summarize_from_feedback", prompt_column="prompt",
-        horizon=1, termination="ngram", ngram=5, kl_coef=0.05, reward_clip=2.5, gamma=1.0, lam=0.95,
-        temperature=0.8, max_new_tokens=512, max_prompt_tokens=512, dialogues_per_rank=32, minibatch_dialogues=32,
-        micro_batch_dialogues=4, lr=1.5e-5, critic_lr=1.5e-5, warmup_ratio=0.05, weight_decay=0.1, num_epochs=1),
+        task="chat", model="google/gemma-2b-it", reward_model="weqweasdas/RM-Gemma-2B", critic_init="reward_model",
+        dataset="trl-lib/tldr", prompt_column="prompt", user="dataset", horizon=1, num_eval_prompts=2000,
+        termination="ngram", ngram=5, value_weights="equal", reward_aggregation="mean", loss_averaging="sample",
+        kl_coef=0.05, reward_clip=2.5, gamma=1.0, lam=0.95, clip_eps=0.2, value_clip=0.2, temperature=0.8,
+        max_new_tokens=512, max_prompt_tokens=512, num_iterations=145, dialogues_per_rank=32,
+        minibatch_dialogues=32, micro_batch_dialogues=4, num_epochs=1, lr=1.5e-5, critic_lr=1.5e-5,
+        lr_schedule="linear", warmup_ratio=0.05, weight_decay=0.1, adam_betas=(0.9, 0.95), max_grad_norm=1.0,
+        seed=1234, eval_every=15, save_every=15),
 }
-"""The paper's run as flag values: `--preset NAME`, then any flag to override one of them (the models too)."""
+"""The official run as flag values: `--preset NAME`, then any flag to override one of them (the models too)."""
 
 
 def macro_segments(turn_ids: torch.Tensor, rule: str, ngram: int = 5, nll: torch.Tensor | None = None,
-                   texts: list[str] | None = None, random_lengths: tuple[int, ...] = (2, 3, 5, 10),
+                   texts: list[str] | None = None, random_lengths: tuple[int, ...] = (1, 2, 3, 5, 10),
                    random_repeats: int = 3, generator: torch.Generator | None = None,
                    isolate_last_token: bool = True) -> torch.Tensor:
     """Macro index of each action token of one sample, consecutive from 0; -1 where `turn_ids` is -1 (not an action).
@@ -278,23 +299,79 @@ def to_tokens(per_macro_values: torch.Tensor, segment_ids: torch.Tensor) -> torc
     return per_macro_values.gather(1, segment_ids.clamp(min=0)) * (segment_ids >= 0)
 
 
+def macro_advantages(token_rewards: torch.Tensor, values: torch.Tensor, segment_ids: torch.Tensor,
+                     value_weights: str, reward_aggregation: str, gamma: float,
+                     lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rewards and values [rows, T] to macro rewards and values, macro GAE, and back to the tokens: each
+    action token's advantage and return, and each row's number of macros. The values are weighted by sigma
+    (`value_weights`); the rewards by the same sigma (`mean`: official `modeling_macro_action`, applied to both)
+    or summed (`sum`)."""
+    num_macros = segment_ids.max(1).values + 1
+    reward_weights = macro_weights(segment_ids, value_weights if reward_aggregation == "mean" else "sum")
+    macro_rewards = per_macro(token_rewards, reward_weights, segment_ids)
+    macro_values = per_macro(values, macro_weights(segment_ids, value_weights), segment_ids)
+    advantages, returns = macro_gae(macro_rewards, macro_values, num_macros, gamma, lam)
+    return to_tokens(advantages, segment_ids), to_tokens(returns, segment_ids), num_macros
+
+
+def masked_mean(losses: torch.Tensor, mask: torch.Tensor, averaging: str) -> torch.Tensor:
+    """The mean of per-token `losses` [rows, T] over the action tokens: each row's token mean, then the mean over
+    rows (`sample`), or one mean over every token of the rows (`token`)."""
+    if averaging == "sample":
+        return ((losses * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
+
+
+def micro_batch_share(mask: torch.Tensor, minibatch_mask: torch.Tensor, averaging: str) -> torch.Tensor:
+    """A micro-batch's weight in its minibatch's mean (gradients accumulate over micro-batches): its share of the
+    minibatch's rows (`sample`) or of its action tokens (`token`)."""
+    if averaging == "sample":
+        return torch.tensor(len(mask) / len(minibatch_mask))
+    return mask.sum() / minibatch_mask.sum().clamp(min=1)
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped loss with per-token ratios, averaged over the action tokens (official `actor_loss_fn`);
-    also the share of tokens whose ratio was clipped."""
+                clip: float, averaging: str = "sample") -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped loss with per-token ratios (official `actor_loss_fn`), averaged as `masked_mean`; also the
+    share of action tokens whose ratio was clipped."""
     ratio = torch.exp((logprobs - old_logprobs) * mask)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
     clipped = ((ratio - 1).abs() > clip).float()
-    return (losses * mask).sum() / mask.sum().clamp(min=1), (clipped * mask).sum() / mask.sum().clamp(min=1)
+    return masked_mean(losses, mask, averaging), (clipped * mask).sum() / mask.sum().clamp(min=1)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float) -> torch.Tensor:
-    """Half the larger of the squared errors of the value and of the value clipped around the rollout's, averaged
-    over the action tokens (official `critic_loss_fn`)."""
+               clip: float, averaging: str = "sample") -> torch.Tensor:
+    """Half the larger of the squared errors of the value and of the value clipped around the rollout's (official
+    `critic_loss_fn`), averaged as `masked_mean`."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-    return 0.5 * (losses * mask).sum() / mask.sum().clamp(min=1)
+    return 0.5 * masked_mean(losses, mask, averaging)
+
+
+def load_critic(path: str, from_reward_model: bool, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A value head (one output, no bias) on a transformer, `AutoModelForTokenClassification`, fp32.
+
+    From a sequence-classification reward model the head is its score head, read at every token instead of the
+    last one only: at a sequence's last token the critic's value is the reward model's score of that sequence (as
+    the official critic, `create_critic_model` from the RM checkpoint). From a causal LM the head is new.
+    """
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    config = AutoConfig.from_pretrained(path, num_labels=1)
+    config.token_classification_bias = False
+    critic, loading = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=torch.float32,
+                                                                      output_loading_info=True)
+    if from_reward_model and loading["missing_keys"]:
+        raise SystemExit(f"--critic_init reward_model: {path} has no weights for {sorted(loading['missing_keys'])} "
+                         "of a value head; it is not a one-output sequence-classification model of a head named "
+                         "like transformers' own. Use --critic_init policy")
+    return critic.to(device)
+
+
+def critic_initialisation(args: Args) -> str:
+    """`--critic_init` with its default resolved: the reward model when the task has one, else the policy."""
+    return args.critic_init or ("reward_model" if args.task_args.reward_model else "policy")
 
 
 def dialogue_tensors(episodes: list[dialogues.Episode], pad_id: int) -> tuple[torch.Tensor, ...]:
@@ -325,6 +402,11 @@ def fresh(episode: dialogues.Episode) -> dialogues.Episode:
     return dialogues.Episode(copy.deepcopy(episode.messages), copy.deepcopy(episode.info))
 
 
+def steps_per_iteration(args: Args) -> int:
+    """Optimizer steps per iteration (of each model): minibatches per epoch times epochs."""
+    return args.num_epochs * -(-args.dialogues_per_rank // args.minibatch_dialogues)
+
+
 def check_args(args: Args) -> None:
     """Flags that cannot work are refused before anything loads."""
     problems = [message for bad, message in [
@@ -345,6 +427,11 @@ def check_args(args: Args) -> None:
         (min(args.dialogues_per_rank, args.minibatch_dialogues, args.micro_batch_dialogues, args.num_epochs,
              args.num_iterations) < 1, "batch sizes, --num_epochs and --num_iterations must be at least 1"),
         (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
+        (args.minibatch_dialogues >= 1  # (a minibatch of 0 is refused above)
+         and not 0 <= args.critic_warmup_steps < steps_per_iteration(args) * args.num_iterations,
+         "--critic_warmup_steps must be >= 0 and below the run's optimizer steps: the actor must train at least once"),
+        (args.critic_init == "reward_model" and args.task_args.reward_model is None,
+         "--critic_init reward_model needs the task's --reward_model to start the critic from"),
     ] if bad]
     if problems:
         raise SystemExit("\n".join(problems))
@@ -355,7 +442,6 @@ if __name__ == "__main__":
     args = utils.parse_args(Args, PRESETS)
     check_args(args)
     utils.quiet_third_party(args.verbose)
-    from transformers import AutoConfig, AutoModelForTokenClassification
 
     # TRY NOT TO MODIFY: processes, run folder, seeding
     rank, world_size, device = utils.init_distributed()
@@ -403,22 +489,26 @@ if __name__ == "__main__":
     # models: actor, critic (a value head on a transformer), frozen reference, each sharded with FSDP2
     actor = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16,
                               args.gradient_checkpointing)
-    critic_path = utils.resolve_model_path(args.critic_model or policy_path)
-    # a value head without bias, like a reward model's: the paper initialises the critic from the reward model
-    critic_config = AutoConfig.from_pretrained(critic_path, num_labels=1)
-    critic_config.token_classification_bias = False
-    critic = AutoModelForTokenClassification.from_pretrained(critic_path, config=critic_config,
-                                                             dtype=torch.float32).to(device)
-    critic = utils.shard_model(critic, args.bf16, args.gradient_checkpointing)
+    # the critic from the reward model (official) reads the policy's tokens: the two must share a vocabulary
+    critic_from_rm = critic_initialisation(args) == "reward_model"
+    critic_path = args.task_args.reward_model if critic_from_rm else policy_path
+    if critic_from_rm and utils.load_tokenizer(critic_path, args.task_args.trust_remote_code).get_vocab() \
+            != tokenizer.get_vocab():
+        raise SystemExit(f"--critic_init reward_model: the vocabulary of {critic_path} is not the policy's, and the "
+                         "critic reads the policy's tokens; use --critic_init policy")
+    critic = utils.shard_model(load_critic(critic_path, critic_from_rm, device), args.bf16,
+                               args.gradient_checkpointing)
     reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
     reference.requires_grad_(False)
-    steps = args.num_iterations * args.num_epochs * -(-args.dialogues_per_rank // args.minibatch_dialogues)
+    # each model's schedule over its own steps: the actor takes none during the critic's warmup
+    steps = args.num_iterations * steps_per_iteration(args)
     optimizers, schedulers = {}, {}
-    for name, model, lr in (("actor", actor, args.lr), ("critic", critic, args.critic_lr)):
+    for name, model, lr, model_steps in (("actor", actor, args.lr, steps - args.critic_warmup_steps),
+                                         ("critic", critic, args.critic_lr, steps)):
         optimizers[name] = torch.optim.AdamW(model.parameters(), lr=lr, betas=args.adam_betas,
                                              weight_decay=args.weight_decay)
         schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
-            optimizers[name], utils.lr_lambda(args.lr_schedule, steps, args.warmup_ratio))
+            optimizers[name], utils.lr_lambda(args.lr_schedule, model_steps, args.warmup_ratio))
     trained = {"actor": (actor, optimizers["actor"]), "critic": (critic, optimizers["critic"])}
 
     # the actor's rollout engine, colocated on this rank
@@ -514,44 +604,50 @@ if __name__ == "__main__":
             texts=texts[i] if texts else None, random_lengths=args.random_lengths,
             random_repeats=args.random_repeats, generator=generator,
             isolate_last_token=args.isolate_last_token) for i in range(len(episodes))])
-        num_macros = segment_ids.max(1).values + 1
-        reward_weights = macro_weights(segment_ids, "equal" if args.reward_aggregation == "mean" else "sum")
-        macro_rewards = per_macro(token_rewards, reward_weights, segment_ids)
-        macro_values = per_macro(old_values, macro_weights(segment_ids, args.value_weights), segment_ids)
-        advantages, returns = macro_gae(macro_rewards, macro_values, num_macros, args.gamma, args.lam)
-        token_advantages, token_returns = to_tokens(advantages, segment_ids), to_tokens(returns, segment_ids)
+        token_advantages, token_returns, num_macros = macro_advantages(
+            token_rewards, old_values, segment_ids, value_weights=args.value_weights,
+            reward_aggregation=args.reward_aggregation, gamma=args.gamma, lam=args.lam)
 
-        # 5. PPO epochs over minibatches: the actor's clipped loss, the critic's clipped regression
+        # 5. PPO epochs over minibatches: the actor's clipped loss, the critic's clipped regression; in the critic's
+        # warmup (the run's first --critic_warmup_steps steps) the actor's loss is only measured
         t0 = time.time()
         actor_losses, critic_losses, clip_fractions = [], [], []
+        step = (iteration - 1) * steps_per_iteration(args)
         for epoch in range(args.num_epochs):
             shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
             order = torch.randperm(len(episodes), generator=shuffle)
             for mb_start in range(0, len(episodes), args.minibatch_dialogues):
                 mb = order[mb_start : mb_start + args.minibatch_dialogues]
-                mb_tokens = action_mask[mb].sum().clamp(min=1)
+                frozen = step < args.critic_warmup_steps
                 for micro_start in range(0, len(mb), args.micro_batch_dialogues):
                     rows = mb[micro_start : micro_start + args.micro_batch_dialogues]
                     ids, attention, mask = input_ids[rows].to(device), attention_mask[rows].to(device), \
                         action_mask[rows].to(device)
-                    share = mask.sum() / mb_tokens  # a micro-batch's token mean weighs by its tokens
-                    logprobs = utils.token_logprobs(actor, ids, attention, mask, args.temperature)
-                    loss, clipped = policy_loss(logprobs, old_lp[rows].to(device).float(),
-                                                token_advantages[rows].to(device).float(), mask, args.clip_eps)
-                    (loss * share).backward()
+                    # gradients accumulate over micro-batches: each weighs by its share of the minibatch's mean
+                    share = micro_batch_share(action_mask[rows], action_mask[mb], args.loss_averaging)
+                    with torch.set_grad_enabled(not frozen):
+                        logprobs = utils.token_logprobs(actor, ids, attention, mask, args.temperature)
+                        loss, clipped = policy_loss(logprobs, old_lp[rows].to(device).float(),
+                                                    token_advantages[rows].to(device).float(), mask, args.clip_eps,
+                                                    args.loss_averaging)
+                    if not frozen:
+                        (loss * share).backward()
                     values = token_values(critic, ids, attention)
                     v_loss = value_loss(values, old_values[rows].to(device).float(),
-                                        token_returns[rows].to(device).float(), mask, args.value_clip)
+                                        token_returns[rows].to(device).float(), mask, args.value_clip,
+                                        args.loss_averaging)
                     (v_loss * share).backward()
                     actor_losses.append(loss.item())
                     critic_losses.append(v_loss.item())
                     clip_fractions.append(clipped.item())
-                grad_norms = {name: utils.clip_grad_norm(model, args.max_grad_norm) for name, (model, _) in
-                              trained.items()}
-                for name in optimizers:
+                stepping = ["critic"] if frozen else ["actor", "critic"]
+                grad_norms = {name: utils.clip_grad_norm(model, args.max_grad_norm) if name in stepping else 0.0
+                              for name, (model, _) in trained.items()}
+                for name in stepping:
                     optimizers[name].step()
                     schedulers[name].step()
                     optimizers[name].zero_grad(set_to_none=True)
+                step += 1
         timings["train"] = time.time() - t0
 
         # 6. push the actor's new weights into this rank's engine, and check that they arrived
@@ -578,7 +674,7 @@ if __name__ == "__main__":
         metrics.update(utils.sum_over_ranks({"skipped/nan_reward_dialogues": (~finite).sum().item(),
                                              **{f"budget/{k}": v for k, v in spent.items()}}))
         metrics["budget/generated_tokens"] = metrics["budget/policy_tokens"] + metrics["budget/user_tokens"]
-        metrics["policy/lr"] = schedulers["actor"].get_last_lr()[0]
+        metrics["policy/lr"] = 0.0 if frozen else schedulers["actor"].get_last_lr()[0]
         over_budget = args.token_budget is not None and metrics["budget/generated_tokens"] >= args.token_budget
         last = iteration == args.num_iterations or over_budget
         if iteration % args.eval_every == 0 or last:

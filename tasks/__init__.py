@@ -1,11 +1,11 @@
 """Tasks: what a multi-turn script trains on. A `Task` holds dialogue openings, a simulated user, a reward
 and a horizon H; every multi-turn script gets one from `load_task` and never builds one itself.
 
-Built in: `guess_number` (tasks/guess_number.py: the verifiable game) and `chat` (tasks/chat.py: dataset openings,
-a simulated user, a reward model). A fork's own task is `--task module:function` or `--task path/file.py:function`:
-a function with keyword parameters (any of the `TaskArgs` fields and of the run's own values that `load_task`
-passes: seed, rank, device, bf16, model, context_tokens, ...) that returns a `Task`. It is called exactly as
-the built-in ones are.
+Built in: `guess_number` (tasks/guess_number.py: the verifiable game), `chat` (tasks/chat.py: dataset openings,
+a simulated user, a reward model) and `digits` (tasks/digits.py: one turn of 48 digits scored as a whole). A fork's
+own task is `--task module:function` or `--task path/file.py:function`: a function with keyword parameters (any
+of the `TaskArgs` fields and of the run's own values that `load_task` passes: seed, rank, device, bf16, model,
+context_tokens, ...) that returns a `Task`. It is called exactly as the built-in ones are.
 """
 
 import dataclasses
@@ -18,7 +18,8 @@ from typing import Callable, Literal
 import dialogues
 import utils
 
-BUILT_IN = {"guess_number": "tasks.guess_number:make_task", "chat": "tasks.chat:make_task"}
+BUILT_IN = {"guess_number": "tasks.guess_number:make_task", "chat": "tasks.chat:make_task",
+            "digits": "tasks.digits:make_task"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -53,7 +54,8 @@ class Task:
 class TaskArgs:
     task: str = "guess_number"
     """`guess_number` (verifiable: code user and reward), `chat` (dataset openings, a simulated user, a reward
-    model or function), or `module:function` / `file.py:function` returning a `Task`"""
+    model or function), `digits` (one long answer, verifiable score), or `module:function` / `file.py:function`
+    returning a `Task`"""
     horizon: int | None = None
     """largest number of assistant turns H; default the task's own (guessing game: 3; chat: the paper's 5)"""
 

@@ -29,6 +29,10 @@ PINNED = {
     "dpo_multiturn.py": (CHAT + ["--contexts", "onpolicy", "--pairs_per_rank", "8", "--minibatch_pairs", "8",
                                  "--micro_batch_pairs", "4", "--lr", "1e-3"],
                          {"loss/dpo": 0.6931471824645996, "policy/grad_norm": 1.3650094270706177}),
+    # ma_ppo.py: unmoved by the official defaults (macro rewards weighted by sigma, losses averaged per sample): at
+    # the first update the policy is the reference, so every KL reward is 0, and the tiny policy's answers all run
+    # to the 8-token cap, so each sample's token mean weighs as much as its tokens (rerun with the old defaults:
+    # the same numbers)
     "ma_ppo.py": (CHAT + ["--dialogues_per_rank", "8", "--minibatch_dialogues", "8", "--micro_batch_dialogues", "4",
                           "--lr", "1e-4"],
                   {"loss/policy": -0.8466403186321259, "loss/value": 0.3711201101541519,
