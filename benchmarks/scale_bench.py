@@ -9,13 +9,16 @@ resident set size above the one just before the measured call, sampled every mil
 --repeats. Writes scale_bench.json and the plot scale.png to --output_dir. About 6 minutes on 2 CPU cores.
 
 Performance anchor (`--part anchor`): the rollout half of one REFUEL iteration on the chat task (SmolLM2-135M as
-policy and as LLM user, dialogues played to the horizon, then one branch per dialogue from a turn h played to the
-horizon again), in two designs, each in a fresh process, same weights and sampling seeds. Resident (this project):
-both engines started once per run, the trainer's weights streamed into the policy engine in process and checked.
-Fresh (the official REFUEL pipeline, setting_one/generate.py): the trained policy saved to disk, then a new process
-and a new vLLM engine for every turn of every role, the dialogues handed over in a file. Training, rewards and
-log-probs do the same work in both and are left out. Writes scale_anchor.json and scale_anchor.png to
---output_dir; about 10 minutes on 2 CPU cores.
+policy and as LLM user; each dialogue played to the horizon, and a branch from its turn h played to the horizon
+too), in three designs, each in a fresh process, same weights, branch turns and sampling seeds. Fresh (the official
+REFUEL pipeline, setting_one/generate.py): the trained policy saved to disk, then a new process and a new vLLM
+engine for every turn of every role, the dialogues handed over in a file, every dialogue played first and then
+every branch. Two passes (this project before): both engines resident for the whole run, the trainer's weights
+streamed into the policy engine in process and checked, then the same two passes. One pass (refuel.py,
+`dialogues.rollout_pairs`): the resident engines, both answers of turn h in one call and the two branches played
+side by side. Training, rewards and log-probs do the same work in all three and are left out. Reports seconds,
+ratios, engine calls per iteration and their mean size, and tokens per second. Writes scale_anchor.json and
+scale_anchor.png to --output_dir; about 10 minutes on 2 CPU cores.
 
 No training run is benchmarked here: of the flags all benchmarks share (benchmarks/common.py) this one takes
 --output_dir and --report only; --model, --anchor_dialogues and --anchor_horizon shrink the measurement (tests).
@@ -28,6 +31,7 @@ No training run is benchmarked here: of the flags all benchmarks share (benchmar
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -176,12 +180,12 @@ def report_memory(results: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# performance anchor: resident engines against a fresh engine per turn and role
+# performance anchor: resident engines, in two passes or one, against a fresh engine per turn and role
 
 
 @dataclasses.dataclass
 class AnchorWork:
-    """The rollout work of one REFUEL iteration, the same in both designs."""
+    """The rollout work of one REFUEL iteration, the same in every design."""
 
     dialogues: int = 16
     horizon: int = 3
@@ -230,8 +234,8 @@ def anchor_turn(role: str, model_path: str, state: str, seed: str, work: AnchorW
     episodes = load_episodes(state)
     if role == "policy":  # the policy answers every open dialogue once; no user is asked within the turn
         dialogues.rollout_dialogues(episodes, engine, tokenizer=tokenizer, user=None,
-                                    horizons=[e.turns + 1 for e in episodes], max_tokens=work.max_tokens,
-                                    temperature=work.temperature, seed=(0, seed))
+                                    horizons=[min(e.turns + 1, work.horizon) for e in episodes],
+                                    max_tokens=work.max_tokens, temperature=work.temperature, seed=(0, seed))
     else:
         user = LLMUser(engine, tokenizer, work.max_tokens, work.temperature, 1)
         asking = [e for e in episodes if e.turns < work.horizon]
@@ -240,32 +244,57 @@ def anchor_turn(role: str, model_path: str, state: str, seed: str, work: AnchorW
     save_episodes(episodes, state)
 
 
+class CountedEngine:
+    """An engine that records how many requests each of its `generate` calls holds."""
+
+    def __init__(self, engine):
+        self.engine, self.batches = engine, []
+
+    def generate(self, prompts, *args):
+        self.batches.append(len(prompts))
+        return self.engine.generate(prompts, *args)
+
+
+ANCHOR_DESIGNS = {
+    "fresh": "fresh engine per turn and role, disk reload (official pipeline)",
+    "two passes": "resident engines, every dialogue then every branch",
+    "one pass": "resident engines, both branches side by side (refuel.py)",
+}
+
+
 def anchor_case(design: str, model_path: str, work: AnchorWork) -> dict:
-    """Seconds of the rollout half of one iteration in `design` ("resident" or "fresh"), by phase, and the
-    dialogues played (to compare the two designs' work)."""
+    """Seconds of the rollout half of one iteration in `design` (ANCHOR_DESIGNS), by phase; the requests in each
+    engine call, by role; and the dialogues played (to compare the designs' work)."""
     device = utils.init_distributed()[2]
     policy, tokenizer = anchor_policy(model_path), utils.load_tokenizer(model_path)
-    openings, seconds = anchor_openings(work), {}
-    if design == "resident":
+    openings, seconds, calls = anchor_openings(work), {}, {"policy": [], "user": []}
+    horizons = [work.horizon] * len(openings)
+    if design != "fresh":
         started = time.perf_counter()
-        engine = engines.make_engine(model_path, device, max_model_len=work.max_model_len, seed=0, bf16=False,
-                                     gpu_memory_utilization=0.3, kv_cache_memory_bytes=None, backend="vllm")
-        user = LLMUser(engines.make_engine(model_path, device, max_model_len=work.max_model_len, seed=1, bf16=False,
-                                           gpu_memory_utilization=0.3, kv_cache_memory_bytes=None, backend="vllm"),
-                       tokenizer, work.max_tokens, work.temperature, 1)
+        engine = CountedEngine(engines.make_engine(
+            model_path, device, max_model_len=work.max_model_len, seed=0, bf16=False, gpu_memory_utilization=0.3,
+            kv_cache_memory_bytes=None, backend="vllm"))
+        user_engine = CountedEngine(engines.make_engine(
+            model_path, device, max_model_len=work.max_model_len, seed=1, bf16=False, gpu_memory_utilization=0.3,
+            kv_cache_memory_bytes=None, backend="vllm"))
+        user = LLMUser(user_engine, tokenizer, work.max_tokens, work.temperature, 1)
         seconds["start engines (once per run)"] = time.perf_counter() - started
         started = time.perf_counter()
-        probe = tokenizer(PROBE_TEXT).input_ids
-        engines.sync_weights(engine, policy, probe, device, 1e-3, 512)
+        engines.sync_weights(engine.engine, policy, tokenizer(PROBE_TEXT).input_ids, device, 1e-3, 512)
         seconds["hand over weights"] = time.perf_counter() - started
         started = time.perf_counter()
-        horizons = [work.horizon] * len(openings)
-        played = dialogues.rollout_dialogues(openings, engine, tokenizer=tokenizer, user=user, horizons=horizons,
-                                             max_tokens=work.max_tokens, temperature=work.temperature, seed=(0, "A"))
-        branched = dialogues.rollout_dialogues(branches(played, work), engine, tokenizer=tokenizer, user=user,
-                                               horizons=horizons, max_tokens=work.max_tokens,
-                                               temperature=work.temperature, seed=(0, "B"))
+        play = functools.partial(dialogues.rollout_dialogues, engine=engine, tokenizer=tokenizer, user=user,
+                                 horizons=horizons, max_tokens=work.max_tokens, temperature=work.temperature)
+        if design == "two passes":
+            played = play(openings, seed=(0, "A"))
+            branched = play(branches(played, work), seed=(0, "B"))
+        else:  # the same branch turns and seeds, both sides in every call
+            played, branched, _ = dialogues.rollout_pairs(
+                openings, engine, tokenizer=tokenizer, user=user, horizons=horizons,
+                branch_turns=[i % work.horizon for i in range(len(openings))], redraw=lambda turns: turns - 1,
+                max_tokens=work.max_tokens, temperature=work.temperature, seed=(0,))
         seconds["play dialogues"] = time.perf_counter() - started
+        calls = {"policy": engine.batches, "user": user_engine.batches}
     else:
         folder = tempfile.mkdtemp(prefix="anchor_")
         started = time.perf_counter()
@@ -275,25 +304,26 @@ def anchor_case(design: str, model_path: str, work: AnchorWork) -> dict:
         seconds["hand over weights"] = time.perf_counter() - started
         state = os.path.join(folder, "dialogues.json")
 
-        def play(episodes: list[dialogues.Episode], seed: str) -> list[dialogues.Episode]:
+        def play_fresh(episodes: list[dialogues.Episode], seed: str) -> list[dialogues.Episode]:
             save_episodes(episodes, state)
-            for turn in range(1, work.horizon + 1):
-                steps = [("policy", os.path.join(folder, "policy"))]
-                if turn < work.horizon:
-                    steps.append(("user", model_path))
-                for role, path in steps:
-                    subprocess.run([sys.executable, __file__, "--anchor_turn", role, "--model_path", path, "--state",
-                                    state, "--seed", seed, *work_flags(work)], env=common.child_env(), check=True,
-                                   capture_output=True)
+            for _ in range(work.horizon):
+                for role, path in (("policy", os.path.join(folder, "policy")), ("user", model_path)):
+                    # the dialogues short of the horizon (a branch starts at its turn h): one engine, one call
+                    waiting = sum(e.turns < work.horizon for e in load_episodes(state))
+                    if waiting:
+                        subprocess.run([sys.executable, __file__, "--anchor_turn", role, "--model_path", path,
+                                        "--state", state, "--seed", seed, *work_flags(work)], env=common.child_env(),
+                                       check=True, capture_output=True)
+                        calls[role].append(waiting)
             return load_episodes(state)
 
         started = time.perf_counter()
-        played = play(openings, "A")
-        branched = play(branches(played, work), "B")
+        played = play_fresh(openings, "A")
+        branched = play_fresh(branches(played, work), "B")
         seconds["play dialogues"] = time.perf_counter() - started
         shutil.rmtree(folder)
     texts = [[m["content"] for m in e.messages] for e in played + branched]
-    return {"design": design, "seconds": seconds, "dialogues": texts,
+    return {"design": design, "seconds": seconds, "dialogues": texts, "calls": calls,
             "generated_tokens": sum(len(r) for e in played + branched for r in e.responses)}
 
 
@@ -304,13 +334,13 @@ def plot_anchor(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    labels = {"resident": "resident engines,\nin-process sync", "fresh": "fresh engine per turn\nand role, disk reload"}
-    for design in labels:
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    labels = {"fresh": "fresh engine per turn\nand role, disk reload", "two passes": "resident engines,\ntwo passes",
+              "one pass": "resident engines,\none pass"}
+    for design, label in labels.items():
         r, bottom = results[design], 0.0
         for color, phase in zip(("C1", "C0"), ANCHOR_PHASES):
-            ax.bar(labels[design], r["seconds"][phase], bottom=bottom, color=color,
-                   label=phase if design == "resident" else None)
+            ax.bar(label, r["seconds"][phase], bottom=bottom, color=color, label=phase if design == "fresh" else None)
             bottom += r["seconds"][phase]
     ax.set_ylabel("seconds, rollout half\nof one REFUEL iteration")
     ax.legend(fontsize=8)
@@ -325,43 +355,51 @@ def work_flags(work: AnchorWork) -> list[str]:
 
 
 def run_anchor(model_path: str, work: AnchorWork) -> dict:
-    """Both designs, each in a fresh process: seconds by phase, generated tokens, and how many dialogues came out
-    the same word for word."""
+    """The three designs, each in a fresh process: seconds by phase, engine calls, generated tokens, and how many
+    dialogues came out the same word for word as the official pipeline's design."""
     results = {}
-    for design in ("resident", "fresh"):
+    for design in ANCHOR_DESIGNS:
         out = subprocess.run([sys.executable, __file__, "--anchor_case", design, "--model_path", model_path,
                               *work_flags(work)], env=common.child_env(), capture_output=True, text=True, check=True)
         results[design] = next(json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"design"'))
-        print(f"{design:<9} " + "  ".join(f"{k} {v:.1f} s" for k, v in results[design]["seconds"].items()), flush=True)
-    same = sum(a == b for a, b in zip(results["resident"]["dialogues"], results["fresh"]["dialogues"]))
+        print(f"{design:<10} " + "  ".join(f"{k} {v:.1f} s" for k, v in results[design]["seconds"].items()), flush=True)
+    same = {d: sum(a == b for a, b in zip(r["dialogues"], results["fresh"]["dialogues"])) for d, r in results.items()}
     return {"model": os.path.basename(os.path.normpath(model_path)), "work": dataclasses.asdict(work),
-            "identical_dialogues": same,
+            "identical_to_fresh": same,
             **{d: {k: v for k, v in r.items() if k != "dialogues"} for d, r in results.items()}}
 
 
 def report_anchor(results: dict) -> str:
-    """The phases of both designs side by side, with their ratios."""
-    work, resident, fresh = AnchorWork(**results["work"]), results["resident"], results["fresh"]
-    starts = 2 * (2 * work.horizon - 1)  # two plays, each a policy turn per turn and a user turn between turns
-    rows = []
-    for phase, label, notes in (("hand over weights", "hand over the weights",
-                                 (" (streamed sync + parity check)", " (save to disk)")),
-                                ("play dialogues", "play dialogues and branches", ("", f" ({starts} engine starts)"))):
-        a, b = resident["seconds"][phase], fresh["seconds"][phase]
-        rows.append([label, f"{a:.1f}{notes[0]}", f"{b:.1f}{notes[1]}", f"{b / a:.2f}"])
-    a, b = (sum(r["seconds"][p] for p in ANCHOR_PHASES) for r in (resident, fresh))
-    rows.append(["**rollout half of an iteration**", f"**{a:.1f}**", f"**{b:.1f}**", f"**{b / a:.2f}**"])
-    a, b = (1000 * r["seconds"]["play dialogues"] / r["generated_tokens"] for r in (resident, fresh))
-    rows.append(["play, ms per generated token", f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}"])
-    rows.append(["start both engines, once per run", f"{resident['seconds']['start engines (once per run)']:.1f}",
-                 "(inside every turn)", ""])
+    """The designs side by side: seconds by phase, ratios to the official pipeline's design, engine calls per
+    iteration and how full they are, and throughput."""
+    work = AnchorWork(**results["work"])
+    designs = list(ANCHOR_DESIGNS)
+    rollout = {d: sum(results[d]["seconds"][p] for p in ANCHOR_PHASES) for d in designs}
+    play = {d: results[d]["seconds"]["play dialogues"] for d in designs}
+    in_play = 2 * work.dialogues  # dialogues and branches: what one call could hold at most
+    rows = [[label] + [f"{results[d]['seconds'][phase]:.1f}" for d in designs] for phase, label in
+            (("hand over weights", "hand over the weights"), ("play dialogues", "play dialogues and branches"))]
+    rows.append(["**rollout half of an iteration (s)**"] + [f"**{rollout[d]:.1f}**" for d in designs])
+    rows.append(["**fresh / this design**"] + [f"**{rollout['fresh'] / rollout[d]:.2f}**" for d in designs])
+    rows.append(["generated tokens"] + [f"{results[d]['generated_tokens']:,}" for d in designs])
+    rows.append(["generated tokens per second (play)"]
+                + [f"{results[d]['generated_tokens'] / play[d]:.1f}" for d in designs])
+    per_token = {d: play[d] / results[d]["generated_tokens"] for d in designs}
+    rows.append(["fresh / this design, per generated token (play)"]
+                + [f"{per_token['fresh'] / per_token[d]:.2f}" for d in designs])
+    for role in ("policy", "user"):
+        rows.append([f"{role} engine calls"] + [str(len(results[d]["calls"][role])) for d in designs])
+        rows.append([f"{role} requests per call, mean (of {in_play} in play)"]
+                    + [f"{sum(results[d]['calls'][role]) / max(1, len(results[d]['calls'][role])):.1f}"
+                       for d in designs])
+    starts = len(results["fresh"]["calls"]["policy"]) + len(results["fresh"]["calls"]["user"])
+    rows.append(["engine starts"] + [str(starts), "2, once per run", "2, once per run"])
+    rows.append(["dialogues identical to fresh's, word for word"]
+                + [f"{results['identical_to_fresh'][d]} of {in_play}" for d in designs])
     return "\n".join([
         f"{work.dialogues} dialogues and {work.dialogues} branches, {work.horizon} turns, {work.max_tokens} tokens per "
-        f"turn; {results['identical_dialogues']} of {2 * work.dialogues} dialogues identical word for word in the two "
-        f"designs; generated tokens {resident['generated_tokens']:,} (resident) and {fresh['generated_tokens']:,} "
-        "(fresh):\n",
-        common.table(["phase", "resident engines (s)", "fresh engine per turn and role (s)", "fresh / resident"],
-                     rows)])
+        f"turn, branch turn h = i mod {work.horizon}, the same sampling seeds in every design:\n",
+        common.table(["", *ANCHOR_DESIGNS.values()], rows)])
 
 
 def run_memory(model_path: str | None, bucket_mb: float, repeats: int) -> dict:

@@ -128,11 +128,17 @@ def test_scale_bench(tmp_path, tiny_model, script_env):
     out = bench("scale_bench", "--model", tiny_model, "--repeats", "1", "--anchor_dialogues", "2", "--anchor_horizon",
                 "2", "--output_dir", str(tmp_path), env=script_env)
     anchor = results(tmp_path, "scale_anchor")
-    assert anchor["work"]["dialogues"] == 2 and anchor["work"]["horizon"] == 2 and anchor["identical_dialogues"] <= 4
-    for design in ("resident", "fresh"):
+    assert anchor["work"]["dialogues"] == 2 and anchor["work"]["horizon"] == 2
+    assert anchor["identical_to_fresh"]["fresh"] == 4
+    for design in ("fresh", "two passes", "one pass"):
         assert anchor[design]["generated_tokens"] > 0
         assert all(math.isfinite(s) and s >= 0 for s in anchor[design]["seconds"].values())
-    assert "(6 engine starts)" in out.stdout  # two plays of 2 policy turns and 1 user turn, a new engine each
+    # branch turns h = 0 and 1: in two passes the dialogues take 2 policy calls and 1 user call, the branches (from
+    # turn 0 and turn 1) 2 and 1 more, the later ones smaller; in one pass both sides share each call, the second
+    # branch joining at turn 2
+    assert anchor["fresh"]["calls"] == anchor["two passes"]["calls"] == {"policy": [2, 2, 2, 1], "user": [2, 1]}
+    assert anchor["one pass"]["calls"] == {"policy": [3, 4], "user": [3]}
+    assert "| engine starts | 6 |" in out.stdout  # a new engine for each of the 6 role turns of the fresh design
 
     with open(os.path.join(tmp_path, "scale_bench.json")) as f:
         memory = json.load(f)

@@ -28,5 +28,7 @@ def test_default_console_has_no_third_party_lines_and_verbose_shows_them(tmp_pat
     quiet = console(tmp_path / "quiet", script_env, tiny_model)
     assert "memory plan per rank" in quiet and "score by turn" in quiet
     assert [line for line in quiet.splitlines() if any(marker in line for marker in THIRD_PARTY)] == []
-    # the vLLM engine's start warns through torch's C++ log, which the script silences before importing torch
-    assert "NUMA binding" in console(tmp_path / "verbose", script_env, tiny_model, "--verbose")
+    # the same run with --verbose lets them through (which ones depends on the machine: vLLM's "NUMA binding" line
+    # comes from torch's C++ log on some CPUs only, Python's warnings on every one)
+    verbose = console(tmp_path / "verbose", script_env, tiny_model, "--verbose")
+    assert [line for line in verbose.splitlines() if any(marker in line for marker in THIRD_PARTY)] != []
