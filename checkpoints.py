@@ -78,10 +78,11 @@ def save_hf_folder(model: torch.nn.Module, folder: str, tokenizer, bucket_bytes:
     tensors = hf_export_tensors(model)
     count = len(utils.size_buckets([t.numel() * 4 for _, t in tensors], bucket_bytes))
     index, total = {}, 0
+    if dist.get_rank() == 0:
+        os.makedirs(folder, exist_ok=True)
     for k, bucket in enumerate(utils.gathered_buckets(tensors, torch.float32, bucket_bytes), start=1):
         if dist.get_rank() == 0:
             shard = f"model-{k:05d}-of-{count:05d}.safetensors"
-            os.makedirs(folder, exist_ok=True)
             save_file({n: t.cpu().contiguous() for n, t in bucket}, os.path.join(folder, shard),
                       metadata={"format": "pt"})
             index.update({n: shard for n, _ in bucket})

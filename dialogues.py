@@ -3,8 +3,9 @@
 Rule: everything here is about conversations as data. Datasets in the common chat shapes become openings;
 episodes are played turn by turn against a simulated user to a horizon (`rollout_dialogues`, on any engine of
 engines.py); a reward model scores whole dialogues; `evaluate_by_turn` scores a policy after each turn. The
-engines and their weight sync are in engines.py, the tasks (openings + user + reward + horizon) in tasks/, and
-training plumbing (processes, FSDP2, tokenization, log-probs, logging, checkpoints) in utils.py.
+engines and their weight sync are in engines.py, the tasks (openings + user + reward + horizon) in tasks/,
+checkpoints in checkpoints.py, and training plumbing (processes, FSDP2, tokenization, log-probs, logging) in
+utils.py.
 
 Copy it along with the script you fork; it is not a library.
 """
@@ -202,7 +203,6 @@ def generated_tokens(episodes: list[Episode], tokenizer, first_turns: list[int])
     return policy, user
 
 
-
 def play_turn(players: list[tuple[Episode, int, tuple]], engine, tokenizer, user, max_tokens: int,
               temperature: float) -> bool:
     """One turn of every dialogue still open among `players` (episode, horizon, seed key), in place: one batched
@@ -249,8 +249,9 @@ def rollout_pairs(openings: list[Episode], engine, *, tokenizer, user, horizons:
                   seed: tuple) -> tuple[list[Episode], list[Episode], list[int]]:
     """REFUEL's rollout in one pass: each opening is played to its horizon (dialogue A) and, at its branch turn h
     (0-indexed), a second answer to the same state s_h is drawn in the same engine call and played on beside it
-    to the same horizon (branch B, sharing A's prefix through user turn h). Both advance turn by turn together, so
-    every engine and user call holds both sides. Returns A, B and the branch turns.
+    to the same horizon (branch B, sharing A's prefix through user turn h). Both advance turn by turn together and
+    share every engine and user call (a branch redrawn below is the exception: it starts once its dialogue has
+    ended). Returns A, B and the branch turns.
 
     A dialogue that ends before turn h (its user ended it) branches at `redraw(turns it had)` instead, from its
     prefix, as soon as it ends (REFUEL's official setting two draws h over a dialogue's real turns). Turns are
@@ -269,7 +270,6 @@ def rollout_pairs(openings: list[Episode], engine, *, tokenizer, user, horizons:
                 players.append((b_side[i], horizons[i], (*seed, "B", i)))
         if not play_turn(players, engine, tokenizer, user, max_tokens, temperature):
             return a_side, b_side, turns
-
 
 
 def evaluate_by_turn(task, engine, *, tokenizer, max_tokens: int, temperature: float, seed: int, rank: int,

@@ -14,8 +14,9 @@ which carries the score, is a macro of its own, so the score is never averaged a
 the tokens of w_k; the actor takes PPO's clipped loss with each token's own ratio and its macro's advantage, the
 critic a clipped regression of each token's value onto its macro's return, each loss a sample's token mean averaged
 over samples. The critic starts from the task's reward model when it has one (its score head becomes the value
-head). With one token per macro (`--ngram 1`) this is token-level PPO exactly. In a dialogue with the simulated user the assistant's tokens
-of every turn are actions and the user's are not; the reward comes at the end of the dialogue.
+head). With one token per macro (`--ngram 1`) this is token-level PPO exactly. In a dialogue with the simulated
+user the assistant's tokens of every turn are actions and the user's are not; the reward comes at the end of the
+dialogue.
 
 Run:
     python ma_ppo.py                                  # guessing task, warm-started tiny policy, CPU (n = 5)

@@ -159,7 +159,7 @@ PRESETS = {
         model="meta-llama/Meta-Llama-3-8B-Instruct", reward_model="sfairXC/FsfairX-LLaMA3-RM-v0.1",
         dataset="HuggingFaceH4/ultrafeedback_binarized", dataset_split="train_prefs", prompt_column="prompt",
         lr=1e-7, adam_eps=1e-8, eta=1.0, temperature=0.5, max_new_tokens=1024, max_prompt_tokens=1024,
-        kl_coef=0.05, penalty_reward=-4.0, pairs_per_rank=4, num_iterations=2000),
+        kl_coef=0.05, penalty_reward=-4.0, pairs_per_rank=4, minibatch_pairs=4, num_epochs=4, num_iterations=2000),
 }
 """The paper's run as flag values: `--preset NAME`, then any flag to override one of them."""
 
@@ -270,7 +270,7 @@ if __name__ == "__main__":
     # reward: a reward model, or a function written in code
     if args.reward_model is not None:
         score_dialogues = dialogues.RewardModel(args.reward_model, device, dtype, args.reward_max_length,
-                                            args.trust_remote_code)
+                                                args.trust_remote_code)
     else:
         reward_function = tasks.import_function(args.reward_function)
         score_dialogues = lambda ds: [float(reward_function(d)) for d in ds]  # noqa: E731

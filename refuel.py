@@ -453,7 +453,7 @@ if __name__ == "__main__":
         timings["train"] = time.time() - t0
 
         # 5. the official code's regression diagnostics on the held-out pairs: loss, and how often the sign of
-        # the log-ratio difference agrees with the sign of the return difference
+        # the log-ratio difference agrees with the sign of the reward difference
         val = torch.arange(num_train, args.pairs_per_rank)
         rows = pair_rows(val).to(device)
         new_lp = utils.token_logprobs_in_chunks(policy, input_ids[rows], attention_mask[rows], response_mask[rows],

@@ -2,10 +2,11 @@
 
 Nothing in here is an algorithm: the losses, the pairs, the advantages and the update loops live in the
 scripts. This module only answers "how do I ..." questions of training whose answer is the same for all four,
-in the order a run meets them: start the processes, load models, shard with FSDP2, tokenize chats with per-turn
-masks, compute per-token log-probs, score with a reward model, schedule the learning rate, log, and checkpoint.
-Everything about dialogues themselves (datasets, rollout engines and their weight sync, the rollout loop with a
-simulated user, tasks, evaluation by turn) is in dialogues.py.
+in the order a run meets them: start the processes and seed them, load models, shard with FSDP2 and gather in
+buckets, tokenize chats with per-turn masks, compute per-token log-probs, schedule the learning rate, read the
+command line, keep the run folder and log. Dialogues themselves (datasets, the rollout loop with a simulated user,
+the reward model, evaluation by turn) are in dialogues.py, the rollout engines and their weight sync in engines.py,
+the tasks in tasks/, checkpoints in checkpoints.py.
 
 Copy it along with the script you fork; it is not a library.
 """

@@ -188,10 +188,15 @@ class AnchorWork:
     """The rollout work of one REFUEL iteration, the same in every design."""
 
     dialogues: int = 16
+    """dialogues played, each with one branch"""
     horizon: int = 3
+    """assistant turns per dialogue"""
     max_tokens: int = 48
+    """length cap of a policy turn and of a user reply"""
     temperature: float = 0.8
+    """sampling temperature of both roles"""
     max_model_len: int = 2048
+    """context of both engines"""
 
 
 def anchor_policy(model_path: str) -> torch.nn.Module:

@@ -5,7 +5,7 @@ Built in: `guess_number` (tasks/guess_number.py: the verifiable game), `chat` (t
 a simulated user, a reward model) and `digits` (tasks/digits.py: one turn of 48 digits scored as a whole). A fork's
 own task is `--task module:function` or `--task path/file.py:function`: a function with keyword parameters (any
 of the `TaskArgs` fields and of the run's own values that `load_task` passes: seed, rank, device, bf16, model,
-context_tokens, ...) that returns a `Task`. It is called exactly as the built-in ones are.
+max_prompt_tokens, max_new_tokens, ...) that returns a `Task`. It is called exactly as the built-in ones are.
 """
 
 import dataclasses

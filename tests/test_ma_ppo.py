@@ -14,8 +14,18 @@ import pytest
 import torch
 
 import ma_ppo
-from ma_ppo import (Args, macro_advantages, macro_gae, macro_segments, macro_weights, micro_batch_share, per_macro,
-                    policy_loss, to_tokens, value_loss)
+from ma_ppo import (
+    Args,
+    macro_advantages,
+    macro_gae,
+    macro_segments,
+    macro_weights,
+    micro_batch_share,
+    per_macro,
+    policy_loss,
+    to_tokens,
+    value_loss,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
