@@ -431,7 +431,7 @@ def run_memory(model_path: str | None, bucket_mb: float, repeats: int) -> dict:
                               str(bucket_mb), "--repeats", str(repeats)], env=env, capture_output=True,
                              text=True, check=True)
         results.append({"model": name, **next(json.loads(line) for line in out.stdout.splitlines()
-                                               if line.startswith('{"case"') and '"rank": 0' in line)})
+                                               if line.startswith('{"case"'))})
         print(f"{name:<14} {case:<20} peak {results[-1]['peak_bytes'] / MiB:8.1f} MiB  "
               f"{results[-1]['seconds']:6.2f} s", flush=True)
     return {"bucket_mb": bucket_mb, "repeats": repeats, "results": results}
@@ -458,7 +458,9 @@ if __name__ == "__main__":
     # the measurements run in processes of their own; each exits as soon as its result is out, since vLLM's and
     # the process group's teardown would only cost time
     if args.case:
-        print(json.dumps(run_case(args.case, args.model_path, args.bucket_mb, args.repeats)), flush=True)
+        result = run_case(args.case, args.model_path, args.bucket_mb, args.repeats)
+        if result["rank"] == 0:  # one writer: two ranks' lines on one pipe can run into each other
+            print(json.dumps(result), flush=True)
         os._exit(0)
     if args.anchor_case:
         print(json.dumps(anchor_case(args.anchor_case, args.model_path, work)), flush=True)
