@@ -173,7 +173,7 @@ def warm_start_policy(game: GuessNumber, tokenizer_path: str, steps: int = 800, 
                 group["lr"] = lr * (1 - (step + 1) / steps)
             if (step + 1) % 50 == 0:
                 utils.print0(f"guess_number warm start: step {step + 1}/{steps}, loss {loss.item():.3f}, "
-                       f"{time.time() - started:.0f}s")
+                             f"{time.time() - started:.0f}s")
         torch.set_num_threads(threads)
         model.save_pretrained(tmp)
         os.replace(tmp, folder)
