@@ -166,6 +166,10 @@ class Args:
     token_budget: int | None = None
     """stop after the iteration in which the generated tokens (policy and user, all ranks) reach this many, so that
     methods can be compared at equal generation cost"""
+    schedule_over: Literal["iterations", "token_budget"] = "iterations"
+    """what the LR schedule spans: the run's optimizer steps (`--num_iterations`), or `--token_budget`: each step's
+    LR is the schedule at the share of the budget spent (utils.BudgetSchedule), so that methods whose iterations
+    cost different numbers of tokens all decay, by one rule, to the end of the same budget"""
 
     # bookkeeping
     eval_every: int = 2
@@ -306,6 +310,8 @@ def check_args(args: Args) -> None:
         (min(args.pairs_per_rank, args.minibatch_pairs, args.micro_batch_pairs, args.num_epochs,
              args.num_iterations) < 1,
          "--pairs_per_rank, --minibatch_pairs, --micro_batch_pairs, --num_epochs, --num_iterations must be >= 1"),
+        (args.schedule_over == "token_budget" and args.token_budget is None,
+         "--schedule_over token_budget needs --token_budget"),
         (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
         (args.preference_dataset is not None and args.loss != "dpo",
          "--preference_dataset has preferences, not scores: it trains --loss dpo only"),
@@ -395,11 +401,14 @@ if __name__ == "__main__":
     if uses_reference:
         reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
         reference.requires_grad_(False)
-    steps = args.num_iterations * args.num_epochs * -(-args.pairs_per_rank // args.minibatch_pairs)
+    steps_per_iteration = args.num_epochs * -(-args.pairs_per_rank // args.minibatch_pairs)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                  utils.lr_lambda(args.lr_schedule, steps, args.warmup_ratio))
+    if args.schedule_over == "token_budget":
+        scheduler = utils.BudgetSchedule(optimizer, args.lr_schedule, args.warmup_ratio, args.token_budget)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, utils.lr_lambda(
+            args.lr_schedule, args.num_iterations * steps_per_iteration, args.warmup_ratio))
 
     # the policy's rollout engine, colocated on this rank
     engine = engines.make_engine(policy_path, device, max_model_len=max_model_len, seed=args.seed, bf16=args.bf16,
@@ -503,6 +512,7 @@ if __name__ == "__main__":
 
         # 1-3. the pairs: two answers of pi_t to each state s_h, ranked by their scores; or a preference dataset's
         t0 = time.time()
+        before = spent["policy_tokens"] + spent["user_tokens"]
         if preferences is None:
             pair_prompts, responses, turns, scores = generated_pairs(iteration, rng, timings)
         else:
@@ -514,6 +524,9 @@ if __name__ == "__main__":
             timings.update(rollout=time.time() - t0, reward=0.0)
         identical = torch.tensor([a == b for a, b in responses])
         preferred, keep = preference_pairs(scores, identical)
+        if args.schedule_over == "token_budget":
+            tokens = utils.sum_over_ranks({"before": before, "after": spent["policy_tokens"] + spent["user_tokens"]})
+            scheduler.start_iteration(tokens["before"], tokens["after"], steps_per_iteration)
 
         # 4. log-probs of the two turn-h answers under pi_t (training forward) and the reference
         t0 = time.time()

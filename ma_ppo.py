@@ -181,6 +181,11 @@ class Args:
     token_budget: int | None = None
     """stop after the iteration in which the generated tokens (policy and user, all ranks) reach this many, so that
     methods can be compared at equal generation cost"""
+    schedule_over: Literal["iterations", "token_budget"] = "iterations"
+    """what the LR schedule spans: the run's optimizer steps (`--num_iterations`), or `--token_budget`: each step's
+    LR is the schedule at the share of the budget spent (utils.BudgetSchedule), so that methods whose iterations
+    cost different numbers of tokens all decay, by one rule, to the end of the same budget; the actor takes no
+    step in the critic's warmup, and then starts at the share reached"""
 
     # bookkeeping
     eval_every: int = 2
@@ -427,6 +432,8 @@ def check_args(args: Args) -> None:
         (args.max_grad_norm <= 0, "--max_grad_norm must be > 0: gradients are clipped to this norm"),
         (min(args.dialogues_per_rank, args.minibatch_dialogues, args.micro_batch_dialogues, args.num_epochs,
              args.num_iterations) < 1, "batch sizes, --num_epochs and --num_iterations must be at least 1"),
+        (args.schedule_over == "token_budget" and args.token_budget is None,
+         "--schedule_over token_budget needs --token_budget"),
         (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
         (args.minibatch_dialogues >= 1  # (a minibatch of 0 is refused above)
          and not 0 <= args.critic_warmup_steps < steps_per_iteration(args) * args.num_iterations,
@@ -508,8 +515,10 @@ if __name__ == "__main__":
                                          ("critic", critic, args.critic_lr, steps)):
         optimizers[name] = torch.optim.AdamW(model.parameters(), lr=lr, betas=args.adam_betas,
                                              weight_decay=args.weight_decay)
-        schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
-            optimizers[name], utils.lr_lambda(args.lr_schedule, model_steps, args.warmup_ratio))
+        schedulers[name] = (
+            utils.BudgetSchedule(optimizers[name], args.lr_schedule, args.warmup_ratio, args.token_budget)
+            if args.schedule_over == "token_budget" else torch.optim.lr_scheduler.LambdaLR(
+                optimizers[name], utils.lr_lambda(args.lr_schedule, model_steps, args.warmup_ratio)))
     trained = {"actor": (actor, optimizers["actor"]), "critic": (critic, optimizers["critic"])}
 
     # the actor's rollout engine, colocated on this rank
@@ -565,10 +574,15 @@ if __name__ == "__main__":
         if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()
         timings["rollout"] = time.time() - t0
+        before = spent["policy_tokens"] + spent["user_tokens"]
         policy_tokens, user_tokens = dialogues.generated_tokens(episodes, tokenizer, [0] * len(episodes))
         spent["policy_tokens"] += policy_tokens
         spent["user_tokens"] += user_tokens
         spent["reward_calls"] += len(episodes)
+        if args.schedule_over == "token_budget":
+            tokens = utils.sum_over_ranks({"before": before, "after": spent["policy_tokens"] + spent["user_tokens"]})
+            for name in schedulers:
+                schedulers[name].start_iteration(tokens["before"], tokens["after"], steps_per_iteration(args))
 
         # 2. the score of each finished dialogue, clipped (official clip_reward_value)
         t0 = time.time()

@@ -145,6 +145,10 @@ class Args:
     token_budget: int | None = None
     """stop after the iteration in which the generated tokens (all ranks) reach this many, so that methods can be
     compared at equal generation cost"""
+    schedule_over: Literal["iterations", "token_budget"] = "iterations"
+    """what the LR schedule spans: the run's optimizer steps (`--num_iterations`), or `--token_budget`: each step's
+    LR is the schedule at the share of the budget spent (utils.BudgetSchedule), so that methods whose iterations
+    cost different numbers of tokens all decay, by one rule, to the end of the same budget"""
 
     # bookkeeping
     eval_every: int = 4
@@ -191,6 +195,8 @@ def check_args(args: Args) -> None:
              args.num_iterations) < 1,
          "--pairs_per_rank, --minibatch_pairs, --micro_batch_pairs, --num_epochs and --num_iterations must be at "
          "least 1"),
+        (args.schedule_over == "token_budget" and args.token_budget is None,
+         "--schedule_over token_budget needs --token_budget"),
         (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
     ] if bad]
     if problems:
@@ -263,9 +269,12 @@ if __name__ == "__main__":
         reference.requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
-    total_steps = args.num_iterations * args.num_epochs * -(-args.pairs_per_rank // args.minibatch_pairs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, utils.lr_lambda(args.lr_schedule, total_steps, args.warmup_ratio))
+    steps_per_iteration = args.num_epochs * -(-args.pairs_per_rank // args.minibatch_pairs)
+    if args.schedule_over == "token_budget":
+        scheduler = utils.BudgetSchedule(optimizer, args.lr_schedule, args.warmup_ratio, args.token_budget)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, utils.lr_lambda(
+            args.lr_schedule, args.num_iterations * steps_per_iteration, args.warmup_ratio))
 
     # reward: a reward model, or a function written in code
     if args.reward_model is not None:
@@ -333,8 +342,12 @@ if __name__ == "__main__":
         if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()
         timings["rollout"] = time.time() - t0
+        before = spent["policy_tokens"]
         spent["policy_tokens"] += sum(len(c.token_ids) for c in completions)
         spent["reward_calls"] += len(completions)
+        if args.schedule_over == "token_budget":
+            tokens = utils.sum_over_ranks({"before": before, "after": spent["policy_tokens"]})
+            scheduler.start_iteration(tokens["before"], tokens["after"], steps_per_iteration)
 
         # 2. score: the reward of each response; a response that never ends gets the fixed penalty
         t0 = time.time()

@@ -155,6 +155,10 @@ class Args:
     token_budget: int | None = None
     """stop after the iteration in which the generated tokens (policy and user, all ranks) reach this many, so that
     REFUEL and the baselines (dpo_multiturn.py) can be compared at equal generation cost"""
+    schedule_over: Literal["iterations", "token_budget"] = "iterations"
+    """what the LR schedule spans: the run's optimizer steps (`--num_iterations`), or `--token_budget`: each step's
+    LR is the schedule at the share of the budget spent (utils.BudgetSchedule), so that methods whose iterations
+    cost different numbers of tokens all decay, by one rule, to the end of the same budget"""
 
     # bookkeeping
     eval_every: int = 2
@@ -260,6 +264,8 @@ def check_args(args: Args) -> None:
         (min(args.minibatch_pairs, args.micro_batch_pairs, args.num_epochs, args.num_iterations) < 1,
          "--minibatch_pairs, --micro_batch_pairs, --num_epochs and --num_iterations must be at least 1"),
         (not 0 < args.val_fraction < 1, "--val_fraction must be in (0, 1)"),
+        (args.schedule_over == "token_budget" and (args.token_budget is None or args.schedule_scope == "iteration"),
+         "--schedule_over token_budget needs --token_budget, and --schedule_scope run"),
         (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
     ] if bad]
     if problems:
@@ -325,12 +331,14 @@ if __name__ == "__main__":
     num_train = args.pairs_per_rank - num_val
     steps_per_iteration = args.num_epochs * -(-num_train // args.minibatch_pairs)
 
-    def make_optimizer() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    def make_optimizer() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR | utils.BudgetSchedule]:
         # FSDP2 leaves the root's parameters unsharded after a forward without backward (an evaluation, a sync
         # check): reshard so that the optimizer holds the sharded parameters the training steps update
         policy.reshard()
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                       weight_decay=args.weight_decay)
+        if args.schedule_over == "token_budget":
+            return optimizer, utils.BudgetSchedule(optimizer, args.lr_schedule, args.warmup_ratio, args.token_budget)
         steps = steps_per_iteration * (1 if args.schedule_scope == "iteration" else args.num_iterations)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(
             optimizer, utils.lr_lambda(args.lr_schedule, steps, args.warmup_ratio))
@@ -396,11 +404,15 @@ if __name__ == "__main__":
         if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()
         timings["rollout"] = time.time() - t0
+        before = spent["policy_tokens"] + spent["user_tokens"]
         for side, first_turns in ((a_side, [0] * len(a_side)), (b_side, branch_turns)):
             policy_tokens, user_tokens = dialogues.generated_tokens(side, tokenizer, first_turns)
             spent["policy_tokens"] += policy_tokens
             spent["user_tokens"] += user_tokens
         spent["reward_calls"] += len(a_side) + len(b_side)
+        if args.schedule_over == "token_budget":
+            tokens = utils.sum_over_ranks({"before": before, "after": spent["policy_tokens"] + spent["user_tokens"]})
+            scheduler.start_iteration(tokens["before"], tokens["after"], steps_per_iteration)
 
         # 2. the Monte-Carlo returns' scores: the reward of each finished dialogue
         t0 = time.time()

@@ -405,6 +405,13 @@ def token_logprobs_in_chunks(model: torch.nn.Module, input_ids: torch.Tensor, at
 # learning-rate schedules
 
 
+def decay(schedule: str, progress: float) -> float:
+    """The decay after warmup at `progress` (0 to 1, clipped): linear to 0, or half a cosine to 0."""
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
 def lr_lambda(schedule: str, total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
     """Multiplier of the base LR at optimizer step `step`: linear decay (REBEL online) or cosine with warmup
     (REFUEL and REBEL offline iterations, `get_cosine_schedule_with_warmup`). A positive `warmup_ratio` warms up
@@ -414,12 +421,53 @@ def lr_lambda(schedule: str, total_steps: int, warmup_ratio: float) -> Callable[
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return decay(schedule, (step - warmup) / max(1, total_steps - warmup))
 
     return factor
+
+
+class BudgetSchedule:
+    """The same schedules laid over a token budget instead of a number of steps (`--schedule_over token_budget`),
+    so that runs whose iterations cost different numbers of tokens all decay to the end of their budget by one
+    rule. Each optimizer step takes the base LR times the schedule's shape at the share of the budget spent at the
+    middle of its slice of the iteration's tokens: with a constant number of tokens per iteration, `lr_lambda`'s
+    shape over the steps the budget allows, read at each step's middle. It stands in for the LambdaLR: `step()` after each optimizer
+    step, `get_last_lr()`; `start_iteration` before the iteration's first step, with the tokens (all ranks')
+    before and after its rollout."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: str, warmup_ratio: float, token_budget: int):
+        self.optimizer, self.schedule, self.warmup_ratio, self.budget = optimizer, schedule, warmup_ratio, token_budget
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.before = self.after = 0.0
+        self.steps, self.taken = 1, 0
+
+    def factor(self, share: float) -> float:
+        if share < self.warmup_ratio:
+            return share / self.warmup_ratio
+        return decay(self.schedule, (share - self.warmup_ratio) / (1 - self.warmup_ratio))
+
+    def set_lr(self) -> None:
+        share = (self.before + (self.after - self.before) * (self.taken + 0.5) / self.steps) / self.budget
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * self.factor(share)
+
+    def start_iteration(self, tokens_before: float, tokens_after: float, steps: int) -> None:
+        self.before, self.after, self.steps, self.taken = tokens_before, tokens_after, steps, 0
+        self.set_lr()
+
+    def step(self) -> None:
+        self.taken += 1
+        self.set_lr()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {}  # every value is set again from the tokens at the next iteration
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ The tables are always printed from the JSON file, after a run too, so the Markdo
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -134,6 +135,27 @@ def load_results(path: str) -> dict:
 def header(results: dict) -> str:
     return (f"Command: `{results['command']}`; run {results['date']} on {results['cpu_count']} CPU cores "
             f"({results['machine']}).\n")
+
+
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+"""Student's t 0.975 quantiles for 1-30 degrees of freedom (beyond 30, 1.96 is within 4%)"""
+
+
+def interval95(values: list[float]) -> tuple[float, float]:
+    """The mean and the half-width of its 95% confidence interval (Student's t over the values, which are taken as
+    independent draws: one per seed); the half-width is inf for a single value."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, math.inf
+    quantile = T_975[len(values) - 2] if len(values) <= 31 else 1.96
+    return mean, quantile * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def with_interval(values: list[float], digits: int = 3) -> str:
+    """`mean ± half-width` of the 95% interval (the mean alone for a single value)."""
+    mean, half = interval95(values)
+    return f"{mean:.{digits}f}" if math.isinf(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
 def spread(values: list[float], digits: int = 3) -> str:

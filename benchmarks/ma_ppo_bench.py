@@ -1,104 +1,124 @@
-"""MA-PPO (macro actions of n tokens) against token-level PPO (n = 1) at equal budget, over several seeds.
+"""MA-PPO's claim measured: macro actions reach token-level PPO's score in fewer updates (the paper: parity 1.7-2x
+sooner), on a task where they have room.
 
-Both run ma_ppo.py with the same flags but `--ngram`, from the same policy, for the same iterations (so the same
-generated tokens and optimizer steps), evaluated every iteration. Reported per task: the evaluation score at the
-horizon against iteration (mean and spread over seeds), and the paper's measure: the iterations MA-PPO needs to
-reach token-level PPO's final score, as a ratio (the paper reports parity 1.7-2x sooner), per seed. Tasks: the
-guessing game (multi-turn) and the chat task with one turn (brevity reward). Then the seconds per update split
-by phase (rollout, reward, old log-probs and values, train, sync), next to refuel.py's on the guessing game (its
-own defaults and the first seed, plus `--refuel_flags`). Flags after `--` go to every ma_ppo.py run. 3 seeds of 10
-iterations: about 55 minutes on 2 CPU cores. Writes ma_ppo_bench.json and ma_ppo_bench.png to --output_dir; the
-flags all benchmarks share are described in benchmarks/common.py.
+Every variant runs ma_ppo.py with the same flags but its termination rule, from the same policy, for the same
+iterations: the same samples (dialogues), generated tokens and optimizer steps. Each run is evaluated after every
+iteration on the task's fixed evaluation set. Variants: token-level PPO (n = 1), MA-PPO with n-gram macros (n = 5,
+the paper's), MA-PPO with randomized lengths (the official list 1, 2, 3, 5, 10, three times each), and optionally
+n = 5 with the KL rewards summed per macro (`ngram5_sum`): the official mean aggregation divides each macro's KL
+term by its length, so that control separates the credit assignment from a lighter KL penalty.
 
-    .venv/bin/python benchmarks/ma_ppo_bench.py [--seeds 1 2 3] [--num_iterations 10] [--token_budget T] [--ngram 5]
-        [--output_dir docs] [--runs_dir DIR] [-- more ma_ppo.py flags]
+The default task is `digits` (48 one-token digits scored as a whole, tasks/digits.py): its answers are 48 actions,
+where token-level GAE passes a tenth of the final TD error back to the first digit. Reported, over the seeds:
+
+- the final evaluation score of each variant, mean and 95% interval, and its paired difference from PPO (same seed:
+  same warm start, same evaluation dialogues);
+- the updates (optimizer steps) and the training seconds each variant needs to first reach token-level PPO's final
+  score (the mean over seeds), with 95% intervals over the seeds that reach it, and the ratio to PPO's own;
+- the seconds per update split by phase;
+- a plot of the score against samples and against training seconds, means with 95% bands.
+
+"Training seconds" are the run's own phase times (rollout, reward, old log-probs, train, sync), evaluation excluded.
+5 seeds of 3 variants, 12 iterations of 256 dialogues: about 70 minutes on 2 CPU cores. Writes ma_ppo_bench.json and
+ma_ppo_bench.png to --output_dir; the flags all benchmarks share are described in benchmarks/common.py.
+
+    .venv/bin/python benchmarks/ma_ppo_bench.py [--seeds 1 2 3 4 5] [--num_iterations 12]
+        [--variants ppo ngram5 randomized [ngram5_sum]] [--output_dir docs] [--runs_dir DIR] [-- more ma_ppo.py flags]
     .venv/bin/python benchmarks/ma_ppo_bench.py --report     # the tables again, from docs/ma_ppo_bench.json
 """
 
 import argparse
+import json
+import math
 import os
-import re
-import shlex
 import statistics
 
 import common
 
-TASKS = {
-    "guessing game (3 turns)": ["--task", "guess_number"],
-    # 16 dialogues per iteration in minibatches of 8 (two optimizer steps): the default 256 takes ~5 min an
-    # iteration with SmolLM2-135M on 2 cores. The actor's default LR (1e-4, for the guessing game's tiny policy)
-    # moves SmolLM2 by ~3 nats of KL in its first two steps, while the critic's new value head is still noise
-    "chat, one turn (brevity)": ["--task", "chat", "--horizon", "1", "--max_new_tokens", "32", "--dialogues_per_rank",
-                                 "16", "--minibatch_dialogues", "8", "--micro_batch_dialogues", "8", "--lr", "1e-5"],
+VARIANTS = {
+    "ppo": ("token-level PPO (n = 1)", ["--ngram", "1"]),
+    "ngram5": ("MA-PPO, n-gram (n = 5)", ["--ngram", "5"]),
+    "randomized": ("MA-PPO, randomized lengths", ["--termination", "randomized"]),
+    "perplexity": ("MA-PPO, perplexity", ["--termination", "perplexity"]),
+    "ngram5_sum": ("MA-PPO, n = 5, KL summed per macro", ["--ngram", "5", "--reward_aggregation", "sum"]),
 }
+TASKS = {"digits": ["--task", "digits", "--max_new_tokens", "48"], "guess_number": ["--task", "guess_number"]}
 PHASES = ("rollout", "reward", "old_logprobs", "train", "sync")
 
 
-def run(script: str, flags: list[str], name: str, iterations: int, runs_dir: str) -> dict:
-    """One run evaluated after every iteration: its evaluation score at the horizon per iteration (iteration 0
-    first) and its mean seconds per update of each phase."""
-    done = common.run_script(script, [*flags, "--num_iterations", str(iterations), "--eval_every", "1",
-                                      "--save_every", str(iterations)], runs_dir, name)
+def run(flags: list[str], name: str, iterations: int, runs_dir: str) -> dict:
+    """One ma_ppo.py run evaluated after every iteration. Its per-iteration lists start at iteration 0 (before
+    training): the evaluation score at the horizon, the samples (dialogues) and optimizer steps so far, and the
+    training seconds so far."""
+    done = common.run_script("ma_ppo.py", [*flags, "--num_iterations", str(iterations), "--eval_every", "1",
+                                           "--save_every", str(iterations)], runs_dir, name)
     metrics = done["metrics"]
+    with open(os.path.join(runs_dir, name, "args.json")) as f:
+        args = json.load(f)
+    steps = args["dialogues_per_rank"] // args["minibatch_dialogues"] * args["num_epochs"]  # per iteration
     horizon = max(int(k.rsplit("turn", 1)[1]) for k in metrics[0] if k.startswith("eval/score_turn"))
+    seconds = [0.0]
+    for m in metrics[1:]:
+        seconds.append(seconds[-1] + sum(m[f"time/{p}"] for p in PHASES))
     return {"command": done["command"], "curve": [m[f"eval/score_turn{horizon}"] for m in metrics],
-            "seconds": {p: statistics.mean(m[f"time/{p}"] for m in metrics[1:]) for p in PHASES}}
+            "samples": [0.0] + [m["budget/reward_calls"] for m in metrics[1:]], "updates": [i * steps for i in range(len(metrics))], "seconds": seconds,
+            "phase_seconds": {p: statistics.mean(m[f"time/{p}"] for m in metrics[1:]) for p in PHASES}}
 
 
 def measure(args: argparse.Namespace) -> dict:
     runs_dir = common.runs_dir(args, "ma_ppo_bench")
-    tasks = {}
-    for task in args.tasks:
-        short = re.sub(r"\W", "", task.split()[0])
-        tasks[task] = {str(n): [{"seed": seed, **run("ma_ppo.py", [*TASKS[task], "--ngram", str(n), "--seed", str(seed),
-                                                                   *common.budget_flags(args), *args.script_flags],
-                                                     f"{short}_{n}_{seed}", args.num_iterations, runs_dir)}
-                                for seed in args.seeds]
-                       for n in (1, args.ngram)}
-    refuel = run("refuel.py", ["--task", "guess_number", "--seed", str(args.seeds[0]), *shlex.split(args.refuel_flags)],
-                 "refuel_guess", args.refuel_iterations, runs_dir)
-    return {"seeds": args.seeds, "ngram": args.ngram, "tasks": tasks, "refuel": refuel}
+    runs = {v: [] for v in args.variants}
+    for seed in args.seeds:  # seed by seed, so that an interrupted benchmark has every variant of its first seeds
+        for v in args.variants:
+            flags = [*TASKS[args.task], *VARIANTS[v][1], "--seed", str(seed), *args.script_flags]
+            runs[v].append({"seed": seed, **run(flags, f"{args.task}_{v}_{seed}", args.num_iterations, runs_dir)})
+    return {"task": args.task, "seeds": args.seeds, "runs": runs}
 
 
-def iterations_to_reach(curve: list[float], target: float) -> int | None:
-    return next((i for i, score in enumerate(curve) if score >= target), None)
-
-
-def label(n: str) -> str:
-    return "token-level PPO (n = 1)" if n == "1" else f"MA-PPO (n = {n})"
-
-
-def split_row(name: str, seconds: dict[str, float]) -> list[str]:
-    total = sum(seconds.values())
-    return [name, f"{total:.1f}", *(f"{seconds[p]:.1f} ({seconds[p] / total:.0%})" for p in PHASES)]
+def first_reach(run: dict, target: float) -> int | None:
+    """The first evaluation (iteration index) at or above `target`, or None."""
+    return next((i for i, score in enumerate(run["curve"]) if score >= target), None)
 
 
 def report(results: dict) -> str:
-    rows, splits = [], []
-    for task, by_n in results["tasks"].items():
-        ppo = [r["curve"] for r in by_n["1"]]
-        for n, runs in by_n.items():
-            curves = [r["curve"] for r in runs]
-            reach = [iterations_to_reach(c, p[-1]) for c, p in zip(curves, ppo)]
-            rows.append([task, label(n), f"{statistics.mean(c[0] for c in curves):.3f}",
-                         common.spread([c[-1] for c in curves]),
-                         ", ".join("never" if i is None else str(i) for i in reach)])
-            seconds = {p: statistics.mean(r["seconds"][p] for r in runs) for p in PHASES}
-            splits.append(split_row(f"ma_ppo.py n = {n}, {task}", seconds))
-        ratios = [p_i / m_i if m_i else float("inf") for p_i, m_i in
-                  ((iterations_to_reach(p, p[-1]), iterations_to_reach(m["curve"], p[-1]))
-                   for p, m in zip(ppo, by_n[str(results["ngram"])])) if m_i is not None]
-        rows.append([task, "speed-up to PPO's final score (per seed, PPO iterations / MA-PPO iterations)", "", "",
-                     ", ".join(f"{r:.2f}" for r in ratios)])
-    splits.append(split_row("refuel.py, guessing game (3 turns)", results["refuel"]["seconds"]))
+    runs = results["runs"]
+    ppo_final = {r["seed"]: r["curve"][-1] for r in runs["ppo"]}
+    target = statistics.mean(ppo_final.values())
+    scores, reach, splits = [], [], []
+    ppo_updates = None
+    for v, variant_runs in runs.items():
+        name = VARIANTS[v][0]
+        finals = [r["curve"][-1] for r in variant_runs]
+        paired = [r["curve"][-1] - ppo_final[r["seed"]] for r in variant_runs if r["seed"] in ppo_final]
+        scores.append([name, common.with_interval([r["curve"][0] for r in variant_runs]), common.with_interval(finals),
+                       common.with_interval([max(r["curve"]) for r in variant_runs]),
+                       "" if v == "ppo" else common.with_interval(paired)])
+        hits = [(r["updates"][i], r["seconds"][i]) for r in variant_runs if (i := first_reach(r, target)) is not None]
+        updates = [u for u, _ in hits]
+        if v == "ppo":
+            ppo_updates = updates
+        ratio = (f"{statistics.mean(ppo_updates) / statistics.mean(updates):.2f}x"
+                 if hits and ppo_updates and statistics.mean(updates) > 0 else "")
+        reach.append([name, f"{len(hits)}/{len(variant_runs)}",
+                      common.with_interval(updates, 1) if hits else "never",
+                      common.with_interval([s for _, s in hits], 0) if hits else "never", ratio])
+        seconds = {p: statistics.mean(r["phase_seconds"][p] for r in variant_runs) for p in PHASES}
+        total = sum(seconds.values())
+        splits.append([name, f"{total:.1f}", *(f"{seconds[p]:.1f} ({seconds[p] / total:.0%})" for p in PHASES)])
+    n = len(results["seeds"])
     return "\n".join([
         common.header(results),
-        f"refuel.py's run: `{results['refuel']['command']}`.\n",
-        common.table(["task", "method", "initial", f"final (mean ± sd over {len(results['seeds'])} seeds)",
-                      "iterations to reach PPO's final score, per seed"], rows),
+        f"Task `{results['task']}`, seeds {', '.join(map(str, results['seeds']))}; every cell is the mean ± the half-width "
+        f"of its 95% interval over the {n} seeds (Student's t).\n",
+        common.table(["variant", "initial score", "final score", "best score", "final minus PPO's (paired)"], scores),
         "",
-        "Time per update, split by phase (mean over the runs' iterations):\n",
-        common.table(["run", "seconds per update", *PHASES], splits)])
+        f"Reaching token-level PPO's final score ({target:.3f}, its mean over seeds): the first evaluation at or above "
+        "it, in optimizer steps and training seconds (over the seeds that reach it).\n",
+        common.table(["variant", "seeds that reach it", "updates", "training seconds", "speed-up (PPO's updates / "
+                      "the variant's)"], reach),
+        "",
+        "Seconds per iteration, split by phase (mean over the runs' iterations):\n",
+        common.table(["variant", "seconds per iteration", *PHASES], splits)])
 
 
 def plot(results: dict, path: str) -> None:
@@ -107,20 +127,22 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = results["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
-    for ax, (task, by_n) in zip(axes[0], tasks.items()):
-        for n, runs in by_n.items():
-            curves = [r["curve"] for r in runs]
-            steps = range(min(map(len, curves)))
-            mean = [statistics.mean(c[i] for c in curves) for i in steps]
-            sd = [statistics.stdev(c[i] for c in curves) if len(curves) > 1 else 0 for i in steps]
-            ax.plot(steps, mean, marker="o", label=label(n))
-            ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], alpha=0.2)
-        ax.set_title(task)
-        ax.set_xlabel("iteration (equal tokens and steps)")
-        ax.set_ylabel("evaluation score at the horizon")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for v, variant_runs in results["runs"].items():
+        length = min(len(r["curve"]) for r in variant_runs)
+        steps = range(length)
+        mean, half = zip(*(common.interval95([r["curve"][i] for r in variant_runs]) for i in steps))
+        half = [0.0 if math.isinf(h) else h for h in half]
+        for ax, x_key in zip(axes, ("samples", "seconds")):
+            x = [statistics.mean(r[x_key][i] for r in variant_runs) for i in steps]
+            ax.plot(x, mean, marker="o", markersize=3, label=VARIANTS[v][0])
+            ax.fill_between(x, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.2)
+    axes[0].set_xlabel("samples (dialogues)")
+    axes[1].set_xlabel("training seconds (mean over seeds)")
+    for ax in axes:
+        ax.set_ylabel("evaluation score")
         ax.legend(fontsize=7)
+    fig.suptitle(f"{results['task']}: mean and 95% band over {len(results['seeds'])} seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -128,12 +150,15 @@ def plot(results: dict, path: str) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_run_flags(parser, seeds=[1, 2, 3], num_iterations=10, token_budget=None)
-    parser.add_argument("--ngram", type=int, default=5, help="MA-PPO's macro length (compared with n = 1)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--refuel_iterations", type=int, default=3, help="iterations of the refuel.py run")
-    parser.add_argument("--refuel_flags", default="", help='more refuel.py flags, one string (e.g. "--lr 1e-4")')
+    common.add_run_flags(parser, seeds=[1, 2, 3, 4, 5], num_iterations=12, token_budget=None)
+    parser.add_argument("--task", default="digits", choices=list(TASKS), help="the task every variant runs on")
+    parser.add_argument("--variants", nargs="+", default=["ppo", "ngram5", "randomized"], choices=list(VARIANTS),
+                        help="what runs; `ppo` (token-level PPO, the reference of the comparison) is always one")
     args = common.parse_args(parser)
+    if "ppo" not in args.variants:
+        parser.error("--variants must include ppo: the others are measured against it")
+    if args.token_budget is not None:
+        args.script_flags = [*common.budget_flags(args), *args.script_flags]
     path = os.path.join(args.output_dir, "ma_ppo_bench.json")
     if not args.report:
         common.save_results(path, measure(args))

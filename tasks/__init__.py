@@ -19,7 +19,7 @@ import dialogues
 import utils
 
 BUILT_IN = {"guess_number": "tasks.guess_number:make_task", "chat": "tasks.chat:make_task",
-            "digits": "tasks.digits:make_task"}
+            "digits": "tasks.digits:make_task", "harvest": "tasks.harvest:make_task"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -54,17 +54,17 @@ class Task:
 class TaskArgs:
     task: str = "guess_number"
     """`guess_number` (verifiable: code user and reward), `chat` (dataset openings, a simulated user, a reward
-    model or function), `digits` (one long answer, verifiable score), or `module:function` / `file.py:function`
-    returning a `Task`"""
+    model or function), `digits` (one long answer, verifiable score), `harvest` (verifiable, an informative but
+    myopic score at every turn), or `module:function` / `file.py:function` returning a `Task`"""
     horizon: int | None = None
     """largest number of assistant turns H; default the task's own (guessing game: 3; chat: the paper's 5)"""
 
-    # the guessing game
+    # the guessing game (and the harvest game's warm start)
     guess_max: int = 7
     """the secret is a number from 1 to this (1..7 in 3 turns: binary search solves every game)"""
     warm_start_steps: int = 800
-    """supervised steps that teach the game's tiny policy to play consistently (trained once, cached; not run
-    when `--model` is given)"""
+    """supervised steps that teach the game's tiny policy to play by the rules (the guessing game, the harvest
+    game; trained once, cached; not run when `--model` is given)"""
 
     # the chat task
     dataset: str = os.path.join(REPO, "data", "prompts.jsonl")

@@ -127,20 +127,28 @@ def warm_start_policy(game: GuessNumber, tokenizer_path: str, steps: int = 800, 
 
     It learns to answer with a number inside the interval the user restates, i.e. to play about as well as random
     consistent play (docs/refuel.md has the measured figures); from there the algorithms can find binary search.
-    Trained on one CPU thread, once per machine and `warm_start_key`: a game with other wording or rules (a fork's
-    subclass), another tokenizer or other `steps` gets a policy of its own.
+    Trained once per machine and `warm_start_key`: a game with other wording or rules (a fork's subclass), another
+    tokenizer or other `steps` gets a policy of its own.
     """
-    # at lr 3e-3 the loss stays for hundreds of steps at the guesses' marginal distribution: the model does not
-    # learn to read the interval, and about half of its later guesses fall outside it
-    lr = 1e-3
-    shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=4)
     # every step's games drawn up front (the same games in the same order as drawn step by step): the cache key
     # is a hash of them
     rng = random.Random(seed)
     games = [game.random_consistent_game(rng).messages for _ in range(steps * WARM_START_GAMES_PER_STEP)]
+    return warm_start_on_games(f"guess_number_n{game.n}_h{game.horizon}_s{steps}", games, tokenizer_path, seed)
+
+
+def warm_start_on_games(name: str, games: list[utils.Dialogue], tokenizer_path: str, seed: int = 0) -> str:
+    """A tiny Llama trained on the assistant turns of `games`, WARM_START_GAMES_PER_STEP a step, cached as
+    `name` and the `warm_start_key` of the games (the game tasks' warm start: this game and tasks/harvest.py).
+    Trained on one CPU thread, with the LR decaying linearly to 0."""
+    # at lr 3e-3 the guessing game's loss stays for hundreds of steps at the guesses' marginal distribution: the
+    # model does not learn to read the interval, and about half of its later guesses fall outside it
+    lr = 1e-3
+    shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4)
+    steps = len(games) // WARM_START_GAMES_PER_STEP
     key = warm_start_key(games, tokenizer_path, dict(shape, lr=lr, seed=seed))
-    folder = os.path.join(utils.cache_dir(), f"guess_number_n{game.n}_h{game.horizon}_s{steps}_{key}")
+    folder = os.path.join(utils.cache_dir(), f"{name}_{key}")
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
     with utils.file_lock(folder + ".lock"):
@@ -172,7 +180,7 @@ def warm_start_policy(game: GuessNumber, tokenizer_path: str, steps: int = 800, 
             for group in optimizer.param_groups:
                 group["lr"] = lr * (1 - (step + 1) / steps)
             if (step + 1) % 50 == 0:
-                utils.print0(f"guess_number warm start: step {step + 1}/{steps}, loss {loss.item():.3f}, "
+                utils.print0(f"{name} warm start: step {step + 1}/{steps}, loss {loss.item():.3f}, "
                              f"{time.time() - started:.0f}s")
         torch.set_num_threads(threads)
         model.save_pretrained(tmp)

@@ -136,7 +136,8 @@ def read_metrics(run_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--turns", "sampled", "--contexts", "onpolicy", "--target", "future", "--loss",
-                                    "rebel"], ["--turns", "all", "--contexts", "offline", "--token_budget", "100"]],
+                                    "rebel"], ["--turns", "all", "--contexts", "offline", "--token_budget", "100",
+                                    "--schedule_over", "token_budget"]],
                          ids=["rebel-mt-onpolicy-future", "dpo-mt-offline-budget"])
 def test_two_ranks_in_other_modes(tmp_path, script_env, flags):
     subprocess.run(command(str(tmp_path), "r", *flags), check=True, timeout=900, env=script_env)
@@ -147,6 +148,12 @@ def test_two_ranks_in_other_modes(tmp_path, script_env, flags):
         # 8 states x 2 ranks x 2 answers of a few tokens: about 64 tokens an iteration
         assert metrics[-1]["budget/generated_tokens"] >= 100 and metrics[-1]["iteration"] < 3
         assert all(m["budget/generated_tokens"] < 100 for m in metrics[1:-1]) and "eval/score_turn3" in metrics[-1]
+        # the schedule spans the budget: after an iteration's 2 steps the LR is the cosine (warmup 0.1) at the share
+        # spent by the middle of a third step's slice of its tokens, 0 past the budget's end
+        spent = [0.0] + [m["budget/generated_tokens"] for m in metrics[1:]]
+        for m, before, after in zip(metrics[1:], spent, spent[1:]):
+            share = (before + (after - before) * 2.5 / 2) / 100
+            assert m["policy/lr"] == pytest.approx(5e-4 * 0.5 * (1 + math.cos(math.pi * min(1, (share - 0.1) / 0.9))))
         # the guessing game's recorded games all fit
         assert metrics[0]["data/recorded_dialogues"] == 4096 and metrics[0]["skipped/too_long_recorded"] == 0
         # this short warm start solves no game, so every pair ties: the DPO diagnostics are logged, over no pair

@@ -142,3 +142,32 @@ def test_an_optimizer_made_after_an_inference_forward_holds_the_shards(tiny_mode
     assert not isinstance(policy.model.embed_tokens.weight, DTensor)  # the trap
     policy.reshard()
     assert all(isinstance(p, DTensor) for p in policy.parameters())
+
+
+def budget_lrs(tokens_per_iteration: float, steps: int, budget: float, warmup_ratio: float) -> list[tuple]:
+    """(share of the budget at the step's middle, its LR) for every step of a run stopped by the budget."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = utils.BudgetSchedule(optimizer, "cosine", warmup_ratio, int(budget))
+    spent, lrs = 0.0, []
+    while spent < budget:
+        schedule.start_iteration(spent, spent + tokens_per_iteration, steps)
+        for s in range(steps):
+            lrs.append(((spent + tokens_per_iteration * (s + 0.5) / steps) / budget, optimizer.param_groups[0]["lr"]))
+            schedule.step()
+        spent += tokens_per_iteration
+    return lrs
+
+
+def test_the_budget_schedule_follows_the_share_of_the_budget_spent():
+    # two methods whose iterations cost different numbers of tokens and take different numbers of steps
+    slow, fast = budget_lrs(100, 4, 1000, 0.1), budget_lrs(250, 2, 1000, 0.1)
+    assert len(slow) == 40 and len(fast) == 8  # each spends the whole budget, in its own number of steps
+    for share, lr in slow + fast:  # the same LR at the same share: warmup, then a cosine to 0 at the budget's end
+        expected = share / 0.1 if share < 0.1 else 0.5 * (1 + math.cos(math.pi * (share - 0.1) / 0.9))
+        assert lr == pytest.approx(2.0 * expected)
+    assert slow[0][1] == pytest.approx(2.0 * 0.0125 / 0.1) and max(lr for _, lr in slow) <= 2.0
+    assert slow[-1][1] < 0.002 and fast[-1][1] < 0.1  # the last steps sit just before the end of the budget
+    # without warmup the first step runs at (nearly) the peak; an overshooting last iteration runs at 0 past the end
+    over = budget_lrs(300, 2, 1000, 0.0)
+    assert over[0][1] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 0.075)))
+    assert over[-1][0] > 1 and over[-1][1] == 0.0
