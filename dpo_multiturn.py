@@ -110,6 +110,9 @@ class Args:
     # the baseline
     turns: Literal["last", "all", "sampled"] = "last"
     """which turn h of a dialogue trains: `last` (LT), `all` (MT: every turn), `sampled` (MT: REFUEL's h)"""
+    horizon_sampling: Literal["paper", "uniform"] = "paper"
+    """`--turns sampled`'s draw of h, as refuel.py's flag: `paper` (H' ~ U{1..H}, h ~ U{1..H'}; turn 1 most often)
+    or `uniform` (h ~ U{1..H}), so that a comparison can give every method the same turn distribution"""
     contexts: Literal["offline", "initial", "onpolicy"] = "initial"
     """where the states s_h come from: the task's recorded dialogues, dialogues pi_0 played once with the user
     (the paper's MIXED data), or dialogues pi_t plays every iteration"""
@@ -222,12 +225,13 @@ def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor
 
 
 def training_states(rng: np.random.Generator, turns_played: list[int], n: int, mode: str,
-                    horizon: int) -> list[tuple[int, int]]:
+                    horizon: int, sampling: str = "paper") -> list[tuple[int, int]]:
     """`n` states (dialogue index, turn h, 0-indexed) from dialogues with `turns_played` assistant turns each.
 
     `last`: one dialogue after another (as drawn), at its last turn. `all`: every (dialogue, turn) state, n of them
-    uniformly. `sampled`: REFUEL's draw (official generate.py: H' ~ U{1..H}, h ~ U{1..H'}), redrawn uniformly over
-    a dialogue's turns when it has fewer than h (refuel.py's `redraw_past_the_end`; scripts do not import each other).
+    uniformly. `sampled`: REFUEL's draw of h, `paper` (official generate.py: H' ~ U{1..H}, h ~ U{1..H'}) or
+    `uniform` (h ~ U{1..H}, refuel.py's `--horizon_sampling uniform`), redrawn uniformly over a dialogue's turns when
+    it has fewer than h (refuel.py's `redraw_past_the_end`; scripts do not import each other).
     """
     which = rng.integers(0, len(turns_played), n)
     turns = np.asarray(turns_played)[which]
@@ -236,7 +240,7 @@ def training_states(rng: np.random.Generator, turns_played: list[int], n: int, m
     if mode == "all":
         every = [(d, h) for d, t in enumerate(turns_played) for h in range(t)]
         return [every[i] for i in rng.choice(len(every), n)]
-    h = rng.integers(0, rng.integers(0, horizon, n) + 1)
+    h = rng.integers(0, horizon, n) if sampling == "uniform" else rng.integers(0, rng.integers(0, horizon, n) + 1)
     h = np.where(h >= turns, rng.integers(0, np.maximum(turns, 1)), h)
     return [(int(d), int(t)) for d, t in zip(which, h)]
 
@@ -477,7 +481,7 @@ if __name__ == "__main__":
             contexts = play([fresh(e) for e in openings], [horizon] * len(openings), (args.seed, iteration, rank))
             count(contexts, [0] * len(contexts))
         chosen_states = training_states(rng, [user_turns(d) for d in contexts], args.pairs_per_rank, args.turns,
-                                        horizon)
+                                        horizon, args.horizon_sampling)
         states = [state(contexts[d], h) for d, h in chosen_states]
         turns = [h for _, h in chosen_states]
         # 2. two answers to each state from pi_t, drawn in the same engine call; with the future target both are
@@ -607,7 +611,9 @@ if __name__ == "__main__":
             shown[f"eval_turn{horizon}"] = metrics[f"eval/score_turn{horizon}"]
             if rank == 0:
                 utils.plot_curves(logger.read(), os.path.join(run_dir, "curves.png"))
-        utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1, shown, timings))
+        budget_progress = None if args.token_budget is None else (metrics["budget/generated_tokens"], args.token_budget)
+        utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1, shown, timings,
+                                         budget_progress))
         if iteration % args.save_every == 0 or last:
             checkpoints.save_checkpoint(run_dir, iteration, {"policy": (policy, optimizer)}, {
                 "iteration": iteration, "scheduler": scheduler.state_dict(), "initial_scores": initial_scores,

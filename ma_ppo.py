@@ -701,7 +701,9 @@ if __name__ == "__main__":
             shown[f"eval_turn{horizon}"] = metrics[f"eval/score_turn{horizon}"]
             if rank == 0:
                 utils.plot_curves(logger.read(), os.path.join(run_dir, "curves.png"))
-        utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1, shown, timings))
+        budget_progress = None if args.token_budget is None else (metrics["budget/generated_tokens"], args.token_budget)
+        utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1, shown, timings,
+                                         budget_progress))
         if iteration % args.save_every == 0 or last:
             checkpoints.save_checkpoint(run_dir, iteration, trained, {
                 "iteration": iteration, "schedulers": {k: s.state_dict() for k, s in schedulers.items()},

@@ -431,9 +431,9 @@ class BudgetSchedule:
     so that runs whose iterations cost different numbers of tokens all decay to the end of their budget by one
     rule. Each optimizer step takes the base LR times the schedule's shape at the share of the budget spent at the
     middle of its slice of the iteration's tokens: with a constant number of tokens per iteration, `lr_lambda`'s
-    shape over the steps the budget allows, read at each step's middle. It stands in for the LambdaLR: `step()` after each optimizer
-    step, `get_last_lr()`; `start_iteration` before the iteration's first step, with the tokens (all ranks')
-    before and after its rollout."""
+    shape over the steps the budget allows, read at each step's middle. It stands in for the LambdaLR: `step()`
+    after each optimizer step, `get_last_lr()`; `start_iteration` before the iteration's first step, with the
+    tokens (all ranks') before and after its rollout."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedule: str, warmup_ratio: float, token_budget: int):
         self.optimizer, self.schedule, self.warmup_ratio, self.budget = optimizer, schedule, warmup_ratio, token_budget
@@ -635,14 +635,22 @@ class MetricsLogger:
 
 
 def progress_line(iteration: int, total: int, started: float, done_at_start: int, metrics: dict,
-                  timings: dict) -> str:
-    """`iteration 7/40 | reward 0.412 | loss 0.103 | rollout 4.1s reward 0.2s ... | eta 3m10s` for the console."""
+                  timings: dict, budget: tuple[float, int] | None = None) -> str:
+    """`iteration 7/40 | reward 0.412 | loss 0.103 | rollout 4.1s reward 0.2s ... | eta 3m10s` for the console.
+    With `budget` (tokens spent, token budget) it shows the share spent, and the ETA is the sooner of the iteration
+    cap's and the budget's, at the run's mean tokens per iteration so far."""
     elapsed = time.time() - started
     done = iteration - done_at_start
-    eta = elapsed / max(done, 1) * (total - iteration)
+    left = total - iteration
+    where = f"iteration {iteration}/{total}"
+    if budget is not None:
+        spent, limit = budget
+        left = min(left, math.ceil(max(limit - spent, 0) / max(spent / iteration, 1)))
+        where += f" (budget {min(spent / limit, 1):.0%})"
+    eta = elapsed / max(done, 1) * left
     shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     times = " ".join(f"{k} {v:.1f}s" for k, v in timings.items())
-    return f"iteration {iteration}/{total} | {shown} | {times} | eta {int(eta // 60)}m{int(eta % 60):02d}s"
+    return f"{where} | {shown} | {times} | eta {int(eta // 60)}m{int(eta % 60):02d}s"
 
 
 def score_table(rows: dict[str, list[float]]) -> str:

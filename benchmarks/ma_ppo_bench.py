@@ -15,16 +15,18 @@ where token-level GAE passes a tenth of the final TD error back to the first dig
   same warm start, same evaluation dialogues);
 - the updates (optimizer steps) and the training seconds each variant needs to first reach token-level PPO's final
   score (the mean over seeds), with 95% intervals over the seeds that reach it, and the ratio to PPO's own;
-- the seconds per update split by phase;
+- the seconds per iteration split by phase;
 - a plot of the score against samples and against training seconds, means with 95% bands.
 
 "Training seconds" are the run's own phase times (rollout, reward, old log-probs, train, sync), evaluation excluded.
-5 seeds of 3 variants, 12 iterations of 256 dialogues: about 70 minutes on 2 CPU cores. Writes ma_ppo_bench.json and
-ma_ppo_bench.png to --output_dir; the flags all benchmarks share are described in benchmarks/common.py.
+`--task chat` runs the multi-turn chat task instead (SmolLM2-135M as the policy and the user, brevity reward, 3
+turns, 16 dialogues an iteration). On digits, 5 seeds of 3 variants, 12 iterations of 256 dialogues take about 70
+minutes on 2 CPU cores. Writes ma_ppo_bench_<task>.json and .png to --output_dir; the flags all benchmarks share
+are described in benchmarks/common.py.
 
-    .venv/bin/python benchmarks/ma_ppo_bench.py [--seeds 1 2 3 4 5] [--num_iterations 12]
+    .venv/bin/python benchmarks/ma_ppo_bench.py [--task digits] [--seeds 1 2 3 4 5] [--num_iterations 12]
         [--variants ppo ngram5 randomized [ngram5_sum]] [--output_dir docs] [--runs_dir DIR] [-- more ma_ppo.py flags]
-    .venv/bin/python benchmarks/ma_ppo_bench.py --report     # the tables again, from docs/ma_ppo_bench.json
+    .venv/bin/python benchmarks/ma_ppo_bench.py --report     # the tables again, from docs/ma_ppo_bench_digits.json
 """
 
 import argparse
@@ -42,7 +44,15 @@ VARIANTS = {
     "perplexity": ("MA-PPO, perplexity", ["--termination", "perplexity"]),
     "ngram5_sum": ("MA-PPO, n = 5, KL summed per macro", ["--ngram", "5", "--reward_aggregation", "sum"]),
 }
-TASKS = {"digits": ["--task", "digits", "--max_new_tokens", "48"], "guess_number": ["--task", "guess_number"]}
+TASKS = {
+    "digits": ["--task", "digits", "--max_new_tokens", "48"],
+    "guess_number": ["--task", "guess_number"],
+    # multi-turn chat: SmolLM2-135M as the policy and as the LLM user, the brevity reward, 3 turns; 16 dialogues an
+    # iteration in two steps, and the actor's LR for a pretrained model (the default 1e-4 is the tiny policies')
+    "chat": ["--task", "chat", "--horizon", "3", "--max_new_tokens", "32", "--user_max_tokens", "32",
+             "--dialogues_per_rank", "16", "--minibatch_dialogues", "8", "--micro_batch_dialogues", "8", "--lr", "1e-5",
+             "--num_eval_prompts", "32"],
+}
 PHASES = ("rollout", "reward", "old_logprobs", "train", "sync")
 
 
@@ -61,7 +71,8 @@ def run(flags: list[str], name: str, iterations: int, runs_dir: str) -> dict:
     for m in metrics[1:]:
         seconds.append(seconds[-1] + sum(m[f"time/{p}"] for p in PHASES))
     return {"command": done["command"], "curve": [m[f"eval/score_turn{horizon}"] for m in metrics],
-            "samples": [0.0] + [m["budget/reward_calls"] for m in metrics[1:]], "updates": [i * steps for i in range(len(metrics))], "seconds": seconds,
+            "samples": [0.0] + [m["budget/reward_calls"] for m in metrics[1:]],
+            "updates": [i * steps for i in range(len(metrics))], "seconds": seconds,
             "phase_seconds": {p: statistics.mean(m[f"time/{p}"] for m in metrics[1:]) for p in PHASES}}
 
 
@@ -108,8 +119,8 @@ def report(results: dict) -> str:
     n = len(results["seeds"])
     return "\n".join([
         common.header(results),
-        f"Task `{results['task']}`, seeds {', '.join(map(str, results['seeds']))}; every cell is the mean ± the half-width "
-        f"of its 95% interval over the {n} seeds (Student's t).\n",
+        f"Task `{results['task']}`, seeds {', '.join(map(str, results['seeds']))}; every cell is the mean ± the "
+        f"half-width of its 95% interval over the {n} seeds (Student's t).\n",
         common.table(["variant", "initial score", "final score", "best score", "final minus PPO's (paired)"], scores),
         "",
         f"Reaching token-level PPO's final score ({target:.3f}, its mean over seeds): the first evaluation at or above "
@@ -159,8 +170,8 @@ if __name__ == "__main__":
         parser.error("--variants must include ppo: the others are measured against it")
     if args.token_budget is not None:
         args.script_flags = [*common.budget_flags(args), *args.script_flags]
-    path = os.path.join(args.output_dir, "ma_ppo_bench.json")
+    path = os.path.join(args.output_dir, f"ma_ppo_bench_{args.task}.json")
     if not args.report:
         common.save_results(path, measure(args))
-        plot(common.load_results(path), os.path.join(args.output_dir, "ma_ppo_bench.png"))
+        plot(common.load_results(path), os.path.join(args.output_dir, f"ma_ppo_bench_{args.task}.png"))
     print(report(common.load_results(path)))

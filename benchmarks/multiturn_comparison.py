@@ -1,90 +1,190 @@
-"""REFUEL against the REFUEL paper's single-turn baselines at an equal generation budget, over several seeds.
+"""REFUEL against the REFUEL paper's single-turn baselines, fairly: the same generated-token budget for every
+method, the same learning-rate rule over it, the same turn distribution, and every method tuned on its own grid.
 
-Every method starts from the same policy (the task's, e.g. the guessing game's warm start) and runs until it has
-generated `--token_budget` tokens (policy and simulated user, counted the same way in refuel.py and
-dpo_multiturn.py) or reaches its iteration cap (`--num_iterations` for REFUEL, `--baseline_iterations` for the
-others). Reported per method: the evaluation score by turn h at the end, mean and standard deviation over the
-seeds, the tokens and iterations actually spent, and the task's references. The baselines use the paper's
-construction (contexts played once by pi_0 with the user, immediate targets); the ablations change one difference
-from REFUEL at a time (on-policy contexts; future targets) with DPO. The baselines' dialogues played once by pi_0
-count in their budget. Flags after `--` go to every method's script. 3 seeds: about 30 minutes on 2 CPU cores.
-Writes multiturn_comparison.json and multiturn_comparison.png to --output_dir; the flags all benchmarks share are
-described in benchmarks/common.py.
+Every run starts from the task's policy with the same flags but its method's, and spends `--token_budget` generated
+tokens (policy and simulated user, counted alike by refuel.py and dpo_multiturn.py; the baselines' dialogues played
+once by pi_0 included): it stops after the iteration that reaches the budget, and nothing else stops it first (the
+iteration cap, `--max_iterations`, is far beyond it; a run it stops is reported). Each run's learning rate follows
+the share of the budget it has spent (`--schedule_over token_budget`): warmup, then the decay to 0 at the budget's
+end, whatever its iterations cost. Methods that sample the turn h (REFUEL, the MT baselines) draw it uniformly over
+the H turns; REFUEL with the paper's h is an extra row, at REFUEL's chosen setting.
 
-    .venv/bin/python benchmarks/multiturn_comparison.py [--seeds 1 2 3] [--token_budget 60000] [--num_iterations 16]
-        [--baseline_iterations 8] [--task guess_number] [--output_dir docs] [--runs_dir DIR] [-- more script flags]
-    .venv/bin/python benchmarks/multiturn_comparison.py --report   # the table again, from the JSON in docs/
+1. Tuning, on `--tuning_seed` only: each method runs every cell of its grid, `--lrs` times its own coefficient
+   (`--etas` for REFUEL and REBEL, `--betas` for DPO), and keeps the cell with the best final evaluation at turn H.
+2. The reported runs: each method's chosen cell on every seed of `--seeds` (none of them the tuning seed). A seed
+   fixes the task's training draws, its recorded dialogues and the sampling, and the evaluation set is the task's
+   own, so two methods' runs on one seed are paired.
+3. The report: per turn, each method's final measure (the evaluation score, or for the chat task the win rate
+   against the initial policy judged by the reward, as the paper reports) as the mean and the 95% interval over
+   the seeds; the paired difference REFUEL minus each method with its 95% interval; the tokens spent (and the last
+   iteration's overshoot of the budget), the reward calls and iterations; the tuning grid, every cell.
+
+Tasks (`--task`): `guess_number`, `harvest` and `chat` (embedded SmolLM2 as the policy and as the LLM user, the
+brevity reward, horizon 3) come with their sizes; any other plug-in runs with the scripts' defaults and the flags
+after `--`. Writes multiturn_comparison_<task>.json and .png to --output_dir (a plug-in's name with its
+non-word characters as `_`); the flags all benchmarks share are
+described in benchmarks/common.py (its --num_iterations is unused here: the budget stops the runs).
+
+    .venv/bin/python benchmarks/multiturn_comparison.py --task harvest [--seeds 1 2 3 4 5] [--tuning_seed 0]
+        [--token_budget T] [--lrs ...] [--etas ...] [--betas ...] [--methods ...] [--output_dir docs] [--runs_dir DIR]
+    .venv/bin/python benchmarks/multiturn_comparison.py --task harvest --report   # the tables again, from the JSON
 """
 
 import argparse
 import os
+import re
 import statistics
 
 import common
 
 BASELINE = ["--contexts", "initial", "--target", "immediate"]
+UNIFORM = ["--horizon_sampling", "uniform"]
 METHODS = {
-    "REFUEL": ["refuel.py", "--horizon_sampling", "uniform"],
-    "DPO-LT": ["dpo_multiturn.py", "--loss", "dpo", "--turns", "last", *BASELINE],
-    "DPO-MT": ["dpo_multiturn.py", "--loss", "dpo", "--turns", "sampled", *BASELINE],
-    "REBEL-LT": ["dpo_multiturn.py", "--loss", "rebel", "--turns", "last", *BASELINE],
-    "REBEL-MT": ["dpo_multiturn.py", "--loss", "rebel", "--turns", "sampled", *BASELINE],
-    "DPO-MT, on-policy contexts": ["dpo_multiturn.py", "--loss", "dpo", "--turns", "sampled", "--contexts",
-                                   "onpolicy", "--target", "immediate"],
-    "DPO-MT, future target": ["dpo_multiturn.py", "--loss", "dpo", "--turns", "sampled", "--contexts", "initial",
-                              "--target", "future"],
+    # name: (script, its coefficient, its flags)
+    "REFUEL": ("refuel.py", "eta", UNIFORM),
+    "DPO-LT": ("dpo_multiturn.py", "beta", ["--loss", "dpo", "--turns", "last", *BASELINE]),
+    "DPO-MT": ("dpo_multiturn.py", "beta", ["--loss", "dpo", "--turns", "sampled", *UNIFORM, *BASELINE]),
+    "REBEL-LT": ("dpo_multiturn.py", "eta", ["--loss", "rebel", "--turns", "last", *BASELINE]),
+    "REBEL-MT": ("dpo_multiturn.py", "eta", ["--loss", "rebel", "--turns", "sampled", *UNIFORM, *BASELINE]),
+    "DPO-MT, on-policy contexts": ("dpo_multiturn.py", "beta", ["--loss", "dpo", "--turns", "sampled", *UNIFORM,
+                                                                "--contexts", "onpolicy", "--target", "immediate"]),
+    "DPO-MT, future target": ("dpo_multiturn.py", "beta", ["--loss", "dpo", "--turns", "sampled", *UNIFORM,
+                                                           "--contexts", "initial", "--target", "future"]),
 }
+EXTRA_ROWS = {"REFUEL, the paper's h": ("REFUEL", ["--horizon_sampling", "paper"])}
+"""rows run at another method's chosen cell, with these flags in place of that method's own"""
+TASKS = {
+    # name: (flags of every run, the measure reported, token budget, pairs per iteration, pi_0's recorded dialogues)
+    "guess_number": (["--task", "guess_number"], "score", 60_000, 256, 512),
+    "harvest": (["--task", "harvest"], "score", 60_000, 256, 512),
+    "chat": (["--task", "chat", "--horizon", "3", "--max_new_tokens", "48", "--user_max_tokens", "32",
+              "--minibatch_pairs", "8", "--micro_batch_pairs", "8", "--num_eval_prompts", "32"],
+             "winrate_vs_initial", 40_000, 16, 32),
+}
+MEASURES = {"score": "evaluation score", "winrate_vs_initial": "win rate against the initial policy"}
+"""what each logged measure (eval/<measure>_turn<h>) is called in the report"""
+DEFAULT_GRID = {"lrs": [1e-4, 3e-4, 1e-3], "etas": [2.0, 5.0], "betas": [0.1, 0.3]}
 
 
-def scores(record: dict) -> dict[str, float]:
-    """The evaluation score by turn h of one metrics record, keyed by h."""
-    prefix = "eval/score_turn"
+def by_turn(record: dict, measure: str) -> dict[str, float]:
+    """The evaluation measure by turn h of one metrics record, keyed by h."""
+    prefix = f"eval/{measure}_turn"
     return {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
 
 
-def run(method: str, seed: int, args: argparse.Namespace, runs_dir: str) -> dict:
-    """One method's run for one seed: its initial and final scores by turn and what it spent."""
-    script, *flags = METHODS[method]
-    size = ["--pairs_per_rank", str(args.per_iteration)]
-    if script != "refuel.py":
-        size += ["--num_recorded_dialogues", str(args.recorded)]
-    iterations = args.num_iterations if script == "refuel.py" else args.baseline_iterations
-    flags = ["--task", args.task, "--seed", str(seed), "--num_iterations", str(iterations),
-             *common.budget_flags(args), *size, "--eval_every", str(iterations), "--save_every", str(iterations),
-             *flags, *args.script_flags]
-    done = common.run_script(script, flags, runs_dir, f"{method.replace(' ', '').replace(',', '_')}_{seed}")
+def run(method: str, lr: float, coefficient: float, seed: int, args: argparse.Namespace, runs_dir: str,
+        flags: list[str] | None = None) -> dict:
+    """One run: its final measure by turn and what it spent."""
+    script, name, own = METHODS[method]
+    task_flags, measure, _, pairs, recorded = task_settings(args)
+    cap = str(args.max_iterations)
+    command = [*task_flags, "--seed", str(seed), "--token_budget", str(args.token_budget), "--schedule_over",
+               "token_budget", "--num_iterations", cap, "--eval_every", cap, "--save_every", cap,
+               "--pairs_per_rank", str(pairs), "--lr", str(lr), f"--{name}", str(coefficient), *(flags or own),
+               *([] if script == "refuel.py" else ["--num_recorded_dialogues", str(recorded)]), *args.script_flags]
+    label = "".join(c for c in (method if flags is None else f"{method}+") if c.isalnum() or c in "-+")
+    done = common.run_script(script, command, runs_dir,
+                             f"{task_label(args)}_{label}_lr{lr:g}_{name}{coefficient:g}_s{seed}")
     first, last = done["metrics"][0], done["metrics"][-1]
-    return {"seed": seed, "command": done["command"], "seconds": done["seconds"], "initial": scores(first),
-            "final": scores(last), "generated_tokens": last["budget/generated_tokens"], "iterations": last["iteration"],
+    return {"seed": seed, "lr": lr, name: coefficient, "command": done["command"], "seconds": done["seconds"],
+            "initial": by_turn(first, measure), "final": by_turn(last, measure),
+            "generated_tokens": last["budget/generated_tokens"], "reward_calls": last["budget/reward_calls"],
+            "iterations": last["iteration"], "stopped_by_budget": last["budget/generated_tokens"] >= args.token_budget,
             "references": {k[len("reference/"):]: v for k, v in first.items() if k.startswith("reference/")}}
 
 
+def task_label(args: argparse.Namespace) -> str:
+    """The task's name in file names: a plug-in's file and function, non-word characters as `_`."""
+    return re.sub(r"\W", "_", os.path.basename(args.task))
+
+
+def task_settings(args: argparse.Namespace) -> tuple:
+    """The task's flags, measure, budget, pairs per iteration and recorded dialogues; the last two as given."""
+    flags, what, budget, pairs, recorded = TASKS.get(args.task, (["--task", args.task], "score", None, 256, 512))
+    return flags, what, budget, args.pairs_per_rank or pairs, args.num_recorded_dialogues or recorded
+
+
+def measure(args: argparse.Namespace) -> dict:
+    runs_dir = common.runs_dir(args, "multiturn_comparison")
+    grid, chosen, runs = {}, {}, {}
+    horizon = None
+    for method in args.methods:
+        name = METHODS[method][1]
+        cells = [run(method, lr, c, args.tuning_seed, args, runs_dir)
+                 for lr in args.lrs for c in getattr(args, f"{name}s")]
+        horizon = horizon or max(cells[0]["final"], key=int)
+        best = max(cells, key=lambda r: r["final"][horizon])
+        grid[method], chosen[method] = cells, {"lr": best["lr"], name: best[name]}
+    for method in args.methods:
+        name = METHODS[method][1]
+        runs[method] = [run(method, chosen[method]["lr"], chosen[method][name], seed, args, runs_dir)
+                        for seed in args.seeds]
+    for row, (method, flags) in EXTRA_ROWS.items():
+        if method in chosen:
+            name = METHODS[method][1]
+            runs[row] = [run(method, chosen[method]["lr"], chosen[method][name], seed, args, runs_dir, flags)
+                         for seed in args.seeds]
+    return {"task": args.task, "measure": task_settings(args)[1], "token_budget": args.token_budget,
+            "tuning_seed": args.tuning_seed, "seeds": args.seeds, "grid": grid, "chosen": chosen, "runs": runs}
+
+
+def turns(results: dict) -> list[str]:
+    return sorted(next(iter(results["runs"].values()))[0]["final"], key=int)
+
+
 def references(results: dict) -> dict[str, list[float]]:
-    """The task's yardsticks by turn, e.g. {"binary search (optimal)": [0.143, 0.430, 1.0]}."""
+    """The task's yardsticks by turn (their scores), e.g. {"optimal": [0.07, 0.26, 1.0]}."""
     first = next(iter(results["runs"].values()))[0]["references"]
     names = dict.fromkeys(k.rsplit("_turn", 1)[0] for k in first)
     return {n: [first[f"{n}_turn{t}"] for t in turns(results)] for n in names}
 
 
-def turns(results: dict) -> list[str]:
-    return sorted(next(iter(results["runs"].values()))[0]["initial"], key=int)
-
-
 def report(results: dict) -> str:
-    runs = results["runs"]
-    ts = turns(results)
-    minutes = sum(r["seconds"] for by_seed in runs.values() for r in by_seed) / 60
-    rows = [["initial policy", *(common.spread([r["initial"][t] for r in next(iter(runs.values()))]) for t in ts),
-             0, 0]]
+    runs, ts, what = results["runs"], turns(results), MEASURES[results["measure"]]
+    budget = results["token_budget"]
+    every = [r for by_seed in runs.values() for r in by_seed] + [r for cells in results["grid"].values() for r in cells]
+    minutes = sum(r["seconds"] for r in every) / 60
+    main = [["initial policy", *(common.with_interval([r["initial"][t] for r in next(iter(runs.values()))])
+                                 for t in ts), "", "", "", ""]]
     for method, by_seed in runs.items():
-        rows.append([method, *(common.spread([r["final"][t] for r in by_seed]) for t in ts),
-                     f"{statistics.mean(r['generated_tokens'] for r in by_seed):,.0f}",
-                     f"{statistics.mean(r['iterations'] for r in by_seed):g}"])
-    rows += [[name, *(f"{v:.3f}" for v in values), "", ""] for name, values in references(results).items()]
-    return "\n".join([common.header(results),
-                      f"Seeds {results['seeds']}; token budget {results['token_budget']}; the runs took {minutes:.0f} "
-                      "min in all. Score = mean ± sd over the seeds of the evaluation score by turn h.\n",
-                      common.table(["method", *(f"turn {t}" for t in ts), "generated tokens", "iterations"], rows)])
+        over = statistics.mean(r["generated_tokens"] - budget for r in by_seed)
+        main.append([method, *(common.with_interval([r["final"][t] for r in by_seed]) for t in ts),
+                     f"{statistics.mean(r['generated_tokens'] for r in by_seed):,.0f} (+{over:,.0f})",
+                     f"{statistics.mean(r['reward_calls'] for r in by_seed):,.0f}",
+                     f"{statistics.mean(r['iterations'] for r in by_seed):.1f}",
+                     "" if all(r["stopped_by_budget"] for r in by_seed) else "no: the iteration cap"])
+    if results["measure"] == "score":
+        main += [[name, *(f"{v:.3f}" for v in values), "", "", "", ""]
+                 for name, values in references(results).items()]
+    refuel = {r["seed"]: r for r in runs.get("REFUEL", [])}
+    paired = []
+    for method, by_seed in runs.items():
+        if method == "REFUEL" or not refuel:
+            continue
+        shared = [(refuel[r["seed"]], r) for r in by_seed if r["seed"] in refuel]
+        paired.append([f"REFUEL − {method}", *(common.with_interval([a["final"][t] - b["final"][t] for a, b in shared])
+                                                 for t in ts)])
+    grid = []
+    for method, cells in results["grid"].items():
+        name = METHODS[method][1]
+        for r in cells:
+            mark = " (chosen)" if results["chosen"][method] == {"lr": r["lr"], name: r[name]} else ""
+            grid.append([method + mark, f"{r['lr']:g}", f"{name} {r[name]:g}",
+                         *(f"{r['final'][t]:.3f}" for t in ts), f"{r['generated_tokens']:,.0f}"])
+    n = len(results["seeds"])
+    return "\n".join([
+        common.header(results),
+        f"Task `{results['task']}`; token budget {budget:,} per run; the {len(every)} runs took {minutes:.0f} min. "
+        f"Reported seeds {', '.join(map(str, results['seeds']))}, tuned on seed {results['tuning_seed']}. "
+        f"Cells: the final {what} by turn h, mean ± the half-width of its 95% interval over the {n} seeds.\n",
+        common.table(["method", *(f"turn {t}" for t in ts), "generated tokens (overshoot)", "reward calls",
+                      "iterations", "budget stopped it"], main),
+        "",
+        f"Paired differences (same seed), REFUEL minus each method, {what} by turn, mean ± 95% interval:\n",
+        common.table(["difference", *(f"turn {t}" for t in ts)], paired),
+        "",
+        f"Tuning grid on seed {results['tuning_seed']} (chosen: the best final {what} at turn {ts[-1]}):\n",
+        common.table(["method", "lr", "coefficient", *(f"turn {t}" for t in ts), "generated tokens"], grid)])
 
 
 def plot(results: dict, path: str) -> None:
@@ -98,15 +198,18 @@ def plot(results: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 3.8))
     width = 0.8 / (len(runs) + 1)
     for i, (method, by_seed) in enumerate(runs.items()):
-        finals = [[r["final"][t] for r in by_seed] for t in ts]
-        ax.bar([t + (i - len(runs) / 2) * width for t in x], [statistics.mean(v) for v in finals], width,
-               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in finals], capsize=2, label=method)
+        finals = [common.interval95([r["final"][t] for r in by_seed]) for t in ts]
+        ax.bar([t + (i - len(runs) / 2) * width for t in x], [m for m, _ in finals], width,
+               yerr=[0 if h == float("inf") else h for _, h in finals], capsize=2, label=method)
     initial = [statistics.mean(r["initial"][t] for r in next(iter(runs.values()))) for t in ts]
     ax.bar([t + len(runs) / 2 * width for t in x], initial, width, color="lightgray", label="initial policy")
-    for name, values in references(results).items():
-        ax.scatter(x, values, marker="_", s=400, label=name, zorder=3)
+    if results["measure"] == "score":
+        for name, values in references(results).items():
+            ax.scatter(x, values, marker="_", s=400, label=name, zorder=3)
     ax.set_xticks(x, [f"turn {t}" for t in ts])
-    ax.set_ylabel("evaluation score (mean, sd over seeds)")
+    ax.set_ylabel(f"final {MEASURES[results['measure']]}\n(mean, 95% interval)", fontsize=8)
+    ax.set_title(f"{results['task']}: {len(results['seeds'])} seeds, {results['token_budget']:,} tokens a run",
+                 fontsize=9)
     ax.legend(fontsize=6, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -115,18 +218,33 @@ def plot(results: dict, path: str) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_run_flags(parser, seeds=[1, 2, 3], num_iterations=16, token_budget=60_000)
-    parser.add_argument("--baseline_iterations", type=int, default=8, help="the baselines' iteration cap")
-    parser.add_argument("--per_iteration", type=int, default=256, help="pairs per iteration (--pairs_per_rank)")
-    parser.add_argument("--recorded", type=int, default=512, help="dialogues pi_0 plays once for the baselines")
-    parser.add_argument("--task", default="guess_number")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    common.add_run_flags(parser, seeds=[1, 2, 3, 4, 5], num_iterations=0, token_budget=None)
+    parser.add_argument("--task", default="guess_number", help="a built-in task or a plug-in, as the scripts take")
+    parser.add_argument("--methods", nargs="+", default=["REFUEL", "DPO-LT", "DPO-MT", "REBEL-LT", "REBEL-MT"],
+                        choices=list(METHODS))
+    parser.add_argument("--tuning_seed", type=int, default=0, help="the seed the grids run on, never reported")
+    parser.add_argument("--lrs", type=float, nargs="+", default=DEFAULT_GRID["lrs"], help="the grid's learning rates")
+    parser.add_argument("--etas", type=float, nargs="+", default=DEFAULT_GRID["etas"], help="REFUEL's and REBEL's eta")
+    parser.add_argument("--betas", type=float, nargs="+", default=DEFAULT_GRID["betas"], help="DPO's beta")
+    parser.add_argument("--pairs_per_rank", type=int, help="pairs per iteration of every method (default: the task's)")
+    parser.add_argument("--num_recorded_dialogues", type=int,
+                        help="the dialogues pi_0 plays once for the baselines, in their budget (default: the task's)")
+    parser.add_argument("--max_iterations", type=int, default=1000,
+                        help="the iteration cap, far beyond the budget: it stops no run that the budget should")
     args = common.parse_args(parser)
-    path = os.path.join(args.output_dir, "multiturn_comparison.json")
+    settings = task_settings(args)
+    if args.token_budget is None:
+        args.token_budget = settings[2]
     if not args.report:
-        runs_dir = common.runs_dir(args, "multiturn_comparison")
-        common.save_results(path, {"seeds": args.seeds, "token_budget": args.token_budget,
-                                   "runs": {m: [run(m, seed, args, runs_dir) for seed in args.seeds]
-                                            for m in args.methods}})
-        plot(common.load_results(path), os.path.join(args.output_dir, "multiturn_comparison.png"))
+        if args.token_budget is None:
+            parser.error(f"task {args.task!r} has no default budget: give --token_budget")
+        if args.tuning_seed in args.seeds:
+            parser.error("--tuning_seed must not be one of the reported --seeds")
+        if any(len(getattr(args, f"{g}s")) * len(args.lrs) > 6 for g in ("eta", "beta")):
+            parser.error("a method's grid has at most 6 cells (--lrs times --etas or --betas)")
+    name = f"multiturn_comparison_{task_label(args)}"
+    path = os.path.join(args.output_dir, f"{name}.json")
+    if not args.report:
+        common.save_results(path, measure(args))
+        plot(common.load_results(path), os.path.join(args.output_dir, f"{name}.png"))
     print(report(common.load_results(path)))

@@ -39,8 +39,8 @@ class Harvest:
         return f"Turn {turn} of {self.horizon}. The field has {field} apples."
 
     def new_episode(self, field: int) -> dialogues.Episode:
-        opening = (f"Harvest, {self.horizon} turns: each turn, pick from 0 apples to all of the field's; what you leave "
-                   f"doubles, up to {MAX_FIELD}. Answer with the number only. " + self.say(1, field))
+        opening = (f"Harvest, {self.horizon} turns: each turn, pick from 0 apples to all of the field's; what you "
+                   f"leave doubles, up to {MAX_FIELD}. Answer with the number only. " + self.say(1, field))
         # a short system turn replaces the chat template's default one: fewer tokens for a tiny model to read
         return dialogues.Episode([{"role": "system", "content": "Harvest game."},
                                   {"role": "user", "content": opening}], {"field": field})

@@ -24,10 +24,20 @@ def small_guessing_game(seed: int, model: str | None = None):
     return make_task(seed, model=model, num_train=256, num_eval=64, num_recorded=64)
 
 
-def bench(name, *flags, env):
+SMALL_HARVEST = f"{os.path.abspath(__file__)}:small_harvest_game"
+
+
+def small_harvest_game(seed: int, model: str | None = None):
+    """The harvest game with 64 evaluation games."""
+    from tasks.harvest import make_task
+
+    return make_task(seed, model=model, num_train=256, num_eval=64, num_recorded=64)
+
+
+def bench(name, *flags, env, timeout=600):
     """Runs benchmarks/<name>.py with `flags`; returns its stdout."""
     out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", f"{name}.py"), *flags], env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-5000:]
     return out
 
@@ -83,45 +93,77 @@ def test_rebel_bench(tmp_path, tiny_model, script_env):
     assert_report_reprints("rebel_bench", tmp_path, out.stdout, script_env)
 
 
-def test_multiturn_comparison_and_reuse_of_finished_runs(tmp_path, tiny_model, script_env):
+def test_multiturn_comparison_tunes_then_reports_paired_seeds_at_an_equal_budget(tmp_path, tiny_model, script_env):
+    """The harvest game at toy size: two methods (REFUEL with a grid of two etas, DPO-MT with one cell) on the
+    tuning seed, one reported seed, REFUEL's extra row with the paper's h; then the same command again reads every
+    finished run."""
     runs_dir = str(tmp_path / "runs")
-    flags = ["--seeds", "1", "--num_iterations", "1", "--baseline_iterations", "1", "--token_budget", "100000",
-             "--per_iteration", "8", "--recorded", "8", "--task", SMALL_GAME, "--methods", "REFUEL", "DPO-LT",
-             "--output_dir", str(tmp_path), "--runs_dir", runs_dir, "--", "--model", tiny_model, "--minibatch_pairs",
-             "4", "--micro_batch_pairs", "4"]
-    out = bench("multiturn_comparison", *flags, env=script_env)
-    found = results(tmp_path, "multiturn_comparison")
-    assert found["seeds"] == [1] and found["token_budget"] == 100000 and list(found["runs"]) == ["REFUEL", "DPO-LT"]
+    flags = ["--task", SMALL_HARVEST, "--methods", "REFUEL", "DPO-MT", "--lrs", "1e-3", "--etas", "2", "5",
+             "--betas", "0.1", "--tuning_seed", "0", "--seeds", "1", "--token_budget", "150", "--pairs_per_rank", "8",
+             "--num_recorded_dialogues", "8", "--output_dir", str(tmp_path), "--runs_dir", runs_dir, "--",
+             "--model", tiny_model, "--minibatch_pairs", "4", "--micro_batch_pairs", "4"]
+    out = bench("multiturn_comparison", *flags, env=script_env, timeout=1800)  # six runs
+    name = "multiturn_comparison_test_benchmarks_py_small_harvest_game"
+    found = results(tmp_path, name)
+    assert found["seeds"] == [1] and found["tuning_seed"] == 0 and found["token_budget"] == 150
+    assert [(r["eta"], r["seed"]) for r in found["grid"]["REFUEL"]] == [(2.0, 0), (5.0, 0)]
+    assert [(r["lr"], r["beta"]) for r in found["grid"]["DPO-MT"]] == [(1e-3, 0.1)]
+    best = max(found["grid"]["REFUEL"], key=lambda r: r["final"]["3"])  # the grid's best at the last turn
+    assert found["chosen"]["REFUEL"] == {"lr": 1e-3, "eta": best["eta"]}
+    assert list(found["runs"]) == ["REFUEL", "DPO-MT", "REFUEL, the paper's h"]
     for method, [run] in found["runs"].items():
-        assert run["seed"] == 1 and run["iterations"] == 1 and 0 < run["generated_tokens"] < 100000
-        assert all(is_score(run[when][t]) for when in ("initial", "final") for t in ("1", "2", "3"))
-    assert "| REFUEL |" in out.stdout and "| DPO-LT |" in out.stdout
-    assert_report_reprints("multiturn_comparison", tmp_path, out.stdout, script_env)
+        # every run stops at the budget: the iteration that reaches it is the last, whatever the method's tokens
+        assert run["seed"] == 1 and run["stopped_by_budget"] and run["generated_tokens"] >= 150
+        chosen = found["chosen"][method.split(",")[0]]
+        assert "--schedule_over token_budget" in run["command"] and f"--lr {chosen['lr']}" in run["command"]
+        assert all(0 <= run[when][t] <= 1 for when in ("initial", "final") for t in ("1", "2", "3"))
+        assert "--horizon_sampling paper" in run["command"] if "paper" in method else "uniform" in run["command"]
+    assert "| REFUEL − DPO-MT |" in out.stdout and "| DPO-MT (chosen) |" in out.stdout
+    assert_report_reprints("multiturn_comparison", tmp_path, out.stdout, script_env, "--task", SMALL_HARVEST)
 
     again = bench("multiturn_comparison", *flags, env=script_env)  # the finished runs are read, none is started
-    assert "python refuel.py" not in again.stderr and results(tmp_path, "multiturn_comparison")["runs"] == found["runs"]
-    changed = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "multiturn_comparison.py"),
-                              *flags[:-1], "2"], env=script_env, capture_output=True, text=True, timeout=120)
-    assert changed.returncode != 0 and "give another --runs_dir" in changed.stderr
+    assert "python refuel.py" not in again.stderr and results(tmp_path, name)["runs"] == found["runs"]
 
 
 def test_ma_ppo_bench(tmp_path, tiny_model, script_env):
-    size = f"--model {tiny_model} --task {SMALL_GAME} --pairs_per_rank 8 --minibatch_pairs 4 --micro_batch_pairs 4"
-    out = bench("ma_ppo_bench", "--seeds", "1", "--num_iterations", "1", "--ngram", "2", "--tasks",
-                "guessing game (3 turns)", "--refuel_iterations", "1", "--refuel_flags", size, "--output_dir",
-                str(tmp_path), "--", "--model", tiny_model, "--task", SMALL_GAME, "--dialogues_per_rank", "8",
+    out = bench("ma_ppo_bench", "--seeds", "1", "2", "--num_iterations", "1", "--variants", "ppo", "ngram5",
+                "randomized", "--output_dir", str(tmp_path), "--", "--model", tiny_model, "--dialogues_per_rank", "8",
                 "--minibatch_dialogues", "4", "--micro_batch_dialogues", "4", env=script_env)
-    found = results(tmp_path, "ma_ppo_bench")
-    assert found["seeds"] == [1] and list(found["tasks"]) == ["guessing game (3 turns)"]
-    by_n = found["tasks"]["guessing game (3 turns)"]
-    assert sorted(by_n) == ["1", "2"]
-    for n, [run] in by_n.items():
-        assert run["seed"] == 1 and f"--ngram {n}" in run["command"]
-        assert len(run["curve"]) == 2 and all(map(is_score, run["curve"]))  # iterations 0 and 1
-        assert all(math.isfinite(s) and s >= 0 for s in run["seconds"].values())
-    assert found["refuel"]["seconds"]["train"] > 0 and len(found["refuel"]["curve"]) == 2
-    assert "| refuel.py, guessing game (3 turns) |" in out.stdout
+    found = results(tmp_path, "ma_ppo_bench_digits")
+    assert found["seeds"] == [1, 2] and found["task"] == "digits" and list(found["runs"]) == ["ppo", "ngram5",
+                                                                                            "randomized"]
+    for variant, runs in found["runs"].items():
+        assert [r["seed"] for r in runs] == [1, 2]
+        for run in runs:
+            assert "--max_new_tokens 48" in run["command"] and len(run["curve"]) == 2  # iterations 0 and 1
+            assert all(math.isfinite(s) and -2.5 <= s <= 2.5 for s in run["curve"])
+            # 8 dialogues in minibatches of 4: two updates an iteration
+            assert run["samples"] == [0, 8] and run["updates"] == [0, 2] and run["seconds"][1] > 0
+    assert "--ngram 1" in found["runs"]["ppo"][0]["command"]
+    assert "--termination randomized" in found["runs"]["randomized"][0]["command"]
+    assert "| MA-PPO, n-gram (n = 5) |" in out.stdout and "speed-up" in out.stdout
     assert_report_reprints("ma_ppo_bench", tmp_path, out.stdout, script_env)
+
+
+def test_the_chat_settings_of_both_comparisons(tmp_path, tiny_model, script_env):
+    """`multiturn_comparison.py --task chat` and `ma_ppo_bench.py --task chat` with their own flags (the LLM user,
+    horizon 3, the win rate reported), the tiny model in SmolLM2's place, a few dialogues."""
+    small = ["--", "--model", tiny_model, "--user_max_tokens", "4", "--max_new_tokens", "4", "--num_eval_prompts", "4"]
+    out = bench("multiturn_comparison", "--task", "chat", "--methods", "DPO-LT", "--lrs", "1e-3", "--betas", "0.1",
+                "--seeds", "1", "--token_budget", "200", "--pairs_per_rank", "4", "--num_recorded_dialogues", "4",
+                "--output_dir", str(tmp_path), *small, "--minibatch_pairs", "4", "--micro_batch_pairs", "4",
+                env=script_env, timeout=1200)
+    found = results(tmp_path, "multiturn_comparison_chat")
+    assert found["measure"] == "winrate_vs_initial" and list(found["runs"]) == ["DPO-LT"]
+    [run] = found["runs"]["DPO-LT"]
+    assert "--horizon 3" in run["command"] and run["stopped_by_budget"] and run["initial"] == {"1": 0.5, "2": 0.5,
+                                                                                             "3": 0.5}
+    assert all(0 <= v <= 1 for v in run["final"].values()) and "final win rate against the initial policy" in out.stdout
+    out = bench("ma_ppo_bench", "--task", "chat", "--variants", "ppo", "--seeds", "1", "--num_iterations", "1",
+                "--output_dir", str(tmp_path), *small, "--dialogues_per_rank", "4", "--minibatch_dialogues", "4",
+                "--micro_batch_dialogues", "4", env=script_env)
+    [run] = results(tmp_path, "ma_ppo_bench_chat")["runs"]["ppo"]
+    assert "--horizon 3" in run["command"] and run["samples"] == [0, 4] and len(run["curve"]) == 2
 
 
 def test_scale_bench(tmp_path, tiny_model, script_env):

@@ -80,6 +80,10 @@ def test_states_of_each_turns_mode():
     sampled = training_states(rng, [3] * 10, 100_000, "sampled", 3)
     marginal = np.bincount([h for _, h in sampled]) / len(sampled)
     assert marginal == pytest.approx([11 / 18, 5 / 18, 2 / 18], abs=0.01)  # REFUEL's h for H = 3
+    uniform = training_states(rng, [3, 3, 1], 100_000, "sampled", 3, "uniform")
+    marginal = np.bincount([h for d, h in uniform if d < 2]) / sum(d < 2 for d, _ in uniform)
+    assert marginal == pytest.approx([1 / 3] * 3, abs=0.01)  # uniform h where every turn was played
+    assert all(h == 0 for d, h in uniform if d == 2)  # redrawn over the one turn a short dialogue has
 
 
 def test_a_state_of_a_recorded_dialogue_counts_its_earlier_turns():

@@ -171,3 +171,13 @@ def test_the_budget_schedule_follows_the_share_of_the_budget_spent():
     over = budget_lrs(300, 2, 1000, 0.0)
     assert over[0][1] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 0.075)))
     assert over[-1][0] > 1 and over[-1][1] == 0.0
+
+
+def test_the_progress_line_counts_down_the_budget_when_it_stops_the_run_first():
+    import time
+
+    started = time.time() - 30  # 3 iterations in 30 s: 10 s an iteration
+    line = utils.progress_line(3, 1000, started, 0, {"reward": 0.5}, {"rollout": 1.0}, budget=(300, 1000))
+    # 100 tokens an iteration: 7 more iterations spend the rest of the budget, long before the 1000th
+    assert line.startswith("iteration 3/1000 (budget 30%) | reward 0.5 | rollout 1.0s | eta 1m1")
+    assert utils.progress_line(3, 4, started, 0, {}, {}, budget=(300, 1000)).endswith("eta 0m10s")
