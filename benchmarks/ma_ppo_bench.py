@@ -14,7 +14,8 @@ where token-level GAE passes a tenth of the final TD error back to the first dig
 - the final evaluation score of each variant, mean and 95% interval, and its paired difference from PPO (same seed:
   same warm start, same evaluation dialogues);
 - the updates (optimizer steps) and the training seconds each variant needs to first reach token-level PPO's final
-  score (the mean over seeds), with 95% intervals over the seeds that reach it, and the ratio to PPO's own;
+  score (the paper's measure) and its best score (the means over seeds), with 95% intervals over the seeds that
+  reach it, and the ratio to PPO's own;
 - the seconds per iteration split by phase;
 - a plot of the score against samples and against training seconds, means with 95% bands.
 
@@ -91,12 +92,28 @@ def first_reach(run: dict, target: float) -> int | None:
     return next((i for i, score in enumerate(run["curve"]) if score >= target), None)
 
 
+def reach_rows(runs: dict, what: str, target: float) -> list[list[str]]:
+    """Per variant: the seeds whose runs reach `target`, and the updates and training seconds of their first
+    evaluation at or above it (95% intervals over those seeds), with the ratio of PPO's mean updates to the
+    variant's."""
+    rows, ppo_updates = [], None
+    for v, variant_runs in runs.items():
+        hits = [(r["updates"][i], r["seconds"][i]) for r in variant_runs if (i := first_reach(r, target)) is not None]
+        updates = [u for u, _ in hits]
+        if v == "ppo":
+            ppo_updates = updates
+        ratio = (f"{statistics.mean(ppo_updates) / statistics.mean(updates):.2f}x"
+                 if hits and ppo_updates and statistics.mean(updates) > 0 else "")
+        rows.append([f"{what} ({target:.3f})", VARIANTS[v][0], f"{len(hits)}/{len(variant_runs)}",
+                     common.with_interval(updates, 1) if hits else "never",
+                     common.with_interval([s for _, s in hits], 0) if hits else "never", ratio])
+    return rows
+
+
 def report(results: dict) -> str:
     runs = results["runs"]
     ppo_final = {r["seed"]: r["curve"][-1] for r in runs["ppo"]}
-    target = statistics.mean(ppo_final.values())
-    scores, reach, splits = [], [], []
-    ppo_updates = None
+    scores, splits = [], []
     for v, variant_runs in runs.items():
         name = VARIANTS[v][0]
         finals = [r["curve"][-1] for r in variant_runs]
@@ -104,18 +121,12 @@ def report(results: dict) -> str:
         scores.append([name, common.with_interval([r["curve"][0] for r in variant_runs]), common.with_interval(finals),
                        common.with_interval([max(r["curve"]) for r in variant_runs]),
                        "" if v == "ppo" else common.with_interval(paired)])
-        hits = [(r["updates"][i], r["seconds"][i]) for r in variant_runs if (i := first_reach(r, target)) is not None]
-        updates = [u for u, _ in hits]
-        if v == "ppo":
-            ppo_updates = updates
-        ratio = (f"{statistics.mean(ppo_updates) / statistics.mean(updates):.2f}x"
-                 if hits and ppo_updates and statistics.mean(updates) > 0 else "")
-        reach.append([name, f"{len(hits)}/{len(variant_runs)}",
-                      common.with_interval(updates, 1) if hits else "never",
-                      common.with_interval([s for _, s in hits], 0) if hits else "never", ratio])
         seconds = {p: statistics.mean(r["phase_seconds"][p] for r in variant_runs) for p in PHASES}
         total = sum(seconds.values())
         splits.append([name, f"{total:.1f}", *(f"{seconds[p]:.1f} ({seconds[p] / total:.0%})" for p in PHASES)])
+    # the paper's measure is PPO's final score; where PPO's curve falls back from a peak, its best one says more
+    reach = (reach_rows(runs, "PPO's final score", statistics.mean(ppo_final.values()))
+             + reach_rows(runs, "PPO's best score", statistics.mean(max(r["curve"]) for r in runs["ppo"])))
     n = len(results["seeds"])
     return "\n".join([
         common.header(results),
@@ -123,10 +134,10 @@ def report(results: dict) -> str:
         f"half-width of its 95% interval over the {n} seeds (Student's t).\n",
         common.table(["variant", "initial score", "final score", "best score", "final minus PPO's (paired)"], scores),
         "",
-        f"Reaching token-level PPO's final score ({target:.3f}, its mean over seeds): the first evaluation at or above "
-        "it, in optimizer steps and training seconds (over the seeds that reach it).\n",
-        common.table(["variant", "seeds that reach it", "updates", "training seconds", "speed-up (PPO's updates / "
-                      "the variant's)"], reach),
+        "Reaching token-level PPO's final and best scores (their means over seeds): the first evaluation at or above "
+        "each, in optimizer steps and training seconds (over the seeds that reach it).\n",
+        common.table(["target", "variant", "seeds that reach it", "updates", "training seconds",
+                      "speed-up (PPO's updates / the variant's)"], reach),
         "",
         "Seconds per iteration, split by phase (mean over the runs' iterations):\n",
         common.table(["variant", "seconds per iteration", *PHASES], splits)])

@@ -87,7 +87,7 @@ def test_ma_ppo_refuses_bad_flags(flags, message):
 
 
 @pytest.mark.parametrize("task,message", [
-    ("guess", "unknown task 'guess': use one of \\['chat', 'digits', 'guess_number'\\]"),
+    ("guess", "unknown task 'guess': use one of \\['chat', 'digits', 'guess_number', 'harvest'\\]"),
     ("no_such_module:make_task", "cannot import no_such_module"),
     ("missing_file.py:make_task", "no file missing_file.py"),
     (os.path.join(REPO, "tests", "custom_task.py") + ":missing", "has no 'missing'"),
