@@ -405,7 +405,7 @@ def token_logprobs_in_chunks(model: torch.nn.Module, input_ids: torch.Tensor, at
 # learning-rate schedules
 
 
-def decay(schedule: str, progress: float) -> float:
+def lr_decay(schedule: str, progress: float) -> float:
     """The decay after warmup at `progress` (0 to 1, clipped): linear to 0, or half a cosine to 0."""
     if schedule == "linear":
         return max(0.0, 1.0 - progress)
@@ -421,7 +421,7 @@ def lr_lambda(schedule: str, total_steps: int, warmup_ratio: float) -> Callable[
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return decay(schedule, (step - warmup) / max(1, total_steps - warmup))
+        return lr_decay(schedule, (step - warmup) / max(1, total_steps - warmup))
 
     return factor
 
@@ -445,7 +445,8 @@ class BudgetSchedule:
     def factor(self, share: float) -> float:
         if share < self.warmup_ratio:
             return share / self.warmup_ratio
-        return decay(self.schedule, (share - self.warmup_ratio) / (1 - self.warmup_ratio))
+        # a warmup over the whole budget (ratio 1) ends there: past it the decay is over
+        return lr_decay(self.schedule, (share - self.warmup_ratio) / max(1 - self.warmup_ratio, 1e-9))
 
     def set_lr(self) -> None:
         share = (self.before + (self.after - self.before) * (self.taken + 0.5) / self.steps) / self.budget

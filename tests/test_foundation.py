@@ -171,6 +171,9 @@ def test_the_budget_schedule_follows_the_share_of_the_budget_spent():
     over = budget_lrs(300, 2, 1000, 0.0)
     assert over[0][1] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 0.075)))
     assert over[-1][0] > 1 and over[-1][1] == 0.0
+    # a warmup over the whole budget rises to the peak at its end and stops there
+    whole = budget_lrs(300, 2, 1000, 1.0)
+    assert whole[0][1] == pytest.approx(2.0 * 0.075) and whole[-1][1] == 0.0
 
 
 def test_the_progress_line_counts_down_the_budget_when_it_stops_the_run_first():
