@@ -54,16 +54,22 @@ METHODS = {
 EXTRA_ROWS = {"REFUEL, the paper's h": ("REFUEL", ["--horizon_sampling", "paper"])}
 """rows run at another method's chosen cell, with these flags in place of that method's own"""
 TASKS = {
-    # name: (flags of every run, the measure reported, token budget, pairs per iteration, pi_0's recorded dialogues)
-    "guess_number": (["--task", "guess_number"], "score", 60_000, 256, 512),
-    "harvest": (["--task", "harvest"], "score", 60_000, 256, 512),
+    # name: (flags of every run, the measure reported, token budget, pairs per iteration of the baselines and of
+    # REFUEL, pi_0's recorded dialogues). A REFUEL pair plays two dialogues on from turn h (about 70 tokens in the
+    # games, a baseline pair about 4): at 256 pairs its last iteration could overshoot the budget by 29%, at 64 by
+    # 7%, one minibatch each, so its optimizer steps over the budget are the same
+    "guess_number": (["--task", "guess_number"], "score", 60_000, 256, 64, 512),
+    "harvest": (["--task", "harvest"], "score", 60_000, 256, 64, 512),
     "chat": (["--task", "chat", "--horizon", "3", "--max_new_tokens", "48", "--user_max_tokens", "32",
               "--minibatch_pairs", "8", "--micro_batch_pairs", "8", "--num_eval_prompts", "32"],
-             "winrate_vs_initial", 40_000, 16, 32),
+             "winrate_vs_initial", 40_000, 16, 16, 32),
 }
 MEASURES = {"score": "evaluation score", "winrate_vs_initial": "win rate against the initial policy"}
 """what each logged measure (eval/<measure>_turn<h>) is called in the report"""
-DEFAULT_GRID = {"lrs": [1e-4, 3e-4, 1e-3], "etas": [2.0, 5.0], "betas": [0.1, 0.3]}
+DEFAULT_GRID = {"lrs": [1e-4, 3e-4, 1e-3], "etas": [0.5, 5.0], "betas": [0.1, 0.3]}
+"""eta spans the regimes: while the log-ratio difference stays far below eta times the reward difference, the
+regression's gradient is that difference times eta, which Adam's normalisation undoes (eta 2 and 5 gave the same
+harvest runs to three decimals); at 0.5 the target is within reach of a few steps"""
 
 
 def by_turn(record: dict, measure: str) -> dict[str, float]:
@@ -76,7 +82,8 @@ def run(method: str, lr: float, coefficient: float, seed: int, args: argparse.Na
         flags: list[str] | None = None) -> dict:
     """One run: its final measure by turn and what it spent."""
     script, name, own = METHODS[method]
-    task_flags, measure, _, pairs, recorded = task_settings(args)
+    task_flags, measure, _, pairs, refuel_pairs, recorded = task_settings(args)
+    pairs = refuel_pairs if script == "refuel.py" else pairs
     cap = str(args.max_iterations)
     command = [*task_flags, "--seed", str(seed), "--token_budget", str(args.token_budget), "--schedule_over",
                "token_budget", "--num_iterations", cap, "--eval_every", cap, "--save_every", cap,
@@ -99,9 +106,12 @@ def task_label(args: argparse.Namespace) -> str:
 
 
 def task_settings(args: argparse.Namespace) -> tuple:
-    """The task's flags, measure, budget, pairs per iteration and recorded dialogues; the last two as given."""
-    flags, what, budget, pairs, recorded = TASKS.get(args.task, (["--task", args.task], "score", None, 256, 512))
-    return flags, what, budget, args.pairs_per_rank or pairs, args.num_recorded_dialogues or recorded
+    """The task's flags, measure, budget, pairs per iteration (the baselines', REFUEL's) and recorded dialogues;
+    the last three as given."""
+    flags, what, budget, pairs, refuel_pairs, recorded = TASKS.get(
+        args.task, (["--task", args.task], "score", None, 256, 64, 512))
+    return (flags, what, budget, args.pairs_per_rank or pairs, args.pairs_per_rank or refuel_pairs,
+            args.num_recorded_dialogues or recorded)
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -226,7 +236,8 @@ if __name__ == "__main__":
     parser.add_argument("--lrs", type=float, nargs="+", default=DEFAULT_GRID["lrs"], help="the grid's learning rates")
     parser.add_argument("--etas", type=float, nargs="+", default=DEFAULT_GRID["etas"], help="REFUEL's and REBEL's eta")
     parser.add_argument("--betas", type=float, nargs="+", default=DEFAULT_GRID["betas"], help="DPO's beta")
-    parser.add_argument("--pairs_per_rank", type=int, help="pairs per iteration of every method (default: the task's)")
+    parser.add_argument("--pairs_per_rank", type=int, help="pairs per iteration of every method (default: the task's, "
+                        "64 for REFUEL and 256 for the baselines in the games)")
     parser.add_argument("--num_recorded_dialogues", type=int,
                         help="the dialogues pi_0 plays once for the baselines, in their budget (default: the task's)")
     parser.add_argument("--max_iterations", type=int, default=1000,

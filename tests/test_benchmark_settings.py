@@ -1,0 +1,32 @@
+"""The benchmarks' own arithmetic, without runs: the comparison's per-method sizes and the 95% intervals."""
+
+import argparse
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import common  # noqa: E402
+import multiturn_comparison  # noqa: E402
+
+
+def settings(task, pairs=None, recorded=None):
+    return multiturn_comparison.task_settings(argparse.Namespace(task=task, pairs_per_rank=pairs,
+                                                                 num_recorded_dialogues=recorded))
+
+
+def test_refuel_iterations_are_smaller_so_its_last_one_overshoots_the_budget_less():
+    _, measure, budget, pairs, refuel_pairs, recorded = settings("harvest")
+    assert (measure, budget, pairs, refuel_pairs, recorded) == ("score", 60_000, 256, 64, 512)
+    # a REFUEL pair costs about 70 tokens in the games: an iteration is at most about 7% of the budget
+    assert refuel_pairs * 70 / budget < 0.08 < pairs * 70 / budget
+    assert settings("harvest", pairs=8, recorded=4)[3:] == (8, 8, 4)  # the flag sizes every method alike
+    assert settings("tests/custom_task.py:make_task")[2:] == (None, 256, 64, 512)  # a plug-in gives its budget
+
+
+def test_interval95_uses_students_t():
+    mean, half = common.interval95([1.0, 2.0, 3.0])
+    assert mean == 2.0 and math.isclose(half, 4.303 / math.sqrt(3))  # t(0.975, 2 df) * sd / sqrt(n)
+    assert common.interval95([5.0]) == (5.0, math.inf)  # one seed says nothing about the spread
+    assert common.with_interval([5.0]) == "5.000"
