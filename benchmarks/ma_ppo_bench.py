@@ -49,9 +49,9 @@ TASKS = {
     "digits": ["--task", "digits", "--max_new_tokens", "48"],
     "guess_number": ["--task", "guess_number"],
     # multi-turn chat: SmolLM2-135M as the policy and as the LLM user, the brevity reward, 3 turns; 16 dialogues an
-    # iteration in two steps, and an actor LR for a pretrained model (the default 1e-4 is the tiny policies')
+    # iteration in two steps, and the actor's LR for a pretrained model (the default 1e-4 is the tiny policies')
     "chat": ["--task", "chat", "--horizon", "3", "--max_new_tokens", "32", "--user_max_tokens", "32",
-             "--dialogues_per_rank", "16", "--minibatch_dialogues", "8", "--micro_batch_dialogues", "8", "--lr", "3e-5",
+             "--dialogues_per_rank", "16", "--minibatch_dialogues", "8", "--micro_batch_dialogues", "8", "--lr", "1e-5",
              "--num_eval_prompts", "32"],
 }
 PHASES = ("rollout", "reward", "old_logprobs", "train", "sync")
