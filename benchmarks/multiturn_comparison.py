@@ -67,9 +67,9 @@ TASKS = {
 MEASURES = {"score": "evaluation score", "winrate_vs_initial": "win rate against the initial policy"}
 """what each logged measure (eval/<measure>_turn<h>) is called in the report"""
 DEFAULT_GRID = {"lrs": [1e-4, 3e-4, 1e-3], "etas": [0.5, 5.0], "betas": [0.1, 0.3]}
-"""eta spans the regimes: while the log-ratio difference stays far below eta times the reward difference, the
-regression's gradient is that difference times eta, which Adam's normalisation undoes (eta 2 and 5 gave the same
-harvest runs to three decimals); at 0.5 the target is within reach of a few steps"""
+"""eta an order of magnitude apart: while the log-ratio difference stays far below eta times the reward
+difference, the regression's gradient is about that difference times eta, which Adam's normalisation undoes (REFUEL's
+harvest runs at eta 2 and 5 were the same to three decimals)"""
 
 
 def by_turn(record: dict, measure: str) -> dict[str, float]:
