@@ -22,7 +22,7 @@ def test_refuel_iterations_are_smaller_so_its_last_one_overshoots_the_budget_les
     # a REFUEL pair costs about 70 tokens in the games: an iteration is about 15% of the budget, not 60%
     assert refuel_pairs * 70 / budget < 0.16 < pairs * 70 / budget
     assert settings("harvest", pairs=8, recorded=4)[3:] == (8, 8, 4)  # the flag sizes every method alike
-    assert settings("tests/custom_task.py:make_task")[2:] == (None, 256, 64, 256)  # a plug-in gives its budget
+    assert settings("tests/custom_task.py:make_task")[2:] == (None, 256, 64, 256)  # a plug-in has none: --token_budget
 
 
 def test_interval95_uses_students_t():
