@@ -57,7 +57,7 @@ TASKS = {
     # name: (flags of every run, the measure reported, token budget, pairs per iteration of the baselines and of
     # REFUEL, pi_0's recorded dialogues). A REFUEL pair plays two dialogues on from turn h (about 70 tokens in the
     # games, a baseline pair about 4): at 256 pairs its last iteration could overshoot the budget by 60%, at 64 (one
-    # minibatch, the baselines' too) by 15%. A game's 60 runs take about 2 h 15 min on 2 CPU cores
+    # minibatch, the baselines' too) by 15%. The harvest game's 60 runs took 132 min on 2 CPU cores
     "guess_number": (["--task", "guess_number"], "score", 30_000, 256, 64, 256),
     "harvest": (["--task", "harvest"], "score", 30_000, 256, 64, 256),
     "chat": (["--task", "chat", "--horizon", "3", "--max_new_tokens", "48", "--user_max_tokens", "32",

@@ -1,4 +1,5 @@
-"""The benchmarks' own arithmetic, without runs: the comparison's per-method sizes and the 95% intervals."""
+"""The benchmarks' own arithmetic, without runs: the comparison's per-method sizes, the 95% intervals, and the docs'
+tables against the committed results."""
 
 import argparse
 import math
@@ -30,3 +31,20 @@ def test_interval95_uses_students_t():
     assert mean == 2.0 and math.isclose(half, 4.303 / math.sqrt(3))  # t(0.975, 2 df) * sd / sqrt(n)
     assert common.interval95([5.0]) == (5.0, math.inf)  # one seed says nothing about the spread
     assert common.with_interval([5.0]) == "5.000"
+
+
+def test_the_docs_tables_are_the_committed_results_report():
+    """docs/dpo_multiturn.md quotes `--report` on each committed multiturn_comparison JSON, table for table: a
+    results file and the docs cannot drift apart."""
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+    found = sorted(f for f in os.listdir(docs) if f.startswith("multiturn_comparison_") and f.endswith(".json"))
+    assert found, "no committed comparison results"
+    with open(os.path.join(docs, "dpo_multiturn.md")) as f:
+        text = f.read()
+    for name in found:
+        report = multiturn_comparison.report(common.load_results(os.path.join(docs, name)))
+        tables = [block for block in report.split("\n\n") if block.startswith("|")]
+        assert len(tables) == 3, name
+        for table in tables:
+            assert table in text, f"docs/dpo_multiturn.md does not quote this table of {name}:\n{table}"
+        assert os.path.exists(os.path.join(docs, name.replace(".json", ".png"))), f"{name} has no plot"
