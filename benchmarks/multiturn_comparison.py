@@ -34,6 +34,7 @@ import argparse
 import os
 import re
 import statistics
+from typing import NamedTuple
 
 import common
 
@@ -53,23 +54,47 @@ METHODS = {
 }
 EXTRA_ROWS = {"REFUEL, the paper's h": ("REFUEL", ["--horizon_sampling", "paper"])}
 """rows run at another method's chosen cell, with these flags in place of that method's own"""
+class Setting(NamedTuple):
+    """A task's size in the comparison: what every run gets, and the grid each method is tuned on."""
+    flags: list[str]
+    """flags of every run"""
+    measure: str = "score"
+    """the logged measure reported (eval/<measure>_turn<h>)"""
+    token_budget: int | None = None
+    """generated tokens per run; none: --token_budget must be given"""
+    pairs: int = 256
+    """pairs per iteration of the baselines"""
+    refuel_pairs: int = 64
+    """pairs per iteration of REFUEL. A REFUEL pair plays two dialogues on from turn h (about 70 tokens in the
+    games, a baseline pair about 4): at 256 pairs its last iteration could overshoot the budget by 60%, at 64 (one
+    minibatch, the baselines' too) by 15%"""
+    recorded: int = 256
+    """the dialogues pi_0 plays once for the baselines, in their budget"""
+    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    etas: tuple[float, ...] = (0.5, 5.0)
+    """an order of magnitude apart: while the log-ratio difference stays far below eta times the reward difference,
+    the regression's gradient is about that difference times eta, which Adam's normalisation undoes (REFUEL's harvest
+    runs at eta 2 and 5 were the same to three decimals)"""
+    betas: tuple[float, ...] = (0.1, 0.3)
+    methods: tuple[str, ...] = ("REFUEL", "DPO-LT", "DPO-MT", "REBEL-LT", "REBEL-MT")
+
+
 TASKS = {
-    # name: (flags of every run, the measure reported, token budget, pairs per iteration of the baselines and of
-    # REFUEL, pi_0's recorded dialogues). A REFUEL pair plays two dialogues on from turn h (about 70 tokens in the
-    # games, a baseline pair about 4): at 256 pairs its last iteration could overshoot the budget by 60%, at 64 (one
-    # minibatch, the baselines' too) by 15%. The harvest game's 60 runs took 132 min on 2 CPU cores
-    "guess_number": (["--task", "guess_number"], "score", 30_000, 256, 64, 256),
-    "harvest": (["--task", "harvest"], "score", 30_000, 256, 64, 256),
-    "chat": (["--task", "chat", "--horizon", "3", "--max_new_tokens", "48", "--user_max_tokens", "32",
-              "--minibatch_pairs", "8", "--micro_batch_pairs", "8", "--num_eval_prompts", "32"],
-             "winrate_vs_initial", 40_000, 16, 16, 32),
+    # the games' 60 runs: the harvest game's took 132 min on 2 CPU cores
+    "guess_number": Setting(["--task", "guess_number"], token_budget=30_000),
+    "harvest": Setting(["--task", "harvest"], token_budget=30_000),
+    # A SmolLM2 (135M) token costs far more than a tiny model's, and a baseline's token about 6 times REFUEL's (it
+    # trains on a whole dialogue's context for one turn's answer): at 40,000 tokens a REFUEL run took 17 min, and a
+    # baseline's first iterations put it at about an hour. So chat runs at 4,000 tokens, tunes the learning rate
+    # alone, and runs the last-turn baselines by default (DPO-MT and REBEL-MT with --methods): 26 runs. REFUEL takes
+    # 4 pairs an iteration so that its last one overshoots by about 15%, as in the games
+    "chat": Setting(["--task", "chat", "--horizon", "3", "--max_new_tokens", "48", "--user_max_tokens", "32",
+                     "--minibatch_pairs", "4", "--micro_batch_pairs", "4", "--num_eval_prompts", "16"],
+                    "winrate_vs_initial", 4_000, pairs=8, refuel_pairs=4, recorded=8, lrs=(1e-4, 3e-4), etas=(0.5,),
+                    betas=(0.1,), methods=("REFUEL", "DPO-LT", "REBEL-LT")),
 }
 MEASURES = {"score": "evaluation score", "winrate_vs_initial": "win rate against the initial policy"}
 """what each logged measure (eval/<measure>_turn<h>) is called in the report"""
-DEFAULT_GRID = {"lrs": [1e-4, 3e-4, 1e-3], "etas": [0.5, 5.0], "betas": [0.1, 0.3]}
-"""eta an order of magnitude apart: while the log-ratio difference stays far below eta times the reward
-difference, the regression's gradient is about that difference times eta, which Adam's normalisation undoes (REFUEL's
-harvest runs at eta 2 and 5 were the same to three decimals)"""
 
 
 def by_turn(record: dict, measure: str) -> dict[str, float]:
@@ -82,19 +107,20 @@ def run(method: str, lr: float, coefficient: float, seed: int, args: argparse.Na
         flags: list[str] | None = None) -> dict:
     """One run: its final measure by turn and what it spent."""
     script, name, own = METHODS[method]
-    task_flags, measure, _, pairs, refuel_pairs, recorded = task_settings(args)
-    pairs = refuel_pairs if script == "refuel.py" else pairs
+    setting = task_settings(args)
+    pairs = setting.refuel_pairs if script == "refuel.py" else setting.pairs
     cap = str(args.max_iterations)
-    command = [*task_flags, "--seed", str(seed), "--token_budget", str(args.token_budget), "--schedule_over",
+    command = [*setting.flags, "--seed", str(seed), "--token_budget", str(args.token_budget), "--schedule_over",
                "token_budget", "--num_iterations", cap, "--eval_every", cap, "--save_every", cap,
                "--pairs_per_rank", str(pairs), "--lr", str(lr), f"--{name}", str(coefficient), *(flags or own),
-               *([] if script == "refuel.py" else ["--num_recorded_dialogues", str(recorded)]), *args.script_flags]
+               *([] if script == "refuel.py" else ["--num_recorded_dialogues", str(setting.recorded)]),
+               *args.script_flags]
     label = "".join(c for c in (method if flags is None else f"{method}+") if c.isalnum() or c in "-+")
     done = common.run_script(script, command, runs_dir,
                              f"{task_label(args)}_{label}_lr{lr:g}_{name}{coefficient:g}_s{seed}")
     first, last = done["metrics"][0], done["metrics"][-1]
     return {"seed": seed, "lr": lr, name: coefficient, "command": done["command"], "seconds": done["seconds"],
-            "initial": by_turn(first, measure), "final": by_turn(last, measure),
+            "initial": by_turn(first, setting.measure), "final": by_turn(last, setting.measure),
             "generated_tokens": last["budget/generated_tokens"], "reward_calls": last["budget/reward_calls"],
             "iterations": last["iteration"], "stopped_by_budget": last["budget/generated_tokens"] >= args.token_budget,
             "references": {k[len("reference/"):]: v for k, v in first.items() if k.startswith("reference/")}}
@@ -105,27 +131,27 @@ def task_label(args: argparse.Namespace) -> str:
     return re.sub(r"\W", "_", os.path.basename(args.task))
 
 
-def task_settings(args: argparse.Namespace) -> tuple:
-    """The task's flags, measure, budget, pairs per iteration (the baselines', REFUEL's) and recorded dialogues;
-    the last three as given."""
-    flags, what, budget, pairs, refuel_pairs, recorded = TASKS.get(
-        args.task, (["--task", args.task], "score", None, 256, 64, 256))
-    return (flags, what, budget, args.pairs_per_rank or pairs, args.pairs_per_rank or refuel_pairs,
-            args.num_recorded_dialogues or recorded)
+def task_settings(args: argparse.Namespace) -> Setting:
+    """The task's setting (a plug-in's: the defaults), with what the flags give in its place."""
+    setting = TASKS.get(args.task, Setting(["--task", args.task]))
+    given = {"token_budget": args.token_budget, "pairs": args.pairs_per_rank, "refuel_pairs": args.pairs_per_rank,
+             "recorded": args.num_recorded_dialogues, "lrs": args.lrs, "etas": args.etas, "betas": args.betas,
+             "methods": args.methods}
+    return setting._replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
 
 
 def measure(args: argparse.Namespace) -> dict:
-    runs_dir = common.runs_dir(args, "multiturn_comparison")
+    runs_dir, setting = common.runs_dir(args, "multiturn_comparison"), task_settings(args)
     grid, chosen, runs = {}, {}, {}
     horizon = None
-    for method in args.methods:
+    for method in setting.methods:
         name = METHODS[method][1]
         cells = [run(method, lr, c, args.tuning_seed, args, runs_dir)
-                 for lr in args.lrs for c in getattr(args, f"{name}s")]
+                 for lr in setting.lrs for c in getattr(setting, f"{name}s")]
         horizon = horizon or max(cells[0]["final"], key=int)
         best = max(cells, key=lambda r: r["final"][horizon])
         grid[method], chosen[method] = cells, {"lr": best["lr"], name: best[name]}
-    for method in args.methods:
+    for method in setting.methods:
         name = METHODS[method][1]
         runs[method] = [run(method, chosen[method]["lr"], chosen[method][name], seed, args, runs_dir)
                         for seed in args.seeds]
@@ -134,7 +160,7 @@ def measure(args: argparse.Namespace) -> dict:
             name = METHODS[method][1]
             runs[row] = [run(method, chosen[method]["lr"], chosen[method][name], seed, args, runs_dir, flags)
                          for seed in args.seeds]
-    return {"task": args.task, "measure": task_settings(args)[1], "token_budget": args.token_budget,
+    return {"task": args.task, "measure": setting.measure, "token_budget": args.token_budget,
             "tuning_seed": args.tuning_seed, "seeds": args.seeds, "grid": grid, "chosen": chosen, "runs": runs}
 
 
@@ -230,12 +256,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_run_flags(parser, seeds=[1, 2, 3, 4, 5], num_iterations=0, token_budget=None)
     parser.add_argument("--task", default="guess_number", help="a built-in task or a plug-in, as the scripts take")
-    parser.add_argument("--methods", nargs="+", default=["REFUEL", "DPO-LT", "DPO-MT", "REBEL-LT", "REBEL-MT"],
-                        choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        help="default: the task's (REFUEL and the four paper baselines; chat: the last-turn ones)")
     parser.add_argument("--tuning_seed", type=int, default=0, help="the seed the grids run on, never reported")
-    parser.add_argument("--lrs", type=float, nargs="+", default=DEFAULT_GRID["lrs"], help="the grid's learning rates")
-    parser.add_argument("--etas", type=float, nargs="+", default=DEFAULT_GRID["etas"], help="REFUEL's and REBEL's eta")
-    parser.add_argument("--betas", type=float, nargs="+", default=DEFAULT_GRID["betas"], help="DPO's beta")
+    parser.add_argument("--lrs", type=float, nargs="+", help="the grid's learning rates (default: the task's; "
+                        "1e-4 3e-4 1e-3, chat 1e-4 3e-4)")
+    parser.add_argument("--etas", type=float, nargs="+", help="REFUEL's and REBEL's eta (default: 0.5 5, chat 0.5)")
+    parser.add_argument("--betas", type=float, nargs="+", help="DPO's beta (default: 0.1 0.3, chat 0.1)")
     parser.add_argument("--pairs_per_rank", type=int, help="pairs per iteration of every method (default: the task's, "
                         "64 for REFUEL and 256 for the baselines in the games)")
     parser.add_argument("--num_recorded_dialogues", type=int,
@@ -243,15 +270,14 @@ if __name__ == "__main__":
     parser.add_argument("--max_iterations", type=int, default=1000,
                         help="the iteration cap, far beyond the budget: it stops no run that the budget should")
     args = common.parse_args(parser)
-    settings = task_settings(args)
-    if args.token_budget is None:
-        args.token_budget = settings[2]
+    setting = task_settings(args)
+    args.token_budget = setting.token_budget
     if not args.report:
         if args.token_budget is None:
             parser.error(f"task {args.task!r} has no default budget: give --token_budget")
         if args.tuning_seed in args.seeds:
             parser.error("--tuning_seed must not be one of the reported --seeds")
-        if any(len(getattr(args, f"{g}s")) * len(args.lrs) > 6 for g in ("eta", "beta")):
+        if any(len(getattr(setting, f"{g}s")) * len(setting.lrs) > 6 for g in ("eta", "beta")):
             parser.error("a method's grid has at most 6 cells (--lrs times --etas or --betas)")
     name = f"multiturn_comparison_{task_label(args)}"
     path = os.path.join(args.output_dir, f"{name}.json")

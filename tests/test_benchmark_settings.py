@@ -12,18 +12,33 @@ import common  # noqa: E402
 import multiturn_comparison  # noqa: E402
 
 
-def settings(task, pairs=None, recorded=None):
-    return multiturn_comparison.task_settings(argparse.Namespace(task=task, pairs_per_rank=pairs,
-                                                                 num_recorded_dialogues=recorded))
+def settings(task, **given):
+    flags = {"token_budget": None, "pairs_per_rank": None, "num_recorded_dialogues": None, "lrs": None, "etas": None,
+             "betas": None, "methods": None}
+    return multiturn_comparison.task_settings(argparse.Namespace(task=task, **{**flags, **given}))
 
 
 def test_refuel_iterations_are_smaller_so_its_last_one_overshoots_the_budget_less():
-    _, measure, budget, pairs, refuel_pairs, recorded = settings("harvest")
-    assert (measure, budget, pairs, refuel_pairs, recorded) == ("score", 30_000, 256, 64, 256)
+    harvest = settings("harvest")
+    assert (harvest.measure, harvest.token_budget, harvest.pairs, harvest.refuel_pairs, harvest.recorded) == (
+        "score", 30_000, 256, 64, 256)
     # a REFUEL pair costs about 70 tokens in the games: an iteration is about 15% of the budget, not 60%
-    assert refuel_pairs * 70 / budget < 0.16 < pairs * 70 / budget
-    assert settings("harvest", pairs=8, recorded=4)[3:] == (8, 8, 4)  # the flag sizes every method alike
-    assert settings("tests/custom_task.py:make_task")[2:] == (None, 256, 64, 256)  # a plug-in has none: --token_budget
+    assert harvest.refuel_pairs * 70 / harvest.token_budget < 0.16 < harvest.pairs * 70 / harvest.token_budget
+    small = settings("harvest", pairs_per_rank=8, num_recorded_dialogues=4)
+    assert (small.pairs, small.refuel_pairs, small.recorded) == (8, 8, 4)  # the flag sizes every method alike
+    plug_in = settings("tests/custom_task.py:make_task")  # a plug-in has no budget of its own: --token_budget
+    assert plug_in.token_budget is None and plug_in.flags == ["--task", "tests/custom_task.py:make_task"]
+
+
+def test_each_task_has_its_grid_of_at_most_six_cells_and_the_flags_replace_it():
+    for task, setting in multiturn_comparison.TASKS.items():
+        assert set(setting.methods) <= set(multiturn_comparison.METHODS), task
+        assert all(len(setting.lrs) * len(c) <= 6 for c in (setting.etas, setting.betas)), task
+    chat = settings("chat")
+    assert chat.methods == ("REFUEL", "DPO-LT", "REBEL-LT") and len(chat.lrs) * len(chat.etas) == 2
+    assert settings("harvest").lrs == (1e-4, 3e-4, 1e-3)
+    given = settings("chat", lrs=[1e-3], methods=["DPO-MT"], token_budget=100)
+    assert (given.lrs, given.methods, given.token_budget, given.etas) == ((1e-3,), ("DPO-MT",), 100, (0.5,))
 
 
 def test_interval95_uses_students_t():
