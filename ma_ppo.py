@@ -381,21 +381,27 @@ def critic_initialisation(args: Args) -> str:
 
 
 def dialogue_tensors(episodes: list[dialogues.Episode], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """(input_ids, attention_mask, action_mask, turn_ids) [rows, T] of whole dialogues, right-padded: each is its
-    last prompt plus its last response (every turn's prompt is a prefix of the next, token for token); action
-    tokens are the assistant's sampled tokens of every turn, `turn_ids` their turn (-1 elsewhere)."""
-    sequences, turns = [], []
+    """(input_ids, attention_mask, action_mask, turn_ids) [rows, T] of whole dialogues, right-padded, and the number of
+    earlier turns left out. A row is its last prompt plus its last response; action tokens are the assistant's
+    sampled tokens of every turn, `turn_ids` their turn (-1 elsewhere). Each turn's prompt is the dialogue so far
+    rendered and tokenized again, so an earlier answer appears there as its text's tokens: where those are not the
+    sampled ones (a split the tokenizer would not make, a special token dropped from the text), the turn's span
+    holds tokens the policy never sampled, and the turn is no action (counted)."""
+    sequences, turns, left_out = [], [], 0
     for e in episodes:
         ids = e.prompts[-1] + e.responses[-1]
         turn = [-1] * len(ids)
         for k, (prompt, response) in enumerate(zip(e.prompts, e.responses)):
+            if ids[len(prompt) : len(prompt) + len(response)] != response:
+                left_out += 1
+                continue
             turn[len(prompt) : len(prompt) + len(response)] = [k] * len(response)
         sequences.append(ids)
         turns.append(turn)
     input_ids = utils.pad_right(sequences, pad_id)
     attention_mask = utils.pad_right([[1] * len(s) for s in sequences], 0, input_ids.shape[1])
     turn_ids = utils.pad_right(turns, -1, input_ids.shape[1])
-    return input_ids, attention_mask, (turn_ids >= 0).long(), turn_ids
+    return input_ids, attention_mask, (turn_ids >= 0).long(), turn_ids, left_out
 
 
 def token_values(critic: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -595,7 +601,8 @@ if __name__ == "__main__":
 
         # 3. old log-probs, reference log-probs and values from training forwards (never from the engine)
         t0 = time.time()
-        input_ids, attention_mask, action_mask, turn_ids = dialogue_tensors(episodes, tokenizer.pad_token_id)
+        input_ids, attention_mask, action_mask, turn_ids, retokenized = dialogue_tensors(episodes,
+                                                                                         tokenizer.pad_token_id)
         chunk = args.micro_batch_dialogues
         with torch.no_grad():
             old_lp = utils.token_logprobs_in_chunks(actor, input_ids.to(device), attention_mask.to(device),
@@ -687,6 +694,7 @@ if __name__ == "__main__":
         metrics["value/explained_variance"] = 1 - metrics["value/error"] / max(
             variance["returns_sq"] - variance["returns"] ** 2, 1e-12)
         metrics.update(utils.sum_over_ranks({"skipped/nan_reward_dialogues": (~finite).sum().item(),
+                                             "skipped/retokenized_turns": retokenized,
                                              **{f"budget/{k}": v for k, v in spent.items()}}))
         metrics["budget/generated_tokens"] = metrics["budget/policy_tokens"] + metrics["budget/user_tokens"]
         metrics["policy/lr"] = 0.0 if frozen else schedulers["actor"].get_last_lr()[0]

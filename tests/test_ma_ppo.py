@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import dialogues
 import ma_ppo
 from ma_ppo import (
     Args,
@@ -59,6 +60,19 @@ def test_a_macro_never_crosses_a_turn():
     segments = macro_segments(turn_ids, "ngram", 5)
     assert lengths(segments) == [5, 2, 2, 1]
     assert set(segments[turn_ids == 0].tolist()).isdisjoint(segments[turn_ids == 1].tolist())
+
+
+def test_dialogue_rows_keep_only_turns_whose_sampled_tokens_are_in_the_row():
+    """A turn's tokens in the row come from its text tokenized again; a turn sampled as another split of that text
+    is no action, and is counted."""
+    # turn 0 sampled [5, 6]; the next prompt holds it as [5, 6] (kept) or as the merged token [56] (left out)
+    kept = dialogues.Episode([], prompts=[[1, 2], [1, 2, 5, 6, 9, 3]], responses=[[5, 6], [7, 8]])
+    merged = dialogues.Episode([], prompts=[[1, 2], [1, 2, 56, 9, 3]], responses=[[5, 6], [7, 8]])
+    input_ids, attention, action_mask, turn_ids, left_out = ma_ppo.dialogue_tensors([kept, merged], pad_id=0)
+    assert input_ids.tolist() == [[1, 2, 5, 6, 9, 3, 7, 8], [1, 2, 56, 9, 3, 7, 8, 0]]
+    assert turn_ids.tolist() == [[-1, -1, 0, 0, -1, -1, 1, 1], [-1, -1, -1, -1, -1, 1, 1, -1]]
+    assert action_mask.tolist() == (turn_ids >= 0).long().tolist() and attention[1].tolist() == [1] * 7 + [0]
+    assert left_out == 1
 
 
 def test_randomized_perplexity_and_punctuation_rules():
@@ -346,7 +360,6 @@ def test_losses_average_each_sample_as_the_official_run():
 def test_the_critic_from_the_reward_model_starts_at_its_scores(tiny_model, tiny_reward_model):
     """The critic's value head is the reward model's score head: at a dialogue's last token its value is the score
     the reward model gives the dialogue (the task's own scorer, on the same token ids)."""
-    import dialogues
     import utils
 
     dialogs = [[{"role": "user", "content": "Say something."}, {"role": "assistant", "content": "Something."}],
