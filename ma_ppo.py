@@ -380,7 +380,8 @@ def critic_initialisation(args: Args) -> str:
     return args.critic_init or ("reward_model" if args.task_args.reward_model else "policy")
 
 
-def dialogue_tensors(episodes: list[dialogues.Episode], pad_id: int) -> tuple[torch.Tensor, ...]:
+def dialogue_tensors(episodes: list[dialogues.Episode], pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor, torch.Tensor, int]:
     """(input_ids, attention_mask, action_mask, turn_ids) [rows, T] of whole dialogues, right-padded, and the number of
     earlier turns left out. A row is its last prompt plus its last response; action tokens are the assistant's
     sampled tokens of every turn, `turn_ids` their turn (-1 elsewhere). Each turn's prompt is the dialogue so far
@@ -392,10 +393,11 @@ def dialogue_tensors(episodes: list[dialogues.Episode], pad_id: int) -> tuple[to
         ids = e.prompts[-1] + e.responses[-1]
         turn = [-1] * len(ids)
         for k, (prompt, response) in enumerate(zip(e.prompts, e.responses)):
-            if ids[len(prompt) : len(prompt) + len(response)] != response:
+            span = slice(len(prompt), len(prompt) + len(response))
+            if ids[span] != response:
                 left_out += 1
                 continue
-            turn[len(prompt) : len(prompt) + len(response)] = [k] * len(response)
+            turn[span] = [k] * len(response)
         sequences.append(ids)
         turns.append(turn)
     input_ids = utils.pad_right(sequences, pad_id)

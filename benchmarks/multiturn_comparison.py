@@ -54,6 +54,8 @@ METHODS = {
 }
 EXTRA_ROWS = {"REFUEL, the paper's h": ("REFUEL", ["--horizon_sampling", "paper"])}
 """rows run at another method's chosen cell, with these flags in place of that method's own"""
+
+
 class Setting(NamedTuple):
     """A task's size in the comparison: what every run gets, and the grid each method is tuned on."""
     flags: list[str]
@@ -103,14 +105,13 @@ def by_turn(record: dict, measure: str) -> dict[str, float]:
     return {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
 
 
-def run(method: str, lr: float, coefficient: float, seed: int, args: argparse.Namespace, runs_dir: str,
-        flags: list[str] | None = None) -> dict:
+def run(method: str, lr: float, coefficient: float, seed: int, args: argparse.Namespace, setting: Setting,
+        runs_dir: str, flags: list[str] | None = None) -> dict:
     """One run: its final measure by turn and what it spent."""
     script, name, own = METHODS[method]
-    setting = task_settings(args)
     pairs = setting.refuel_pairs if script == "refuel.py" else setting.pairs
     cap = str(args.max_iterations)
-    command = [*setting.flags, "--seed", str(seed), "--token_budget", str(args.token_budget), "--schedule_over",
+    command = [*setting.flags, "--seed", str(seed), "--token_budget", str(setting.token_budget), "--schedule_over",
                "token_budget", "--num_iterations", cap, "--eval_every", cap, "--save_every", cap,
                "--pairs_per_rank", str(pairs), "--lr", str(lr), f"--{name}", str(coefficient), *(flags or own),
                *([] if script == "refuel.py" else ["--num_recorded_dialogues", str(setting.recorded)]),
@@ -122,7 +123,8 @@ def run(method: str, lr: float, coefficient: float, seed: int, args: argparse.Na
     return {"seed": seed, "lr": lr, name: coefficient, "command": done["command"], "seconds": done["seconds"],
             "initial": by_turn(first, setting.measure), "final": by_turn(last, setting.measure),
             "generated_tokens": last["budget/generated_tokens"], "reward_calls": last["budget/reward_calls"],
-            "iterations": last["iteration"], "stopped_by_budget": last["budget/generated_tokens"] >= args.token_budget,
+            "iterations": last["iteration"],
+            "stopped_by_budget": last["budget/generated_tokens"] >= setting.token_budget,
             "references": {k[len("reference/"):]: v for k, v in first.items() if k.startswith("reference/")}}
 
 
@@ -140,27 +142,27 @@ def task_settings(args: argparse.Namespace) -> Setting:
     return setting._replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
 
 
-def measure(args: argparse.Namespace) -> dict:
-    runs_dir, setting = common.runs_dir(args, "multiturn_comparison"), task_settings(args)
+def measure(args: argparse.Namespace, setting: Setting) -> dict:
+    runs_dir = common.runs_dir(args, "multiturn_comparison")
     grid, chosen, runs = {}, {}, {}
     horizon = None
     for method in setting.methods:
         name = METHODS[method][1]
-        cells = [run(method, lr, c, args.tuning_seed, args, runs_dir)
+        cells = [run(method, lr, c, args.tuning_seed, args, setting, runs_dir)
                  for lr in setting.lrs for c in getattr(setting, f"{name}s")]
         horizon = horizon or max(cells[0]["final"], key=int)
         best = max(cells, key=lambda r: r["final"][horizon])
         grid[method], chosen[method] = cells, {"lr": best["lr"], name: best[name]}
     for method in setting.methods:
         name = METHODS[method][1]
-        runs[method] = [run(method, chosen[method]["lr"], chosen[method][name], seed, args, runs_dir)
+        runs[method] = [run(method, chosen[method]["lr"], chosen[method][name], seed, args, setting, runs_dir)
                         for seed in args.seeds]
     for row, (method, flags) in EXTRA_ROWS.items():
         if method in chosen:
             name = METHODS[method][1]
-            runs[row] = [run(method, chosen[method]["lr"], chosen[method][name], seed, args, runs_dir, flags)
+            runs[row] = [run(method, chosen[method]["lr"], chosen[method][name], seed, args, setting, runs_dir, flags)
                          for seed in args.seeds]
-    return {"task": args.task, "measure": setting.measure, "token_budget": args.token_budget,
+    return {"task": args.task, "measure": setting.measure, "token_budget": setting.token_budget,
             "tuning_seed": args.tuning_seed, "seeds": args.seeds, "grid": grid, "chosen": chosen, "runs": runs}
 
 
@@ -271,9 +273,8 @@ if __name__ == "__main__":
                         help="the iteration cap, far beyond the budget: it stops no run that the budget should")
     args = common.parse_args(parser)
     setting = task_settings(args)
-    args.token_budget = setting.token_budget
     if not args.report:
-        if args.token_budget is None:
+        if setting.token_budget is None:
             parser.error(f"task {args.task!r} has no default budget: give --token_budget")
         if args.tuning_seed in args.seeds:
             parser.error("--tuning_seed must not be one of the reported --seeds")
@@ -282,6 +283,6 @@ if __name__ == "__main__":
     name = f"multiturn_comparison_{task_label(args)}"
     path = os.path.join(args.output_dir, f"{name}.json")
     if not args.report:
-        common.save_results(path, measure(args))
+        common.save_results(path, measure(args, setting))
         plot(common.load_results(path), os.path.join(args.output_dir, f"{name}.png"))
     print(report(common.load_results(path)))
