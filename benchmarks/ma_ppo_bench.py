@@ -62,7 +62,8 @@ def run(flags: list[str], name: str, iterations: int, runs_dir: str) -> dict:
     training): the evaluation score at the horizon, the samples (dialogues) and optimizer steps so far, and the
     training seconds so far."""
     done = common.run_script("ma_ppo.py", [*flags, "--num_iterations", str(iterations), "--eval_every", "1",
-                                           "--save_every", str(iterations)], runs_dir, name)
+                                           "--save_every", str(iterations)], runs_dir, name,
+                                 keep_checkpoints=False)
     metrics = done["metrics"]
     with open(os.path.join(runs_dir, name, "args.json")) as f:
         args = json.load(f)

@@ -118,7 +118,8 @@ def run(method: str, lr: float, coefficient: float, seed: int, args: argparse.Na
                *args.script_flags]
     label = "".join(c for c in (method if flags is None else f"{method}+") if c.isalnum() or c in "-+")
     done = common.run_script(script, command, runs_dir,
-                             f"{task_label(args)}_{label}_lr{lr:g}_{name}{coefficient:g}_s{seed}")
+                             f"{task_label(args)}_{label}_lr{lr:g}_{name}{coefficient:g}_s{seed}",
+                             keep_checkpoints=False)
     first, last = done["metrics"][0], done["metrics"][-1]
     return {"seed": seed, "lr": lr, name: coefficient, "command": done["command"], "seconds": done["seconds"],
             "initial": by_turn(first, setting.measure), "final": by_turn(last, setting.measure),

@@ -120,6 +120,10 @@ def test_multiturn_comparison_tunes_then_reports_paired_seeds_at_an_equal_budget
         assert "--horizon_sampling paper" in run["command"] if "paper" in method else "uniform" in run["command"]
     assert "| REFUEL − DPO-MT |" in out.stdout and "| DPO-MT (chosen) |" in out.stdout
     assert_report_reprints("multiturn_comparison", tmp_path, out.stdout, script_env, "--task", SMALL_HARVEST)
+    # a finished run keeps its metrics, not its checkpoints
+    assert all(not os.path.exists(os.path.join(runs_dir, d, "checkpoints")) and
+               os.path.exists(os.path.join(runs_dir, d, "metrics.jsonl")) for d in os.listdir(runs_dir)
+               if os.path.isdir(os.path.join(runs_dir, d)))
 
     again = bench("multiturn_comparison", *flags, env=script_env)  # the finished runs are read, none is started
     assert "python refuel.py" not in again.stderr and results(tmp_path, name)["runs"] == found["runs"]
