@@ -20,7 +20,7 @@ the H turns; REFUEL with the paper's h is an extra row, at REFUEL's chosen setti
    iteration's overshoot of the budget), the reward calls and iterations; the tuning grid, every cell.
 
 Tasks (`--task`): `guess_number`, `harvest` and `chat` (embedded SmolLM2 as the policy and as the LLM user, the
-brevity reward, horizon 3) come with their sizes; any other plug-in runs with the scripts' defaults and the flags
+target-length reward, horizon 3) come with their sizes; any other plug-in runs with the scripts' defaults and the flags
 after `--`. Writes multiturn_comparison_<task>.json and .png to --output_dir (a plug-in's name with its
 non-word characters as `_`); the flags all benchmarks share are
 described in benchmarks/common.py (its --num_iterations is unused here: the budget stops the runs).
@@ -89,8 +89,11 @@ TASKS = {
     # trains on a whole dialogue's context for one turn's answer): at 40,000 tokens a REFUEL run took 17 min, and a
     # baseline's first iterations put it at about an hour. So chat runs at 4,000 tokens, tunes the learning rate
     # alone, and runs the last-turn baselines by default (DPO-MT and REBEL-MT with --methods): 26 runs. REFUEL takes
-    # 4 pairs an iteration so that its last one overshoots by about 15%, as in the games
+    # 4 pairs an iteration so that its last one overshoots by about 15%, as in the games. The reward is the target
+    # length (tasks.chat): under the brevity reward a DPO-LT run learned to answer nothing by its 12th iteration,
+    # then spent about 12 tokens an iteration with every pair tied, and would have run for about an hour
     "chat": Setting(["--task", "chat", "--horizon", "3", "--max_new_tokens", "48", "--user_max_tokens", "32",
+                     "--reward_function", "tasks.chat:target_length_reward",
                      "--minibatch_pairs", "4", "--micro_batch_pairs", "4", "--num_eval_prompts", "16"],
                     "winrate_vs_initial", 4_000, pairs=8, refuel_pairs=4, recorded=8, lrs=(1e-4, 3e-4), etas=(0.5,),
                     betas=(0.1,), methods=("REFUEL", "DPO-LT", "REBEL-LT")),

@@ -29,6 +29,24 @@ def brevity_reward(dialogue: utils.Dialogue) -> float:
     return max(0.0, 1.0 - len(dialogue[-1]["content"].split()) / 64)
 
 
+TARGET_WORDS = 8
+"""the length `target_length_reward` pays most for"""
+
+
+def target_length_reward(dialogue: utils.Dialogue) -> float:
+    """A verifiable reward whose best answer is not empty: 1 for a last answer of `TARGET_WORDS` words, falling
+    linearly to 0 at no words and at 64 words or more.
+
+    `brevity_reward` pays most for saying nothing, and a policy that learns that stops spending tokens: under a token
+    budget it then runs for ever more iterations with every pair tied. Here the empty answer scores 0, so a policy
+    has to learn where to stop.
+    """
+    words = len(dialogue[-1]["content"].split())
+    if words < TARGET_WORDS:
+        return words / TARGET_WORDS
+    return max(0.0, 1.0 - (words - TARGET_WORDS) / (64 - TARGET_WORDS))
+
+
 USER_SIMULATOR_PROMPT = (
     "Below is a dialogue between the user and the assistant. Pretend you are the user in this conversation. "
     "What question would you ask next? \n\n{dialogue}### Instructions: \nFIRST provide a justification of the "

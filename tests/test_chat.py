@@ -1,6 +1,7 @@
 import pytest
 
 import utils
+from tasks import chat
 
 
 def dialogue(turns: int) -> list[dict]:
@@ -127,3 +128,13 @@ def test_chat_task_records_the_rows_that_hold_assistant_turns(tmp_path):
     assert [e.messages for e in message_lists.recorded] == [messages[1]]
     assert message_lists.recorded[0].info == {"user_turns": ["Another?"]}
     assert task([{"prompt": f"Question {i}?"} for i in range(4)], "prompt", num_eval_prompts=1).recorded == []
+
+
+def test_the_target_length_reward_pays_most_at_its_length_and_nothing_for_silence():
+    def score(words):
+        return chat.target_length_reward([{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": " ".join(["word"] * words)}])
+    assert score(0) == 0.0 and score(chat.TARGET_WORDS) == 1.0 and score(64) == score(100) == 0.0
+    assert score(4) == 0.5 and score(36) == 0.5  # linear on both sides of the target
+    assert chat.brevity_reward([{"role": "assistant", "content": ""}]) == 1.0  # the reward it replaces for benchmarks
+
