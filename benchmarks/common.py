@@ -82,8 +82,8 @@ def run_script(script: str, flags: list[str], folder: str, name: str, nproc: int
     """Run `name` of `script` (a file in the repository) in `folder`: its command (without the run folder's
     flags), its wall seconds and its metrics (one record per iteration, iteration 0 first). A run that finished
     there with the same command is read, not repeated; an unfinished one is started again. Without
-    `keep_checkpoints` a finished run's checkpoints are deleted (about 130 MB for SmolLM2: a 60-run benchmark
-    would otherwise keep 8 GB it never reads)."""
+    `keep_checkpoints` a finished run keeps its metrics and log but not its checkpoints, for benchmarks that read
+    only the metrics (a SmolLM2 run's checkpoint is about 130 MB)."""
     command = f"python {script} {shlex.join(flags)}".strip()
     run_dir, done = os.path.join(folder, name), os.path.join(folder, f"{name}.done.json")
     if os.path.exists(done):

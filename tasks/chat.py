@@ -21,21 +21,24 @@ TEMPLATE_TOKENS_PER_TURN = 64
 """room per turn for the chat template's role headers and end-of-turn tokens (as in refuel.py)"""
 
 
-def brevity_reward(dialogue: utils.Dialogue) -> float:
-    """A verifiable reward for CPU learning checks: 1 for an empty last answer, down to 0 at 64 words or more.
-
-    Any model can earn it, so the mean reward shows within minutes whether an algorithm learns.
-    """
-    return max(0.0, 1.0 - len(dialogue[-1]["content"].split()) / 64)
-
-
+LONG_ANSWER_WORDS = 64
+"""the length at which the two length rewards below reach 0"""
 TARGET_WORDS = 8
 """the length `target_length_reward` pays most for"""
 
 
+def brevity_reward(dialogue: utils.Dialogue) -> float:
+    """A verifiable reward for CPU learning checks: 1 for an empty last answer, down to 0 at `LONG_ANSWER_WORDS`
+    words or more.
+
+    Any model can earn it, so the mean reward shows within minutes whether an algorithm learns.
+    """
+    return max(0.0, 1.0 - len(dialogue[-1]["content"].split()) / LONG_ANSWER_WORDS)
+
+
 def target_length_reward(dialogue: utils.Dialogue) -> float:
     """A verifiable reward whose best answer is not empty: 1 for a last answer of `TARGET_WORDS` words, falling
-    linearly to 0 at no words and at 64 words or more.
+    linearly to 0 at no words and at `LONG_ANSWER_WORDS` words or more.
 
     `brevity_reward` pays most for saying nothing, and a policy that learns that stops spending tokens: under a token
     budget it then runs for ever more iterations with every pair tied. Here the empty answer scores 0, so a policy
@@ -44,7 +47,7 @@ def target_length_reward(dialogue: utils.Dialogue) -> float:
     words = len(dialogue[-1]["content"].split())
     if words < TARGET_WORDS:
         return words / TARGET_WORDS
-    return max(0.0, 1.0 - (words - TARGET_WORDS) / (64 - TARGET_WORDS))
+    return max(0.0, 1.0 - (words - TARGET_WORDS) / (LONG_ANSWER_WORDS - TARGET_WORDS))
 
 
 USER_SIMULATOR_PROMPT = (

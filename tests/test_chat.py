@@ -134,7 +134,6 @@ def test_the_target_length_reward_pays_most_at_its_length_and_nothing_for_silenc
     def score(words):
         return chat.target_length_reward([{"role": "user", "content": "hi"},
                                           {"role": "assistant", "content": " ".join(["word"] * words)}])
-    assert score(0) == 0.0 and score(chat.TARGET_WORDS) == 1.0 and score(64) == score(100) == 0.0
+    assert score(0) == 0.0 and score(chat.TARGET_WORDS) == 1.0 and score(chat.LONG_ANSWER_WORDS) == score(100) == 0.0
     assert score(4) == 0.5 and score(36) == 0.5  # linear on both sides of the target
     assert chat.brevity_reward([{"role": "assistant", "content": ""}]) == 1.0  # the reward it replaces for benchmarks
-
