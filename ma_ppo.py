@@ -14,9 +14,9 @@ which carries the score, is a macro of its own, so the score is never averaged a
 the tokens of w_k; the actor takes PPO's clipped loss with each token's own ratio and its macro's advantage, the
 critic a clipped regression of each token's value onto its macro's return, each loss a sample's token mean averaged
 over samples. The critic starts from the task's reward model when it has one (its score head becomes the value
-head). With one token per macro (`--ngram 1`) this is token-level PPO exactly. In a dialogue with the simulated
-user the assistant's tokens of every turn are actions and the user's are not; the reward comes at the end of the
-dialogue.
+head), else from the policy with a new value head at zero. With one token per macro (`--ngram 1`) this is
+token-level PPO exactly. In a dialogue with the simulated user the assistant's tokens of every turn are actions and
+the user's are not; the reward comes at the end of the dialogue.
 
 Run:
     python ma_ppo.py                                  # guessing task, warm-started tiny policy, CPU (n = 5)
@@ -360,7 +360,8 @@ def load_critic(path: str, from_reward_model: bool, device: torch.device | str =
 
     From a sequence-classification reward model the head is its score head, read at every token instead of the
     last one only: at a sequence's last token the critic's value is the reward model's score of that sequence (as
-    the official critic, `create_critic_model` from the RM checkpoint). From a causal LM the head is new.
+    the official critic, `create_critic_model` from the RM checkpoint). From a causal LM the head is new and starts
+    at zero, so every first value is 0 and the first advantages are the rewards' own.
     """
     from transformers import AutoConfig, AutoModelForTokenClassification
 
@@ -372,6 +373,13 @@ def load_critic(path: str, from_reward_model: bool, device: torch.device | str =
         raise SystemExit(f"--critic_init reward_model: {path} has no weights for {sorted(loading['missing_keys'])} "
                          "of a value head; it is not a one-output sequence-classification model of a head named "
                          "like transformers' own. Use --critic_init policy")
+    # transformers draws a new head at its init scale: on SmolLM2-135M its values then differ by about 0.7 between
+    # neighbouring tokens, against scores that differ by about 0.1 between dialogues, and those differences, not the
+    # score, would set the first advantages
+    with torch.no_grad():
+        for name, parameter in critic.named_parameters():
+            if name in loading["missing_keys"]:
+                parameter.zero_()
     return critic.to(device)
 
 
@@ -691,9 +699,12 @@ if __name__ == "__main__":
             "macro/length": macro_lengths, "macro/per_dialogue": num_macros.tolist(),
             "data/turns_played": [e.turns for e in episodes], "sync/logprob_gap": sync_gap,
             **{f"time/{k}": v for k, v in timings.items()}})
+        # explained variance as usual: the residual's variance, not its mean square, so a value head that is off
+        # by a constant (a fresh head before it has fitted the mean return) is not counted as unexplained variance
         variance = utils.mean_over_ranks({"returns": token_returns[actions].tolist(),
-                                          "returns_sq": (token_returns[actions] ** 2).tolist()})
-        metrics["value/explained_variance"] = 1 - metrics["value/error"] / max(
+                                          "returns_sq": (token_returns[actions] ** 2).tolist(),
+                                          "residual": residual.tolist()})
+        metrics["value/explained_variance"] = 1 - (metrics["value/error"] - variance["residual"] ** 2) / max(
             variance["returns_sq"] - variance["returns"] ** 2, 1e-12)
         metrics.update(utils.sum_over_ranks({"skipped/nan_reward_dialogues": (~finite).sum().item(),
                                              "skipped/retokenized_turns": retokenized,

@@ -372,8 +372,14 @@ def test_the_critic_from_the_reward_model_starts_at_its_scores(tiny_model, tiny_
                   for d in dialogs]
     assert values == pytest.approx(scores, abs=1e-5) and abs(scores[0] - scores[1]) > 1e-4
     assert critic.score.bias is None
-    # from the policy, a fresh head; a causal LM has no score head to start a critic "from a reward model"
-    assert ma_ppo.load_critic(tiny_model, from_reward_model=False).score.weight.shape == (1, 64)
+    # from the policy, a fresh head at zero: every first value is 0 (the trunk is the policy's, so its hidden
+    # states are not); a causal LM has no score head to start a critic "from a reward model"
+    fresh = ma_ppo.load_critic(tiny_model, from_reward_model=False).eval()
+    assert fresh.score.weight.shape == (1, 64)
+    ids = torch.tensor([utils.chat_token_ids(utils.load_tokenizer(tiny_model), dialogs[1])])
+    with torch.no_grad():
+        assert torch.equal(ma_ppo.token_values(fresh, ids, torch.ones_like(ids)), torch.zeros(ids.shape))
+        assert fresh.model(input_ids=ids).last_hidden_state.abs().sum() > 0
     with pytest.raises(SystemExit, match="has no weights for \\['score.weight'\\]"):
         ma_ppo.load_critic(tiny_model, from_reward_model=True)
 
