@@ -164,7 +164,7 @@ def test_the_chat_settings_of_both_comparisons(tmp_path, tiny_model, script_env)
     assert all(0 <= v <= 1 for v in run["final"].values()) and "final win rate against the initial policy" in out.stdout
     out = bench("ma_ppo_bench", "--task", "chat", "--variants", "ppo", "--seeds", "1", "--num_iterations", "1",
                 "--output_dir", str(tmp_path), *small, "--dialogues_per_rank", "4", "--minibatch_dialogues", "4",
-                "--micro_batch_dialogues", "4", env=script_env)
+                "--micro_batch_dialogues", "4", "--critic_warmup_steps", "0", env=script_env)
     [run] = results(tmp_path, "ma_ppo_bench_chat")["runs"]["ppo"]
     assert "--horizon 3" in run["command"] and run["samples"] == [0, 4] and len(run["curve"]) == 2
 
