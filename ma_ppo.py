@@ -373,9 +373,9 @@ def load_critic(path: str, from_reward_model: bool, device: torch.device | str =
         raise SystemExit(f"--critic_init reward_model: {path} has no weights for {sorted(loading['missing_keys'])} "
                          "of a value head; it is not a one-output sequence-classification model of a head named "
                          "like transformers' own. Use --critic_init policy")
-    # transformers draws a new head at its init scale: on SmolLM2-135M its values then differ by about 0.7 between
-    # neighbouring tokens, against scores that differ by about 0.1 between dialogues, and those differences, not the
-    # score, would set the first advantages
+    # a head drawn at transformers' init scale gives values that differ between neighbouring tokens by far more
+    # than scores differ between dialogues, so its noise, not the score, would set the first advantages (measured
+    # in docs/ma_ppo.md, "The critic")
     with torch.no_grad():
         for name, parameter in critic.named_parameters():
             if name in loading["missing_keys"]:

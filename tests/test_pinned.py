@@ -33,7 +33,7 @@ PINNED = {
     # the first update the policy is the reference, so every KL reward is 0, and the tiny policy's answers all run
     # to the 8-token cap, so each sample's token mean weighs as much as its tokens (rerun with the old defaults:
     # the same numbers). The critic's new value head starts at zero, so every first value is 0 and each first
-    # advantage is the discounted reward (moved from a head drawn at random: policy loss -0.8466, value loss 0.3711)
+    # advantage is the discounted reward
     "ma_ppo.py": (CHAT + ["--dialogues_per_rank", "8", "--minibatch_dialogues", "8", "--micro_batch_dialogues", "4",
                           "--lr", "1e-4"],
                   {"loss/policy": -0.8396972715854645, "loss/value": 0.3531849980354309,
