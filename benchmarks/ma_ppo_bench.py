@@ -22,8 +22,9 @@ where token-level GAE passes a tenth of the final TD error back to the first dig
 "Training seconds" are the run's own phase times (rollout, reward, old log-probs, train, sync), evaluation excluded.
 `--task chat` runs the multi-turn chat task instead (SmolLM2-135M as the policy and the user, the target-length
 reward, 3 turns, 16 dialogues an iteration). On digits, 5 seeds of 3 variants, 12 iterations of 256 dialogues take
-about 70 minutes on 2 CPU cores. Writes ma_ppo_bench_<task>.json and .png to --output_dir; the flags all
-benchmarks share are described in benchmarks/common.py.
+about 70 minutes on 2 CPU cores; on chat, 5 seeds of 2 variants, 6 iterations, about 105 minutes. Writes
+ma_ppo_bench_<task>.json and .png to --output_dir; the flags all benchmarks share are described in
+benchmarks/common.py.
 
     .venv/bin/python benchmarks/ma_ppo_bench.py [--task digits] [--seeds 1 2 3 4 5] [--num_iterations 12]
         [--variants ppo ngram5 randomized [ngram5_sum]] [--output_dir docs] [--runs_dir DIR] [-- more ma_ppo.py flags]

@@ -9,6 +9,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import common  # noqa: E402
+import ma_ppo_bench  # noqa: E402
 import multiturn_comparison  # noqa: E402
 
 
@@ -62,4 +63,21 @@ def test_the_docs_tables_are_the_committed_results_report():
         assert len(tables) == 3, name
         for table in tables:
             assert table in text, f"docs/dpo_multiturn.md does not quote this table of {name}:\n{table}"
+        assert os.path.exists(os.path.join(docs, name.replace(".json", ".png"))), f"{name} has no plot"
+
+
+def test_the_ma_ppo_docs_quote_the_committed_results_report():
+    """docs/ma_ppo.md quotes `--report` on each committed ma_ppo_bench JSON: every table of the main results (the
+    digits benchmark, the chat runs) and the score table of the control."""
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+    with open(os.path.join(docs, "ma_ppo.md")) as f:
+        text = f.read()
+    quoted = {"ma_ppo_bench_digits.json": 3, "ma_ppo_chat/ma_ppo_bench_chat.json": 3,
+              "ma_ppo_control/ma_ppo_bench_digits.json": 1}
+    for name, count in quoted.items():
+        report = ma_ppo_bench.report(common.load_results(os.path.join(docs, name)))
+        tables = [block for block in report.split("\n\n") if block.startswith("|")]
+        assert len(tables) == 3, name
+        for table in tables[:count]:
+            assert table in text, f"docs/ma_ppo.md does not quote this table of {name}:\n{table}"
         assert os.path.exists(os.path.join(docs, name.replace(".json", ".png"))), f"{name} has no plot"
