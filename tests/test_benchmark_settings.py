@@ -49,35 +49,33 @@ def test_interval95_uses_students_t():
     assert common.with_interval([5.0]) == "5.000"
 
 
-def test_the_docs_tables_are_the_committed_results_report():
-    """docs/dpo_multiturn.md quotes `--report` on each committed multiturn_comparison JSON, table for table: a
-    results file and the docs cannot drift apart."""
-    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
-    found = sorted(f for f in os.listdir(docs) if f.startswith("multiturn_comparison_") and f.endswith(".json"))
-    assert found, "no committed comparison results"
-    with open(os.path.join(docs, "dpo_multiturn.md")) as f:
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+
+
+def assert_docs_quote(page: str, report, results: dict[str, int]) -> None:
+    """`page` (in docs/) quotes the first `count` tables of `report` on each committed results file, and each file
+    has its plot: a results file and the docs cannot drift apart."""
+    with open(os.path.join(DOCS, page)) as f:
         text = f.read()
-    for name in found:
-        report = multiturn_comparison.report(common.load_results(os.path.join(docs, name)))
-        tables = [block for block in report.split("\n\n") if block.startswith("|")]
+    for name, count in results.items():
+        tables = [block for block in report(common.load_results(os.path.join(DOCS, name))).split("\n\n")
+                  if block.startswith("|")]
         assert len(tables) == 3, name
-        for table in tables:
-            assert table in text, f"docs/dpo_multiturn.md does not quote this table of {name}:\n{table}"
-        assert os.path.exists(os.path.join(docs, name.replace(".json", ".png"))), f"{name} has no plot"
+        for table in tables[:count]:
+            assert table in text, f"docs/{page} does not quote this table of {name}:\n{table}"
+        assert os.path.exists(os.path.join(DOCS, name.replace(".json", ".png"))), f"{name} has no plot"
+
+
+def test_the_docs_tables_are_the_committed_results_report():
+    """docs/dpo_multiturn.md quotes `--report` on each committed multiturn_comparison JSON, table for table."""
+    found = sorted(f for f in os.listdir(DOCS) if f.startswith("multiturn_comparison_") and f.endswith(".json"))
+    assert found, "no committed comparison results"
+    assert_docs_quote("dpo_multiturn.md", multiturn_comparison.report, {name: 3 for name in found})
 
 
 def test_the_ma_ppo_docs_quote_the_committed_results_report():
     """docs/ma_ppo.md quotes `--report` on each committed ma_ppo_bench JSON: every table of the main results (the
     digits benchmark, the chat runs) and the score table of the control."""
-    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
-    with open(os.path.join(docs, "ma_ppo.md")) as f:
-        text = f.read()
-    quoted = {"ma_ppo_bench_digits.json": 3, "ma_ppo_chat/ma_ppo_bench_chat.json": 3,
-              "ma_ppo_control/ma_ppo_bench_digits.json": 1}
-    for name, count in quoted.items():
-        report = ma_ppo_bench.report(common.load_results(os.path.join(docs, name)))
-        tables = [block for block in report.split("\n\n") if block.startswith("|")]
-        assert len(tables) == 3, name
-        for table in tables[:count]:
-            assert table in text, f"docs/ma_ppo.md does not quote this table of {name}:\n{table}"
-        assert os.path.exists(os.path.join(docs, name.replace(".json", ".png"))), f"{name} has no plot"
+    assert_docs_quote("ma_ppo.md", ma_ppo_bench.report, {"ma_ppo_bench_digits.json": 3,
+                                                         "ma_ppo_chat/ma_ppo_bench_chat.json": 3,
+                                                         "ma_ppo_control/ma_ppo_bench_digits.json": 1})
