@@ -166,7 +166,9 @@ class Episode:
     finished: list[bool] = dataclasses.field(default_factory=list)
     """per assistant turn, False when it ran into the length cap without ending"""
     done: bool = False
-    """the user (the task) ended the dialogue"""
+    """the user (the task) ended the dialogue, or its next turn would not fit the engine's context"""
+    context_full: bool = False
+    """the dialogue ended because its next turn would not fit the context (the policy's or the user's engine)"""
 
     @property
     def turns(self) -> int:
@@ -185,6 +187,49 @@ class Episode:
         cut = [i for i, m in enumerate(self.messages) if m["role"] == "assistant"][turns - 1] + 1
         return Episode(self.messages[:cut], self.info, self.prompts[:turns], self.responses[:turns],
                        self.finished[:turns])
+
+
+TEMPLATE_TOKENS_PER_TURN = 64
+"""room per turn for the chat template's role headers and end-of-turn tokens when sizing an engine's context"""
+
+
+def model_positions(path: str, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence a model's config allows (`max_position_embeddings`, or the older names vLLM reads
+    too), or None when the config names none. vLLM refuses a longer context at engine start: RoPE past it is
+    garbage."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = getattr(config, "text_config", None) or config
+    return next((getattr(config, key) for key in ("max_position_embeddings", "n_positions", "max_seq_len",
+                                                  "seq_length") if getattr(config, key, None)), None)
+
+
+def context_window(model_path: str, *, max_prompt_tokens: int, horizon: int, max_new_tokens: int,
+                   user_max_tokens: int, max_context_tokens: int | None = None, role: str = "policy") -> int:
+    """The rollout engine's context for dialogues of `horizon` assistant turns: `max_context_tokens` when given,
+    else the longest dialogue the length flags allow, an opening and then per turn an answer, a user reply and
+    the template's tokens. Raises ValueError, naming the flags and the sum, when it is longer than the model's
+    positions (`model_positions`), before anything is loaded. Dialogues that reach the window end there
+    (`play_turn`), so a window below the sum is a cap, not an error."""
+    turn = max_new_tokens + user_max_tokens + TEMPLATE_TOKENS_PER_TURN
+    wanted = max_context_tokens or max_prompt_tokens + horizon * turn
+    if wanted < max_prompt_tokens + max_new_tokens:
+        raise ValueError(f"--max_context_tokens {wanted:,} cannot hold one turn: the longest opening and its answer "
+                         f"take --max_prompt_tokens {max_prompt_tokens:,} + --max_new_tokens {max_new_tokens:,}")
+    limit = model_positions(model_path)
+    if limit is None or wanted <= limit:
+        return wanted
+    if max_context_tokens:
+        raise ValueError(f"--max_context_tokens {max_context_tokens:,} is longer than the {limit:,} positions of the "
+                         f"{role} {model_path} (max_position_embeddings)")
+    raise ValueError(
+        f"the longest dialogue the length flags allow, --max_prompt_tokens {max_prompt_tokens:,} + --horizon "
+        f"{horizon} x (--max_new_tokens {max_new_tokens:,} + --user_max_tokens {user_max_tokens:,} + "
+        f"{TEMPLATE_TOKENS_PER_TURN} template tokens) = {wanted:,} tokens, is longer than the {limit:,} positions "
+        f"of the {role} {model_path} (max_position_embeddings). Lower those flags, or cap the dialogues with "
+        f"--max_context_tokens {limit} or less (a dialogue whose next turn would not fit then ends there, counted "
+        "in skipped/context_full_dialogues)")
 
 
 def openings_that_fit(openings: list[Episode], tokenizer, max_tokens: int) -> tuple[list[Episode], int]:
@@ -210,13 +255,22 @@ def play_turn(players: list[tuple[Episode, int, tuple]], engine, tokenizer, user
     Returns False when none was open.
 
     A turn's sampling seed depends on its key and turn only, never on the batch it is drawn in. A user reply of
-    None ends that dialogue (the task is done). An assistant turn that hits `max_tokens` is kept, and marked
-    unfinished, not silently cut; its text goes to the user as it is.
+    None ends that dialogue (the task is done). A dialogue whose prompt plus `max_tokens` would not fit the
+    engine's context ends before the turn, marked `context_full` (vLLM would refuse the request). An assistant
+    turn that hits `max_tokens` is kept, and marked unfinished, not silently cut; its text goes to the user as it is.
     """
-    open_ = [(e, horizon, key) for e, horizon, key in players if not e.done and e.turns < horizon]
+    open_, prompts = [], []
+    for e, horizon, key in players:
+        if e.done or e.turns >= horizon:
+            continue
+        prompt = utils.chat_token_ids(tokenizer, e.messages, add_generation_prompt=True)
+        if len(prompt) + max_tokens > engine.max_model_len:
+            e.done = e.context_full = True
+            continue
+        open_.append((e, horizon, key))
+        prompts.append(prompt)
     if not open_:
         return False
-    prompts = [utils.chat_token_ids(tokenizer, e.messages, add_generation_prompt=True) for e, _, _ in open_]
     seeds = [utils.sample_seed(*key, e.turns) for e, _, key in open_]
     for (e, _, _), p, c in zip(open_, prompts, engine.generate(prompts, max_tokens, temperature, seeds)):
         e.prompts.append(p)

@@ -31,6 +31,7 @@ Run:
 
 import copy
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -51,10 +52,6 @@ import engines
 import memory_plan
 import utils
 from tasks import TaskArgs, load_task, task_factory
-
-TEMPLATE_TOKENS_PER_TURN = 64
-"""room per turn for the chat template's role headers and end-of-turn tokens when sizing the engine's context"""
-
 
 @dataclasses.dataclass
 class Args:
@@ -88,8 +85,14 @@ class Args:
     model: str | None = None
     """policy: hub id or folder; default the task's own policy (the guessing game's warm start), else the
     embedded SmolLM2 (paper: Llama-3-8B-Instruct)"""
-    bf16: bool = torch.cuda.is_available()
-    """bf16 forward/backward with fp32 master weights (on by default with a GPU)"""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """`auto`: CUDA when a GPU is visible, else the CPU; under torchrun with a CUDA build of torch that sees no GPU,
+    `auto` stops instead of training on the CPU (pass `cpu` to mean it)"""
+    collective_timeout_minutes: float = 180
+    """how long a collective waits for the slowest rank; ranks leave a long rollout far apart (torch's default,
+    30 minutes, is shorter than a setting-one rollout's spread)"""
+    bf16: bool | None = None
+    """bf16 forward/backward with fp32 master weights; default: on with a GPU"""
     rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
     """`auto`: vLLM if installed, else transformers `generate`"""
     engine_memory_share: float = 0.3
@@ -100,12 +103,11 @@ class Args:
     """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
     sync_bucket_mb: float = 512
     """largest bucket a weight sync gathers at once, in MiB of the engine's dtype"""
-    gradient_checkpointing: bool = torch.cuda.is_available()
-    """recompute each decoder layer's activations in the backward instead of keeping them (on by default with a
-    GPU)"""
-    engine_sleep: bool = torch.cuda.is_available()
+    gradient_checkpointing: bool | None = None
+    """recompute each decoder layer's activations in the backward instead of keeping them; default: on with a GPU"""
+    engine_sleep: bool | None = None
     """free the rollout engine's device memory while the trainer runs (vLLM sleep mode; the transformers backend
-    moves its copy to the CPU) and wake it for the next weight sync; on by default with a GPU"""
+    moves its copy to the CPU) and wake it for the next weight sync; default: on with a GPU"""
 
     # the baseline
     turns: Literal["last", "all", "sampled"] = "last"
@@ -142,6 +144,11 @@ class Args:
     """length cap of an assistant turn (paper: 1024)"""
     max_prompt_tokens: int = 1024
     """openings longer than this (templated), for training and evaluation, are skipped and counted"""
+    max_context_tokens: int | None = None
+    """the rollout engine's context: a dialogue whose next turn would not fit ends there (counted in
+    `skipped/context_full_dialogues`); default the longest dialogue the length flags allow, max_prompt_tokens + H x
+    (max_new_tokens + user_max_tokens + 64), which must fit the model's positions (setting one: 8,192, Llama-3-8B's
+    and the official vLLM engines' context)"""
     num_iterations: int = 8
     """iterations; each draws fresh states and answers"""
     pairs_per_rank: int = 512
@@ -186,7 +193,7 @@ SETTING_ONE = dict(  # REFUEL's setting one (refuel.py's preset refuel-setting-o
     user_model="meta-llama/Llama-3.1-70B-Instruct", reward_model="RLHFlow/ArmoRM-Llama3-8B-v0.1",
     trust_remote_code=True, dataset="openbmb/UltraInteract_pair", prompt_column="trajectory", temperature=0.8,
     max_new_tokens=1024, user_max_tokens=1024, lr=3e-7, lr_schedule="cosine", warmup_ratio=0.1, horizon=5,
-    num_iterations=2, pairs_per_rank=8000, minibatch_pairs=16, micro_batch_pairs=1,
+    num_iterations=2, pairs_per_rank=8000, minibatch_pairs=16, micro_batch_pairs=1, max_context_tokens=8192,
     # MIXED contexts: dialogues pi_0 plays once with the user from the dataset's openings, ranked by the immediate
     # reward of the prefix through turn h; the number of recorded dialogues is not given, so one iteration's worth
     contexts="initial", target="immediate", num_recorded_dialogues=8000)
@@ -283,17 +290,18 @@ def user_turns(episode: dialogues.Episode) -> int:
 
 
 def recorded_that_fit(recorded: list[dialogues.Episode], tokenizer, horizon: int, max_prompt_tokens: int,
-                      turn_tokens: int) -> tuple[list[dialogues.Episode], int]:
+                      turn_tokens: int, max_state_tokens: int | None = None) -> tuple[list[dialogues.Episode], int]:
     """Recorded dialogues cut after their last state s_h that a run can train on: h < H, and the templated state no
     longer than a played dialogue could be there, `max_prompt_tokens + h * turn_tokens`, so that the engine's context
-    holds it and all that is played from it (a recorded turn is not capped by --max_new_tokens). The cut stops at
-    the first state that does not fit; a dialogue whose first state does not fit is left out and counted."""
+    holds it and all that is played from it (a recorded turn is not capped by --max_new_tokens), nor than
+    `max_state_tokens` (the context less one answer). The cut stops at the first state that does not fit; a dialogue
+    whose first state does not fit is left out and counted."""
     kept, too_long = [], 0
     for episode in recorded:
         ends = [i + 1 for i, m in enumerate(episode.messages) if m["role"] == "user"][:horizon]
         fit = 0
         while fit < len(ends) and (len(utils.chat_token_ids(tokenizer, episode.messages[: ends[fit]], True))
-                                   <= max_prompt_tokens + fit * turn_tokens):
+                                   <= min(max_prompt_tokens + fit * turn_tokens, max_state_tokens or math.inf)):
             fit += 1
         if fit:
             kept.append(dialogues.Episode(episode.messages[: ends[fit - 1]], episode.info))
@@ -331,11 +339,14 @@ if __name__ == "__main__":
     utils.quiet_third_party(args.verbose)
 
     # TRY NOT TO MODIFY: processes, run folder, seeding
-    rank, world_size, device = utils.init_distributed()
+    rank, world_size, device = utils.init_distributed(args.device, args.collective_timeout_minutes)
+    utils.device_defaults(args, device)
+    environment = utils.environment(device, world_size, args.bf16)
+    utils.print0(utils.environment_line(environment))
     task_name = args.task_args.task.replace("/", "_").replace(":", "_")
     run_name = args.run_name or utils.broadcast_object(
         f"{args.exp_name}__{task_name}__{args.seed}__{int(time.time())}")
-    run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume)
+    run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume, environment)
     utils.seed_everything(args.seed + rank)
     sync_tolerance = args.sync_tolerance if args.sync_tolerance is not None else (0.5 if args.bf16 else 1e-3)
 
@@ -344,7 +355,8 @@ if __name__ == "__main__":
     try:
         task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16,
                          model=args.model, max_prompt_tokens=args.max_prompt_tokens,
-                         max_new_tokens=args.max_new_tokens, engine_memory_share=args.engine_memory_share,
+                         max_new_tokens=args.max_new_tokens, max_context_tokens=args.max_context_tokens,
+                         engine_memory_share=args.engine_memory_share,
                          kv_cache_bytes=kv_cache_bytes, rollout_backend=args.rollout_backend)
     except ValueError as e:  # bad data or task flags (a missing file, no usable row): one line, not a traceback
         raise SystemExit(str(e))
@@ -367,11 +379,18 @@ if __name__ == "__main__":
     task.eval, too_long_eval = dialogues.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
     if not task.train or not task.eval:
         raise SystemExit(f"no training or no evaluation opening fits --max_prompt_tokens {args.max_prompt_tokens}")
-    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
+    try:  # the task checked its own models already; a plug-in task's policy is checked here
+        max_model_len = dialogues.context_window(
+            policy_path, max_prompt_tokens=args.max_prompt_tokens, horizon=horizon, max_new_tokens=args.max_new_tokens,
+            user_max_tokens=args.task_args.user_max_tokens, max_context_tokens=args.max_context_tokens)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + dialogues.TEMPLATE_TOKENS_PER_TURN
     offline = args.contexts == "offline" and preferences is None
     if offline:
         task.recorded, too_long_recorded = recorded_that_fit(task.recorded, tokenizer, horizon,
-                                                             args.max_prompt_tokens, turn_tokens)
+                                                             args.max_prompt_tokens, turn_tokens,
+                                                             max_model_len - args.max_new_tokens)
         if not task.recorded:
             raise SystemExit(f"--contexts offline: no recorded dialogue's first state fits --max_prompt_tokens "
                              f"{args.max_prompt_tokens} ({too_long_recorded} too long)")
@@ -382,12 +401,12 @@ if __name__ == "__main__":
                  f"{args.loss.upper()}, turns {args.turns}, contexts {args.contexts}, target {args.target}")
 
     # the memory plan of this rank, checked against the device before anything large is loaded
-    max_model_len = args.max_prompt_tokens + horizon * turn_tokens
     uses_reference = args.loss == "dpo" and args.reference == "initial"
     # a pair's rows are a state s_h and one turn's answer; a recorded context's turns are not capped by
     # --max_new_tokens, so only the engine's context bounds its states; a preference dataset's pairs are measured
     longest_opening = max(len(utils.chat_token_ids(tokenizer, e.messages, True)) for e in task.train)
-    sequence_tokens = max_model_len if args.contexts == "offline" else longest_opening + horizon * turn_tokens
+    sequence_tokens = max_model_len if args.contexts == "offline" else min(longest_opening + horizon * turn_tokens,
+                                                                           max_model_len)
     response_tokens = args.max_new_tokens
     if preferences is not None:
         response_tokens = max(len(answer) for _, *answers in preferences for answer in answers)
@@ -470,9 +489,10 @@ if __name__ == "__main__":
             spent = {"policy_tokens": policy_tokens, "user_tokens": user_tokens, "reward_calls": 0}
 
     def generated_pairs(iteration: int, rng: np.random.Generator, timings: dict) -> tuple[list, list, list,
-                                                                                          torch.Tensor]:
+                                                                                          torch.Tensor, int]:
         """States s_h from the chosen contexts, two answers of pi_t to each (played on to H with the future
-        target), and their scores [pairs, 2]: the prompts, the answers' token ids, the turns h and the scores."""
+        target), and their scores [pairs, 2]: the prompts, the answers' token ids, the turns h, the scores, and how
+        many dialogues played here ran out of context."""
         # 1. the states: turns of recorded dialogues, or of dialogues pi_t plays now with the user
         t0 = time.time()
         contexts = recorded
@@ -480,8 +500,9 @@ if __name__ == "__main__":
             openings = [task.train[i] for i in rng.choice(len(task.train), args.pairs_per_rank)]
             contexts = play([fresh(e) for e in openings], [horizon] * len(openings), (args.seed, iteration, rank))
             count(contexts, [0] * len(contexts))
-        chosen_states = training_states(rng, [user_turns(d) for d in contexts], args.pairs_per_rank, args.turns,
-                                        horizon, args.horizon_sampling)
+        # a dialogue that ran out of context ends with a state it could not answer: not a state to train on
+        chosen_states = training_states(rng, [d.turns if d.context_full else user_turns(d) for d in contexts],
+                                        args.pairs_per_rank, args.turns, horizon, args.horizon_sampling)
         states = [state(contexts[d], h) for d, h in chosen_states]
         turns = [h for _, h in chosen_states]
         # 2. two answers to each state from pi_t, drawn in the same engine call; with the future target both are
@@ -500,8 +521,10 @@ if __name__ == "__main__":
         scores = torch.tensor([task.reward(side) for side in answered], dtype=torch.float32).T
         spent["reward_calls"] += 2 * len(states)
         timings["reward"] = time.time() - t0
+        played = both + (contexts if args.contexts == "onpolicy" else [])
         return ([answered[0][i].prompts[h] for i, h in enumerate(turns)],
-                [[side[i].responses[h] for side in answered] for i, h in enumerate(turns)], turns, scores)
+                [[side[i].responses[h] for side in answered] for i, h in enumerate(turns)], turns, scores,
+                sum(e.context_full for e in played))
 
     def count(episodes: list[dialogues.Episode], first_turns: list[int]) -> None:
         """Adds the tokens generated in `episodes` from these turns on to the run's budget."""
@@ -518,13 +541,13 @@ if __name__ == "__main__":
         t0 = time.time()
         before = spent["policy_tokens"] + spent["user_tokens"]
         if preferences is None:
-            pair_prompts, responses, turns, scores = generated_pairs(iteration, rng, timings)
+            pair_prompts, responses, turns, scores, context_full = generated_pairs(iteration, rng, timings)
         else:
             # offline preference data: the dataset's own chosen (column 0) and rejected answers, nothing generated
             picks = rng.choice(len(preferences), args.pairs_per_rank)
             pair_prompts = [preferences[i][0] for i in picks]
             responses = [[preferences[i][1], preferences[i][2]] for i in picks]
-            turns, scores = [0] * len(picks), torch.tensor([[1.0, 0.0]] * len(picks))
+            turns, scores, context_full = [0] * len(picks), torch.tensor([[1.0, 0.0]] * len(picks)), 0
             timings.update(rollout=time.time() - t0, reward=0.0)
         identical = torch.tensor([a == b for a, b in responses])
         preferred, keep = preference_pairs(scores, identical)
@@ -596,6 +619,7 @@ if __name__ == "__main__":
         })
         metrics.update(utils.sum_over_ranks({
             "skipped/identical_pairs": identical.sum().item(),
+            "skipped/context_full_dialogues": context_full,
             "skipped/tied_pairs": (~keep & ~identical).sum().item(),
             **{f"budget/{k}": v for k, v in spent.items()}}))
         metrics["budget/generated_tokens"] = metrics["budget/policy_tokens"] + metrics["budget/user_tokens"]

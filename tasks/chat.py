@@ -17,8 +17,6 @@ from tasks import Task, import_function
 
 USER_PROMPT_TOKENS = 512
 """the user engine reads the whole dialogue inside the user-simulator prompt: room for that prompt's own text"""
-TEMPLATE_TOKENS_PER_TURN = 64
-"""room per turn for the chat template's role headers and end-of-turn tokens (as in refuel.py)"""
 
 
 LONG_ANSWER_WORDS = 64
@@ -80,13 +78,18 @@ class LLMUser:
         self.engine, self.tokenizer = engine, tokenizer
         self.max_tokens, self.temperature, self.seed = max_tokens, temperature, seed
 
-    def __call__(self, episodes: list[dialogues.Episode]) -> list[str]:
+    def __call__(self, episodes: list[dialogues.Episode]) -> list[str | None]:
         texts = [user_simulator_prompt(e.messages) for e in episodes]
         prompts = [utils.chat_token_ids(self.tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True)
                    for t in texts]
-        seeds = [utils.sample_seed(self.seed, t) for t in texts]
-        completions = self.engine.generate(prompts, self.max_tokens, self.temperature, seeds)
-        return [parse_user_reply(c.text) for c in completions]
+        # a dialogue the user's engine can no longer read ends here (None), marked as the policy's would be
+        fits = [len(p) + self.max_tokens <= self.engine.max_model_len for p in prompts]
+        for e, fit in zip(episodes, fits):
+            e.context_full = e.context_full or not fit
+        asked = [(p, utils.sample_seed(self.seed, t)) for p, t, fit in zip(prompts, texts, fits) if fit]
+        completions = iter(self.engine.generate([p for p, _ in asked], self.max_tokens, self.temperature,
+                                                [s for _, s in asked]) if asked else [])
+        return [parse_user_reply(next(completions).text) if fit else None for fit in fits]
 
 
 class UserServerError(RuntimeError):
@@ -179,17 +182,24 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
               user_temperature: float = 0.8, user_timeout: float = 120, user_retries: int = 3,
               reward_model: str | None = None, reward_function: str = "tasks.chat:brevity_reward",
               trust_remote_code: bool = False, reward_max_length: int = 4096, max_prompt_tokens: int = 1024,
-              max_new_tokens: int = 1024,
+              max_new_tokens: int = 1024, max_context_tokens: int | None = None,
               engine_memory_share: float = 0.3, kv_cache_bytes: int | None = None,
               rollout_backend: str = "auto") -> Task:
     """The chat task; the first `num_eval_prompts` openings are held out for evaluation. `horizon` None is the
     paper's 5 turns. The `llm` user defaults to the policy's own base model (`model`, else the embedded SmolLM2),
-    frozen, on an engine of its own; its task's `engines` list holds it so the script can close it."""
+    frozen, on an engine of its own; its task's `engines` list holds it so the script can close it. The dialogues'
+    context is checked against the policy's positions (and a colocated user's) before any model loads."""
     horizon = horizon or 5
     if user not in ("llm", "server", "dataset"):
         raise ValueError(f"unknown --user {user!r}: use llm, server or dataset")
     if user == "server" and (user_url is None or user_model is None):
         raise ValueError("--user server needs --user_url and --user_model")
+    lengths = dict(max_prompt_tokens=max_prompt_tokens, horizon=horizon, max_new_tokens=max_new_tokens,
+                   user_max_tokens=user_max_tokens, max_context_tokens=max_context_tokens)
+    context = dialogues.context_window(utils.resolve_model_path(model or utils.EMBEDDED_SMOLLM2), **lengths)
+    user_path = utils.resolve_model_path(user_model or model or utils.EMBEDDED_SMOLLM2) if user == "llm" else None
+    if user_path is not None:
+        dialogues.context_window(user_path, **lengths, role="colocated user")
     openings, recorded, skipped = dataset_openings(dataset, prompt_column, dataset_split)
     if skipped:
         utils.print0(f"{dataset}: skipped rows {skipped}")
@@ -215,9 +225,11 @@ def make_task(seed: int, rank: int, device: torch.device, bf16: bool, model: str
     started = []
     user_seed = utils.sample_seed(seed, "user", rank)
     if user == "llm":
-        user_path = utils.resolve_model_path(user_model or model or utils.EMBEDDED_SMOLLM2)
-        context = max_prompt_tokens + horizon * (max_new_tokens + user_max_tokens + TEMPLATE_TOKENS_PER_TURN)
-        engine = engines.make_engine(user_path, device, max_model_len=context + USER_PROMPT_TOKENS, seed=seed + 1,
+        # room for the simulator prompt's own text around the dialogue, within the user model's positions (a
+        # dialogue the user cannot read in full ends there: LLMUser)
+        wanted = context + USER_PROMPT_TOKENS
+        user_context = min(wanted, dialogues.model_positions(user_path) or wanted)
+        engine = engines.make_engine(user_path, device, max_model_len=user_context, seed=seed + 1,
                                      bf16=bf16, gpu_memory_utilization=engine_memory_share,
                                      kv_cache_memory_bytes=kv_cache_bytes, backend=rollout_backend)
         started.append(engine)

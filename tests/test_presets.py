@@ -54,6 +54,8 @@ def test_setting_one(tmp_path, script_env, tiny_model, tiny_reward_model, user_s
                                "--model", tiny_model, "--user_url", user_server, "--user_model", tiny_model,
                                "--user_max_tokens", "4", "--reward_model", tiny_reward_model, "--horizon", "2",
                                "--minibatch_pairs", "2", "--val_fraction", "0.25",
+                               # the preset's 8,192-token context, cut to fit the tiny model's 2,048 positions
+                               "--max_context_tokens", "1024",
                                # a schedule over 2 iterations; the token budget, spent by the first, stops the run
                                "--num_iterations", "2", "--token_budget", "1")
     assert args["preset"] == "refuel-setting-one" and [m["iteration"] for m in metrics] == [0, 1]
@@ -116,7 +118,8 @@ def test_dpo_multiturn_baselines(tmp_path, script_env, tiny_model, tiny_reward_m
                     "--user_url", user_server, "--user_model", tiny_model, "--user_max_tokens", "4",
                     "--reward_model", tiny_reward_model, "--horizon", "2", "--num_recorded_dialogues", "4",
                     "--num_iterations", "1", "--pairs_per_rank", "4", "--minibatch_pairs", "2", "--max_new_tokens",
-                    "4", "--num_eval_prompts", "2", "--kv_cache_gib", "0.0625", "--max_prompt_tokens", "256"],
+                    "4", "--num_eval_prompts", "2", "--kv_cache_gib", "0.0625", "--max_prompt_tokens", "256",
+                    "--max_context_tokens", "1024"],  # the preset's 8,192, cut to the tiny model's 2,048 positions
                    check=True, timeout=600, env=script_env)
     metrics = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert [m["iteration"] for m in metrics] == [0, 1] and "eval/score_turn2" in metrics[1]
