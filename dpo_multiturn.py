@@ -95,12 +95,15 @@ class Args:
     """bf16 forward/backward with fp32 master weights; default: on with a GPU"""
     rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
     """`auto`: vLLM if installed, else transformers `generate`"""
-    engine_memory_share: float = 0.3
-    """vLLM's `gpu_memory_utilization` per engine (on CPU: the share of the NUMA node's memory it may reserve)"""
+    engine_memory_share: float | None = None
+    """vLLM's `gpu_memory_utilization`: the fraction of the device's memory an engine may use (on CPU: of the NUMA
+    node's); default: on a GPU with `--engine_sleep`, what the memory plan's rollout phase leaves the policy's engine
+    of 90% of the device (an LLM user's engine takes 0.3), else 0.3 (docs/scale.md)"""
     kv_cache_gib: float | None = None
     """vLLM KV cache per engine and rank, in GiB; default: on a GPU what `engine_memory_share` leaves, on a CPU 0.25"""
     sync_tolerance: float | None = None
-    """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
+    """largest mean |trainer - engine| log-prob gap (nats per token of the probe's fixed answer) accepted after a
+    weight sync; default (None): by the engine's dtype, 1e-3 in fp32, 0.15 in bf16 (`engines.SYNC_TOLERANCE`)"""
     sync_bucket_mb: float = 512
     """largest bucket a weight sync gathers at once, in MiB of the engine's dtype"""
     gradient_checkpointing: bool | None = None
@@ -348,7 +351,6 @@ if __name__ == "__main__":
         f"{args.exp_name}__{task_name}__{args.seed}__{int(time.time())}")
     run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume, environment)
     utils.seed_everything(args.seed + rank)
-    sync_tolerance = args.sync_tolerance if args.sync_tolerance is not None else (0.5 if args.bf16 else 1e-3)
 
     # the task and the policy it is played with
     kv_cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
@@ -356,7 +358,7 @@ if __name__ == "__main__":
         task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16,
                          model=args.model, max_prompt_tokens=args.max_prompt_tokens,
                          max_new_tokens=args.max_new_tokens, max_context_tokens=args.max_context_tokens,
-                         engine_memory_share=args.engine_memory_share,
+                         engine_memory_share=memory_plan.user_engine_share(args.engine_memory_share),
                          kv_cache_bytes=kv_cache_bytes, rollout_backend=args.rollout_backend)
     except ValueError as e:  # bad data or task flags (a missing file, no usable row): one line, not a traceback
         raise SystemExit(str(e))
@@ -411,18 +413,21 @@ if __name__ == "__main__":
     if preferences is not None:
         response_tokens = max(len(answer) for _, *answers in preferences for answer in answers)
         sequence_tokens = max(len(prompt) for prompt, _, _ in preferences) + response_tokens
-    memory_plan.plan_and_check(
+    plan = memory_plan.plan_and_check(
         model_path=policy_path, device=device, world_size=world_size, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, kv_cache_bytes=kv_cache_bytes,
         sync_bucket_mb=args.sync_bucket_mb, rows=2 * args.micro_batch_pairs, sequence_tokens=sequence_tokens,
-        response_tokens=response_tokens, reference=uses_reference, engine_memory_share=args.engine_memory_share)
+        response_tokens=response_tokens, reference=uses_reference, engine_memory_share=args.engine_memory_share,
+        engine_sleep=args.engine_sleep, max_model_len=max_model_len, reward_model=args.task_args.reward_model,
+        trust_remote_code=args.task_args.trust_remote_code,
+        user_model=utils.resolve_model_path(args.task_args.user_model or policy_path) if task.engines else None)
 
-    # models: the policy and (DPO against pi_0) the frozen reference, sharded with FSDP2
-    policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16,
-                               args.gradient_checkpointing)
+    # models: the policy and (DPO against pi_0) the frozen reference, sharded with FSDP2 as they load
+    policy = checkpoints.load_sharded_causal_lm(policy_path, device, bf16=args.bf16,
+                                                gradient_checkpointing=args.gradient_checkpointing)
     reference = None
     if uses_reference:
-        reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
+        reference = checkpoints.load_sharded_causal_lm(policy_path, device, bf16=args.bf16)
         reference.requires_grad_(False)
     steps_per_iteration = args.num_epochs * -(-args.pairs_per_rank // args.minibatch_pairs)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
@@ -435,10 +440,10 @@ if __name__ == "__main__":
 
     # the policy's rollout engine, colocated on this rank
     engine = engines.make_engine(policy_path, device, max_model_len=max_model_len, seed=args.seed, bf16=args.bf16,
-                                 gpu_memory_utilization=args.engine_memory_share, kv_cache_memory_bytes=kv_cache_bytes,
+                                 gpu_memory_utilization=plan.engine_memory_share, kv_cache_memory_bytes=kv_cache_bytes,
                                  backend=args.rollout_backend, sleep_mode=args.engine_sleep)
-    probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
-                 + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
+    probe_ids, probe_answer_start = engines.probe_sequence(
+        tokenizer, utils.chat_token_ids(tokenizer, task.train[0].messages, True), max_model_len)
 
     def play(openings: list[dialogues.Episode], horizons: list[int], seed: tuple,
              keys: list[tuple] | None = None) -> list[dialogues.Episode]:
@@ -460,14 +465,15 @@ if __name__ == "__main__":
         initial_scores, recorded, spent = saved["initial_scores"], saved["recorded"] or task.recorded, saved["spent"]
         start_iteration = saved["iteration"] + 1
         logger.truncate_after(saved["iteration"])
-        engines.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        engines.sync_weights(engine, policy, probe_ids, probe_answer_start, device, args.sync_tolerance,
+                             args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
     else:
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
         start_iteration, spent = 1, {"policy_tokens": 0, "user_tokens": 0, "reward_calls": 0}
-        engines.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
+        engines.check_sync(engine, policy, probe_ids, probe_answer_start, device, args.sync_tolerance)
         initial_scores = evaluate()
         initial = dialogues.eval_metrics(initial_scores, initial_scores)
         logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
@@ -608,14 +614,16 @@ if __name__ == "__main__":
 
         # 6. push the new weights into this rank's engine, and check that they arrived
         t0 = time.time()
-        sync_gap = engines.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        sync_metrics = engines.sync_weights(engine, policy, probe_ids, probe_answer_start, device,
+                                            args.sync_tolerance, args.sync_bucket_mb)
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
         metrics = utils.mean_over_ranks({
             "reward/score": scores.flatten().tolist(), f"loss/{args.loss}": losses, "policy/grad_norm": grad_norm,
             "data/branch_turn": [h + 1 for h in turns], "data/pairs_kept": keep.float().tolist(),
-            "sync/logprob_gap": sync_gap, **{f"time/{k}": v for k, v in timings.items()}, **diagnostics,
+            **{f"sync/{k}": v for k, v in sync_metrics.items()}, **{f"time/{k}": v for k, v in timings.items()},
+            **diagnostics,
         })
         metrics.update(utils.sum_over_ranks({
             "skipped/identical_pairs": identical.sum().item(),

@@ -3,8 +3,9 @@
 Rule: an engine samples turns from token ids and takes new weights; nothing here knows about dialogues or
 algorithms. vLLM runs in the training process (one engine per rank, `external_launcher`); where vLLM is not
 installed (GPU machines without it, tests) transformers `generate` offers the same interface. The trainer's FSDP2
-shards reach the engine streamed in buckets, and every sync is checked by comparing the engine's log-probs of a
-fixed probe sequence with the trainer's.
+shards reach the engine streamed in buckets, and every sync is checked twice: a few of the engine's own tensors are
+read back and compared bitwise with the trainer's (staleness), and the engine's log-probs of a fixed probe answer are
+compared with the trainer's (everything else: a wrong model, a missing tensor, a broken kernel).
 
 Copy it along with the script you fork; it is not a library.
 """
@@ -116,6 +117,18 @@ class VLLMEngine:
         self.llm.sleep(level=2)
         self.asleep = True
 
+    def read_weights(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The engine's own tensors under those of `names` it holds as plain tensors, by reference (for
+        `check_weights_match`). vLLM's CPU build hands each linear layer's weight to its GEMM kernel in a packed
+        form and keeps an empty placeholder: those are left out."""
+
+        def read(worker) -> dict[str, torch.Tensor]:
+            # get_model() unwraps the CUDA-graph wrapper of the GPU runner
+            params = dict(worker.model_runner.get_model().named_parameters())
+            return {n: params[n].detach() for n in names if n in params and params[n].numel() > 0}
+
+        return self.llm.collective_rpc(read)[0]
+
     def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         from vllm import SamplingParams
 
@@ -193,6 +206,11 @@ class TransformersEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def read_weights(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The model's own tensors under those of `names` it has, by reference (for `check_weights_match`)."""
+        state = self.model.state_dict()
+        return {n: state[n] for n in names if n in state}
+
     def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         return probe_logprobs(self.model, token_ids, self.device)
 
@@ -254,30 +272,125 @@ def probe_logprobs(model: torch.nn.Module, token_ids: list[int], device: torch.d
     return (logits.gather(-1, input_ids[0, 1:, None]).squeeze(-1) - logits.logsumexp(-1)).cpu()
 
 
+PROBE_ANSWER = (
+    "A fixed answer used to compare log-probs. After every weight sync the trainer and the rollout engine both "
+    "score these same tokens, and the run goes on only while their log-probs agree, on average, to within what "
+    "the rounding of the engine's number format allows. It is plain prose, like most of what a policy writes."
+)
+"""The answer of the probe sequence (over 48 tokens, so that a percentile of its per-token gaps means something)"""
+
+SYNC_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.15}
+"""The largest mean |trainer - engine| log-prob gap (nats per token of the probe's answer) accepted by a sync
+check, by the engine's dtype. Measured with SmolLM2-135M on CPU, ten openings: in fp32 vLLM and FSDP2 agree to
+1e-5 on average, so 1e-3 is headroom for rounding only. In bf16 each side rounds its logits to bf16 (a step of
+0.06 at a logit of 10) and its layers differently: vLLM against FSDP2 gave means of 0.048-0.060 (p95 up to 0.16,
+single tokens up to 0.4), while one of the 272 tensors left unloaded (zeroed) gave 0.25-3.2. 0.15 is 2.5 times
+the noise and below the smallest fault. An engine one small optimizer step behind is not what these bounds are for
+(every weight moved by one bf16 step gave a bf16 mean of 0.07, barely above the noise): `check_weights_match` is."""
+
+
+def probe_sequence(tokenizer, opening_ids: list[int], max_len: int) -> tuple[list[int], int]:
+    """The probe the sync checks score: a training opening (templated, with its generation prompt) answered by
+    `PROBE_ANSWER` and the end-of-turn token, the answer cut so that the probe stays shorter than `max_len` (the
+    engine's context: vLLM scores a prompt only if one token still fits after it). Returns the probe's ids and the
+    position where its answer starts."""
+    answer = tokenizer(PROBE_ANSWER, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    room = max_len - 1 - len(opening_ids)
+    if room < 1:
+        raise ValueError(f"the probe's opening ({len(opening_ids)} tokens) leaves no room for an answer in the "
+                         f"engine's context of {max_len} tokens")
+    return opening_ids + answer[:room], len(opening_ids)
+
+
 class WeightSyncError(RuntimeError):
     pass
 
 
-def sync_weights(engine, model: torch.nn.Module, probe_ids: list[int], device: torch.device, tolerance: float,
-                 bucket_mb: float = 512) -> float:
-    """Pushes the trainer's weights into the rollout engine, streamed in buckets of `bucket_mb` MiB in the
-    engine's dtype (see `stream_weights`), then proves they arrived.
+def readback_names(num_layers: int) -> list[str]:
+    """The tensors `check_weights_match` reads back: the embedding, the final norm, and the input norm, attention
+    output and MLP output projections of a middle and of the last decoder layer. transformers and vLLM name and
+    shape these alike (vLLM fuses q/k/v and gate/up, so those are not among them)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in sorted({(num_layers - 1) // 2, num_layers - 1}):
+        names += [f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.self_attn.o_proj.weight",
+                  f"model.layers.{i}.mlp.down_proj.weight"]
+    return names
 
-    Peers' quietest bug is an engine that keeps sampling from stale weights. After loading, the engine's
-    log-probs of a fixed sequence are compared with the trainer's; the largest difference is returned, and
-    above `tolerance` the run stops.
+
+def check_weights_match(engine, model: torch.nn.Module) -> int:
+    """Reads a few of the engine's own tensors back (`readback_names`, those the engine holds as plain tensors) and
+    compares them bitwise with the trainer's, cast to the engine's dtype as a sync casts them; returns how many were
+    compared (vLLM's CPU build holds only the embedding and the norms that way). Raises `WeightSyncError` naming the
+    first that differs.
+
+    This is the test for a stale engine: a small optimizer step changes the log-probs by less than bf16 rounding
+    does, so no log-prob comparison can tell a stale engine from a fresh one, and equal bits can. The trainer's
+    tensors are gathered one at a time (a collective: all ranks call this in step; every rank gathers them all
+    before it raises).
     """
-    engine.load_weights(stream_weights(model, engine.dtype, int(bucket_mb * 2**20)))
-    return check_logprob_parity(engine, model, probe_ids, device, tolerance)
-
-
-def check_logprob_parity(engine, model, probe_ids: list[int], device: torch.device, tolerance: float) -> float:
-    trainer = probe_logprobs(model, probe_ids, device)
-    sampler = engine.prompt_logprobs(probe_ids)
-    gap = (trainer - sampler).abs().max().item()
-    if not gap <= tolerance:
+    trainer_weights = dict(weights_to_sync(model))
+    held = engine.read_weights([n for n in readback_names(len(model.model.layers)) if n in trainer_weights])
+    if not held:
+        raise WeightSyncError("the rollout engine holds none of the tensors the weight check reads back")
+    differing = []
+    for [(name, expected)] in utils.gathered_buckets([(n, trainer_weights[n]) for n in held], engine.dtype, 0):
+        # vLLM pads the embedding's rows to a multiple of 64: the rows past the vocabulary are not the trainer's
+        actual = held[name][: len(expected)]
+        if not torch.equal(actual.to(expected.device), expected):
+            differing.append(name)
+    if differing:
         raise WeightSyncError(
-            f"the rollout engine's log-probs differ from the trainer's by up to {gap:.3g} (tolerance {tolerance:g}) "
-            "on the probe sequence: the engine is not sampling from the weights being trained"
+            f"the rollout engine's {differing[0]} differs from the trainer's ({len(differing)} of {len(held)} tensors "
+            "read back differ): the engine is not sampling from the weights being trained"
+        )
+    return len(held)
+
+
+def logprob_gap(engine, model: torch.nn.Module, probe_ids: list[int], answer_start: int,
+                device: torch.device) -> dict[str, float]:
+    """The |trainer - engine| log-probs of the probe's answer tokens (`probe_ids[answer_start:]`), summarized as
+    "mean", "p95" and "max". The opening's tokens are left out: the trainer scores answers, and an opening's rare
+    tokens (its first words, template markers) carry the largest and least telling bf16 gaps."""
+    trainer = probe_logprobs(model, probe_ids, device)
+    gaps = (trainer - engine.prompt_logprobs(probe_ids)).abs()[answer_start - 1 :]  # entry k scores token k + 1
+    return {"mean": gaps.mean().item(), "p95": torch.quantile(gaps, 0.95).item(), "max": gaps.max().item()}
+
+
+def check_logprob_parity(engine, model: torch.nn.Module, probe_ids: list[int], answer_start: int,
+                         device: torch.device, tolerance: float | None = None) -> dict[str, float]:
+    """`logprob_gap`, checked: raises `WeightSyncError` when the mean gap exceeds `tolerance` (None: the engine
+    dtype's `SYNC_TOLERANCE`). The mean, not the max, because in bf16 one token's gap says more about rounding
+    than about the weights."""
+    tolerance = SYNC_TOLERANCE[engine.dtype] if tolerance is None else tolerance
+    gap = logprob_gap(engine, model, probe_ids, answer_start, device)
+    if not gap["mean"] <= tolerance:
+        raise WeightSyncError(
+            f"the rollout engine's log-probs of the probe's answer differ from the trainer's by {gap['mean']:.3g} on "
+            f"average (p95 {gap['p95']:.3g}, max {gap['max']:.3g}; tolerance {tolerance:g}): the engine does not "
+            "compute what the trainer computes"
         )
     return gap
+
+
+def check_sync(engine, model: torch.nn.Module, probe_ids: list[int], answer_start: int, device: torch.device,
+               tolerance: float | None = None) -> dict[str, float]:
+    """Both checks of the engine's weights, the bitwise read-back (`check_weights_match`) first, then the log-prob
+    gap (`check_logprob_parity`). Returns what the scripts log under `sync/`: "logprob_gap" (the mean),
+    "logprob_gap_p95", "logprob_gap_max" and "tensors_checked"."""
+    checked = check_weights_match(engine, model)
+    gap = check_logprob_parity(engine, model, probe_ids, answer_start, device, tolerance)
+    return {"logprob_gap": gap["mean"], "logprob_gap_p95": gap["p95"], "logprob_gap_max": gap["max"],
+            "tensors_checked": checked}
+
+
+def sync_weights(engine, model: torch.nn.Module, probe_ids: list[int], answer_start: int, device: torch.device,
+                 tolerance: float | None = None, bucket_mb: float = 512) -> dict[str, float]:
+    """Pushes the trainer's weights into the rollout engine, streamed in buckets of `bucket_mb` MiB in the
+    engine's dtype (see `stream_weights`), then proves they arrived (`check_sync`, whose metrics it returns).
+
+    Peers' quietest bug is an engine that keeps sampling from stale weights; the bitwise read-back catches it
+    even when one step changed the weights by a single rounding step, and the log-prob gap catches what a few
+    tensors cannot show.
+    """
+    engine.load_weights(stream_weights(model, engine.dtype, int(bucket_mb * 2**20)))
+    return check_sync(engine, model, probe_ids, answer_start, device, tolerance)

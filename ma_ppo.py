@@ -98,12 +98,15 @@ class Args:
     """bf16 forward/backward with fp32 master weights; default: on with a GPU"""
     rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
     """`auto`: vLLM if installed, else transformers `generate`"""
-    engine_memory_share: float = 0.3
-    """vLLM's `gpu_memory_utilization` per engine (on CPU: the share of the NUMA node's memory it may reserve)"""
+    engine_memory_share: float | None = None
+    """vLLM's `gpu_memory_utilization`: the fraction of the device's memory an engine may use (on CPU: of the NUMA
+    node's); default: on a GPU with `--engine_sleep`, what the memory plan's rollout phase leaves the policy's engine
+    of 90% of the device (an LLM user's engine takes 0.3), else 0.3 (docs/scale.md)"""
     kv_cache_gib: float | None = None
     """vLLM KV cache per engine and rank, in GiB; default: on a GPU what `engine_memory_share` leaves, on a CPU 0.25"""
     sync_tolerance: float | None = None
-    """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
+    """largest mean |trainer - engine| log-prob gap (nats per token of the probe's fixed answer) accepted after a
+    weight sync; default (None): by the engine's dtype, 1e-3 in fp32, 0.15 in bf16 (`engines.SYNC_TOLERANCE`)"""
     sync_bucket_mb: float = 512
     """largest bucket a weight sync gathers at once, in MiB of the engine's dtype"""
     gradient_checkpointing: bool | None = None
@@ -362,8 +365,10 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * masked_mean(losses, mask, averaging)
 
 
-def load_critic(path: str, from_reward_model: bool, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """A value head (one output, no bias) on a transformer, `AutoModelForTokenClassification`, fp32.
+def load_critic(path: str, from_reward_model: bool, device: torch.device | str = "cpu", *, bf16: bool = False,
+                gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """A value head (one output, no bias) on a transformer, `AutoModelForTokenClassification`, FSDP2-sharded in fp32
+    (`checkpoints.load_sharded`: each rank reads only its own rows of the checkpoint).
 
     From a sequence-classification reward model the head is its score head, read at every token instead of the
     last one only: at a sequence's last token the critic's value is the reward model's score of that sequence (as
@@ -374,20 +379,16 @@ def load_critic(path: str, from_reward_model: bool, device: torch.device | str =
 
     config = AutoConfig.from_pretrained(path, num_labels=1)
     config.token_classification_bias = False
-    critic, loading = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=torch.float32,
-                                                                      output_loading_info=True)
-    if from_reward_model and loading["missing_keys"]:
-        raise SystemExit(f"--critic_init reward_model: {path} has no weights for {sorted(loading['missing_keys'])} "
+    # a weight the checkpoint lacks starts at zero: a head drawn at transformers' init scale gives values that differ
+    # between neighbouring tokens by far more than scores differ between dialogues, so its noise, not the score,
+    # would set the first advantages (measured in docs/ma_ppo.md, "The critic")
+    critic, missing = checkpoints.load_sharded(path, AutoModelForTokenClassification, device, bf16=bf16,
+                                               gradient_checkpointing=gradient_checkpointing, config=config)
+    if from_reward_model and missing:
+        raise SystemExit(f"--critic_init reward_model: {path} has no weights for {sorted(missing)} "
                          "of a value head; it is not a one-output sequence-classification model of a head named "
                          "like transformers' own. Use --critic_init policy")
-    # a head drawn at transformers' init scale gives values that differ between neighbouring tokens by far more
-    # than scores differ between dialogues, so its noise, not the score, would set the first advantages (measured
-    # in docs/ma_ppo.md, "The critic")
-    with torch.no_grad():
-        for name, parameter in critic.named_parameters():
-            if name in loading["missing_keys"]:
-                parameter.zero_()
-    return critic.to(device)
+    return critic
 
 
 def critic_initialisation(args: Args) -> str:
@@ -484,7 +485,6 @@ if __name__ == "__main__":
         f"{args.exp_name}__{task_name}__{args.seed}__{int(time.time())}")
     run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume, environment)
     utils.seed_everything(args.seed + rank)
-    sync_tolerance = args.sync_tolerance if args.sync_tolerance is not None else (0.5 if args.bf16 else 1e-3)
 
     # the task and the policy it is played with
     kv_cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
@@ -492,7 +492,7 @@ if __name__ == "__main__":
         task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16,
                          model=args.model, max_prompt_tokens=args.max_prompt_tokens,
                          max_new_tokens=args.max_new_tokens, max_context_tokens=args.max_context_tokens,
-                         engine_memory_share=args.engine_memory_share,
+                         engine_memory_share=memory_plan.user_engine_share(args.engine_memory_share),
                          kv_cache_bytes=kv_cache_bytes, rollout_backend=args.rollout_backend)
     except ValueError as e:  # bad data or task flags (a missing file, no usable row): one line, not a traceback
         raise SystemExit(str(e))
@@ -507,8 +507,8 @@ if __name__ == "__main__":
                  f"({too_long} and {too_long_eval} over --max_prompt_tokens, skipped), horizon {horizon}; "
                  f"macro actions: {args.termination}" + (f" n={args.ngram}" if args.termination == "ngram" else ""))
 
-    # the memory plan of this rank for the actor and its engine (the critic is another model of about the same
-    # size: its shards, gradients and optimizer state come on top), checked on CUDA before anything large loads
+    # the memory plan of this rank (the actor, its engine, the critic counted at the actor's size, the reference, the
+    # task's reward model and user engine), checked on CUDA before anything large loads; it sizes the engine's share
     try:  # the task checked its own models already; a plug-in task's policy is checked here
         max_model_len = dialogues.context_window(
             policy_path, max_prompt_tokens=args.max_prompt_tokens, horizon=horizon, max_new_tokens=args.max_new_tokens,
@@ -520,15 +520,18 @@ if __name__ == "__main__":
     # first answer to the longest dialogue's end, bounded here by the whole dialogue
     dialogue_tokens = min(max(len(utils.chat_token_ids(tokenizer, e.messages, True)) for e in task.train)
                           + horizon * turn_tokens, max_model_len)
-    memory_plan.plan_and_check(
+    plan = memory_plan.plan_and_check(
         model_path=policy_path, device=device, world_size=world_size, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, kv_cache_bytes=kv_cache_bytes,
         sync_bucket_mb=args.sync_bucket_mb, rows=args.micro_batch_dialogues, sequence_tokens=dialogue_tokens,
-        response_tokens=dialogue_tokens, reference=True, engine_memory_share=args.engine_memory_share)
+        response_tokens=dialogue_tokens, reference=True, engine_memory_share=args.engine_memory_share,
+        engine_sleep=args.engine_sleep, max_model_len=max_model_len, critic=True,
+        reward_model=args.task_args.reward_model, trust_remote_code=args.task_args.trust_remote_code,
+        user_model=utils.resolve_model_path(args.task_args.user_model or policy_path) if task.engines else None)
 
-    # models: actor, critic (a value head on a transformer), frozen reference, each sharded with FSDP2
-    actor = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16,
-                              args.gradient_checkpointing)
+    # models: actor, critic (a value head on a transformer), frozen reference, each sharded with FSDP2 as it loads
+    actor = checkpoints.load_sharded_causal_lm(policy_path, device, bf16=args.bf16,
+                                               gradient_checkpointing=args.gradient_checkpointing)
     # the critic from the reward model (official) reads the policy's tokens: the two must share a vocabulary
     critic_from_rm = critic_initialisation(args) == "reward_model"
     critic_path = args.task_args.reward_model if critic_from_rm else policy_path
@@ -536,9 +539,9 @@ if __name__ == "__main__":
             != tokenizer.get_vocab():
         raise SystemExit(f"--critic_init reward_model: the vocabulary of {critic_path} is not the policy's, and the "
                          "critic reads the policy's tokens; use --critic_init policy")
-    critic = utils.shard_model(load_critic(critic_path, critic_from_rm, device), args.bf16,
-                               args.gradient_checkpointing)
-    reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
+    critic = load_critic(critic_path, critic_from_rm, device, bf16=args.bf16,
+                         gradient_checkpointing=args.gradient_checkpointing)
+    reference = checkpoints.load_sharded_causal_lm(policy_path, device, bf16=args.bf16)
     reference.requires_grad_(False)
     # each model's schedule over its own steps: the actor takes none during the critic's warmup
     steps = args.num_iterations * steps_per_iteration(args)
@@ -555,10 +558,10 @@ if __name__ == "__main__":
 
     # the actor's rollout engine, colocated on this rank
     engine = engines.make_engine(policy_path, device, max_model_len=max_model_len, seed=args.seed, bf16=args.bf16,
-                                 gpu_memory_utilization=args.engine_memory_share, kv_cache_memory_bytes=kv_cache_bytes,
+                                 gpu_memory_utilization=plan.engine_memory_share, kv_cache_memory_bytes=kv_cache_bytes,
                                  backend=args.rollout_backend, sleep_mode=args.engine_sleep)
-    probe_ids = (utils.chat_token_ids(tokenizer, task.train[0].messages, True)
-                 + tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids)
+    probe_ids, probe_answer_start = engines.probe_sequence(
+        tokenizer, utils.chat_token_ids(tokenizer, task.train[0].messages, True), max_model_len)
 
     def evaluate() -> list[list[float]]:
         return dialogues.evaluate_by_turn(task, engine, tokenizer=tokenizer, max_tokens=args.max_new_tokens,
@@ -574,14 +577,15 @@ if __name__ == "__main__":
             schedulers[name].load_state_dict(saved["schedulers"][name])
         initial_scores, start_iteration, spent = saved["initial_scores"], saved["iteration"] + 1, saved["spent"]
         logger.truncate_after(saved["iteration"])
-        engines.sync_weights(engine, actor, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        engines.sync_weights(engine, actor, probe_ids, probe_answer_start, device, args.sync_tolerance,
+                             args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
     else:
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
         start_iteration, spent = 1, {"policy_tokens": 0, "user_tokens": 0, "reward_calls": 0}
-        engines.check_logprob_parity(engine, actor, probe_ids, device, sync_tolerance)
+        engines.check_sync(engine, actor, probe_ids, probe_answer_start, device, args.sync_tolerance)
         initial_scores = evaluate()
         initial = dialogues.eval_metrics(initial_scores, initial_scores)
         logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
@@ -700,7 +704,8 @@ if __name__ == "__main__":
 
         # 6. push the actor's new weights into this rank's engine, and check that they arrived
         t0 = time.time()
-        sync_gap = engines.sync_weights(engine, actor, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        sync_metrics = engines.sync_weights(engine, actor, probe_ids, probe_answer_start, device,
+                                            args.sync_tolerance, args.sync_bucket_mb)
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
@@ -713,7 +718,7 @@ if __name__ == "__main__":
             "policy/entropy": (-old_lp[actions]).tolist(), "policy/actor_grad_norm": grad_norms["actor"],
             "policy/critic_grad_norm": grad_norms["critic"], "value/error": (residual**2).tolist(),
             "macro/length": macro_lengths, "macro/per_dialogue": num_macros.tolist(),
-            "data/turns_played": [e.turns for e in episodes], "sync/logprob_gap": sync_gap,
+            "data/turns_played": [e.turns for e in episodes], **{f"sync/{k}": v for k, v in sync_metrics.items()},
             **{f"time/{k}": v for k, v in timings.items()}})
         # explained variance as usual: the residual's variance, not its mean square, so a value head that is off
         # by a constant (a fresh head before it has fitted the mean return) is not counted as unexplained variance

@@ -73,13 +73,16 @@ class Args:
     """bf16 forward/backward with fp32 master weights; default: on with a GPU"""
     rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
     """`auto`: vLLM if installed, else transformers `generate`"""
-    engine_memory_share: float = 0.3
-    """vLLM's `gpu_memory_utilization` (on CPU: the share of the NUMA node's memory it may reserve)"""
+    engine_memory_share: float | None = None
+    """vLLM's `gpu_memory_utilization`: the fraction of the device's memory the engine may use (on CPU: of the NUMA
+    node's); default: on a GPU with `--engine_sleep`, what the memory plan's rollout phase leaves the engine of 90%
+    of the device, else 0.3 (docs/scale.md)"""
     kv_cache_gib: float | None = None
     """vLLM KV cache per rank, in GiB; default: on a GPU what `engine_memory_share` leaves after the weights,
     on a CPU 0.25"""
     sync_tolerance: float | None = None
-    """largest trainer/vLLM log-prob gap accepted after a weight sync; default 1e-3 in fp32, 0.5 in bf16"""
+    """largest mean |trainer - engine| log-prob gap (nats per token of the probe's fixed answer) accepted after a
+    weight sync; default (None): by the engine's dtype, 1e-3 in fp32, 0.15 in bf16 (`engines.SYNC_TOLERANCE`)"""
     sync_bucket_mb: float = 512
     """largest bucket a weight sync gathers at once, in MiB of the engine's dtype"""
     gradient_checkpointing: bool | None = None
@@ -236,7 +239,6 @@ if __name__ == "__main__":
     run_name = args.run_name or utils.broadcast_object(f"{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume, environment)
     utils.seed_everything(args.seed + rank)
-    sync_tolerance = args.sync_tolerance if args.sync_tolerance is not None else (0.5 if args.bf16 else 1e-3)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
 
     policy_path = utils.resolve_model_path(args.model)
@@ -267,19 +269,20 @@ if __name__ == "__main__":
 
     # the memory plan of this rank, checked against the device before anything large is loaded
     kv_cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
-    memory_plan.plan_and_check(
+    plan = memory_plan.plan_and_check(
         model_path=policy_path, device=device, world_size=world_size, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, kv_cache_bytes=kv_cache_bytes,
         sync_bucket_mb=args.sync_bucket_mb, rows=2 * args.micro_batch_pairs,
         sequence_tokens=max(map(len, prompts)) + args.max_new_tokens, response_tokens=args.max_new_tokens,
-        reference=args.kl_coef > 0, engine_memory_share=args.engine_memory_share)
+        reference=args.kl_coef > 0, engine_memory_share=args.engine_memory_share, engine_sleep=args.engine_sleep,
+        max_model_len=max_model_len, reward_model=args.reward_model, trust_remote_code=args.trust_remote_code)
 
-    # models: the policy and the frozen reference, both sharded with FSDP2
-    policy = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16,
-                               args.gradient_checkpointing)
+    # models: the policy and the frozen reference, both sharded with FSDP2 as they load
+    policy = checkpoints.load_sharded_causal_lm(policy_path, device, bf16=args.bf16,
+                                                gradient_checkpointing=args.gradient_checkpointing)
     reference = None
     if args.kl_coef > 0:
-        reference = utils.shard_model(utils.load_causal_lm(policy_path, torch.float32, device), args.bf16).eval()
+        reference = checkpoints.load_sharded_causal_lm(policy_path, device, bf16=args.bf16)
         reference.requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
@@ -300,11 +303,10 @@ if __name__ == "__main__":
 
     # rollout engine, colocated on this rank; a fixed probe sequence checks every weight sync
     engine = engines.make_engine(policy_path, device, max_model_len=max_model_len,
-                                 seed=args.seed, bf16=args.bf16, gpu_memory_utilization=args.engine_memory_share,
+                                 seed=args.seed, bf16=args.bf16, gpu_memory_utilization=plan.engine_memory_share,
                                  kv_cache_memory_bytes=kv_cache_bytes, backend=args.rollout_backend,
                                  sleep_mode=args.engine_sleep)
-    probe_answer = tokenizer("A fixed answer used to compare log-probs.", add_special_tokens=False).input_ids
-    probe_ids = prompts[0] + probe_answer + [tokenizer.eos_token_id]
+    probe_ids, probe_answer_start = engines.probe_sequence(tokenizer, prompts[0], max_model_len)
 
     def evaluate() -> list[list[float]]:
         """Scores of this rank's share of the held-out prompts, answered at the training temperature with seeds
@@ -328,14 +330,15 @@ if __name__ == "__main__":
         initial_scores, spent = state["initial_scores"], state["spent"]
         start_iteration = state["iteration"] + 1
         logger.truncate_after(state["iteration"])
-        engines.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        engines.sync_weights(engine, policy, probe_ids, probe_answer_start, device, args.sync_tolerance,
+                             args.sync_bucket_mb)
         utils.print0(f"resumed from {checkpoint}")
     else:
         if args.resume:
             utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
             logger.truncate_after(-1)
         start_iteration, spent = 1, {"policy_tokens": 0, "reward_calls": 0}
-        engines.check_logprob_parity(engine, policy, probe_ids, device, sync_tolerance)
+        engines.check_sync(engine, policy, probe_ids, probe_answer_start, device, args.sync_tolerance)
         initial_scores = evaluate()
         initial = dialogues.eval_metrics(initial_scores, initial_scores)
         logger.log({**initial, **{f"skipped/rows_{cause}": n for cause, n in skipped.items()}}, iteration=0)
@@ -429,7 +432,8 @@ if __name__ == "__main__":
 
         # 5. push the new weights into this rank's engine, and check that they arrived
         t0 = time.time()
-        sync_gap = engines.sync_weights(engine, policy, probe_ids, device, sync_tolerance, args.sync_bucket_mb)
+        sync_metrics = engines.sync_weights(engine, policy, probe_ids, probe_answer_start, device,
+                                            args.sync_tolerance, args.sync_bucket_mb)
         timings["sync"] = time.time() - t0
 
         # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
@@ -439,7 +443,7 @@ if __name__ == "__main__":
             "loss/rebel": losses, "loss/residual_abs": residuals,
             "policy/response_tokens": [float(len(c.token_ids)) for c in completions],
             "policy/finished": finished.float().tolist(), "policy/grad_norm": grad_norm,
-            "sync/logprob_gap": sync_gap, **{f"time/{k}": v for k, v in timings.items()},
+            **{f"sync/{k}": v for k, v in sync_metrics.items()}, **{f"time/{k}": v for k, v in timings.items()},
         })
         metrics.update(utils.sum_over_ranks({"skipped/nan_reward_pairs": (~finite).sum().item(),
                                              "skipped/identical_pairs": identical.sum().item()}))

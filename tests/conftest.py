@@ -1,5 +1,6 @@
 """Session-wide fixtures: tiny random models (built here, never downloaded), the embedded SmolLM2, one process
-group and one vLLM engine shared by the tests (an engine start costs seconds on a 2-core machine)."""
+group and the vLLM engines (fp32, and bf16 for the weight-sync checks) shared by the tests (an engine start costs
+seconds on a 2-core machine)."""
 
 import os
 import socket
@@ -93,6 +94,17 @@ def kill_run():
 @pytest.fixture(scope="session")
 def vllm_engine(process_group, tiny_model):
     engine = engines.make_engine(tiny_model, process_group[2], max_model_len=512, seed=0, bf16=False,
+                                 gpu_memory_utilization=0.05, kv_cache_memory_bytes=64 * 2**20, backend="vllm")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_bf16_engine(process_group, tiny_model):
+    """The tiny model in a bf16 vLLM engine (this CPU's vLLM runs bf16), next to `vllm_engine` for the session: it
+    is closed only at the end, because closing an in-process engine tears down vLLM's parallel groups, which the
+    other engine shares."""
+    engine = engines.make_engine(tiny_model, process_group[2], max_model_len=512, seed=0, bf16=True,
                                  gpu_memory_utilization=0.05, kv_cache_memory_bytes=64 * 2**20, backend="vllm")
     yield engine
     engine.close()

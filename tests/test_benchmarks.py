@@ -192,3 +192,14 @@ def test_scale_bench(tmp_path, tiny_model, script_env):
     assert all(r["peak_bytes"] > 0 and r["seconds"] > 0 and r["parameters"] > 0 for r in memory["results"])
     for part in ("anchor", "memory"):
         assert_report_reprints("scale_bench", tmp_path, out.stdout, script_env, "--part", part)
+
+
+def test_load_bench(tmp_path, tiny_model, script_env):
+    out = bench("load_bench", "--model", tiny_model, "--output_dir", str(tmp_path), env=script_env)
+    with open(os.path.join(tmp_path, "load_bench.json")) as f:
+        measured = json.load(f)["results"]
+    assert [r["case"] for r in measured] == ["whole", "sharded"]
+    # both loads end with the same shards: rank 0's eighth of every tensor's rows
+    assert measured[0]["local_bytes"] == measured[1]["local_bytes"] > 0
+    assert all(r["peak_bytes"] > 0 and r["seconds"] > 0 for r in measured)
+    assert_report_reprints("load_bench", tmp_path, out.stdout, script_env)

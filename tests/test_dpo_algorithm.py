@@ -29,6 +29,7 @@ class ScriptedPlayer:
 
     def __init__(self, tokenizer, first: str, then: str):
         self.tokenizer, self.first, self.then, self.calls = tokenizer, first, then, 0
+        self.max_model_len = 2048  # the context the dialogue loop keeps prompts within (a game's are short)
 
     def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float,
                  seeds: list[int]) -> list[engines.Completion]:

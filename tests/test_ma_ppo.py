@@ -357,9 +357,10 @@ def test_losses_average_each_sample_as_the_official_run():
     assert actor["token"].item() != pytest.approx(expected_actor.item(), abs=1e-3)
 
 
-def test_the_critic_from_the_reward_model_starts_at_its_scores(tiny_model, tiny_reward_model):
+def test_the_critic_from_the_reward_model_starts_at_its_scores(process_group, tiny_model, tiny_reward_model):
     """The critic's value head is the reward model's score head: at a dialogue's last token its value is the score
-    the reward model gives the dialogue (the task's own scorer, on the same token ids)."""
+    the reward model gives the dialogue (the task's own scorer, on the same token ids). The critic loads sharded (a
+    one-rank group here)."""
     import utils
 
     dialogs = [[{"role": "user", "content": "Say something."}, {"role": "assistant", "content": "Something."}],

@@ -82,7 +82,7 @@ engine = engines.make_engine(folder, device, max_model_len=256, seed=0, bf16=Fal
                              kv_cache_memory_bytes=32 * 2**20, backend="vllm")
 prompt = utils.chat_token_ids(utils.load_tokenizer(folder), [{"role": "user", "content": "Hi"}],
                               add_generation_prompt=True)
-engines.check_logprob_parity(engine, utils.load_causal_lm(folder), prompt + [5, 6, 7], device, 1e-4)
+engines.check_sync(engine, utils.load_causal_lm(folder), prompt + [5, 6, 7], len(prompt), device, 1e-4)
 print("parity ok")
 """
 

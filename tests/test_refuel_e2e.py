@@ -48,6 +48,8 @@ def test_iterations_log_regression_diagnostics_and_per_turn_eval(full_run):
         assert math.isfinite(m["loss/refuel"]) and math.isfinite(m["val/loss"])
         assert math.isnan(m["val/sign_align"]) or 0 <= m["val/sign_align"] <= 1  # NaN: no informative pair
         assert m["sync/logprob_gap"] < 1e-3 and 1 <= m["data/branch_turn"] <= 3
+        # every rank's engine read back the embedding and 3 norms (vLLM's CPU build keeps linear weights packed)
+        assert m["sync/tensors_checked"] == 4 and m["sync/logprob_gap_p95"] <= m["sync/logprob_gap_max"] < 1e-3
     assert "eval/score_turn3" in metrics[2] and "eval/score_turn3" in metrics[3]
     assert sorted(os.listdir(os.path.join(full_run, "checkpoints"))) == [
         "iteration_000001", "iteration_000002", "iteration_000003"]

@@ -1,7 +1,6 @@
 """Memory at scale: streamed weight syncs, checkpoint exports, activation checkpointing, and the memory plan of an 8B
 and a 70B model checked on 8 simulated ranks against numbers computed by hand."""
 
-import dataclasses
 import json
 import logging
 import os
@@ -80,10 +79,12 @@ def test_simulated_8_ranks_shards_sync_and_plan(config):
     assert (plan.weights, plan.gradients, plan.optimizer, plan.reference) == (4 * shard, 4 * shard, 8 * shard, 0)
     assert plan.engine_weights == 2 * expected["parameters"]
     assert plan.gathered_layers == 2 * 2 * expected["layer"]
+    root = 2 * expected["embedding"] + expected["hidden"]  # the root FSDP2 unit: both embeddings, the final norm
+    assert plan.gathered_root == 2 * root
     assert plan.sync_bucket == 2 * expected["embedding"]
     assert plan.checkpoint_bucket == max(exported)  # what the simulated export gathered
     assert plan.activations == 4 * 2048 * expected["per_token"] * 2 + logits
-    assert plan.total == (16 * shard + 4 * expected["layer"] + 2 * expected["parameters"] + 20 * GiB
+    assert plan.total == (16 * shard + 4 * expected["layer"] + 2 * root + 2 * expected["parameters"] + 20 * GiB
                           + 2 * expected["embedding"] + 4 * expected["embedding"] + plan.activations)
 
 
@@ -92,29 +93,123 @@ def test_plan_fits_an_80gib_device_only_with_checkpointing_for_8b_and_never_for_
     common = dict(world_size=8, bf16=True, kv_cache_bytes=20 * GiB, sync_bucket_bytes=512 * MiB, rows=4,
                   sequence_tokens=2048, response_tokens=1024)
     with_checkpointing = memory_plan.plan_memory(model, gradient_checkpointing=True, **common)
-    assert with_checkpointing.total == 64_295_583_744  # 59.9 GiB: fits
+    assert with_checkpointing.total == 66_396_938_240  # 61.8 GiB: fits
     memory_plan.check_fits(with_checkpointing, 80 * GiB)
     without = memory_plan.plan_memory(model, gradient_checkpointing=False, **common)
-    assert without.total == 104_795_783_168  # 97.6 GiB: activations of 32 layers are kept
+    assert without.total == 106_897_137_664  # 99.6 GiB: activations of 32 layers are kept
     with pytest.raises(SystemExit, match="--gradient_checkpointing"):
         memory_plan.check_fits(without, 80 * GiB)
-    # the log shows every term as the plan holds it (the activations labelled as a bound), and their sum as total
+    # the log shows every term under its phase as the plan holds it (the activations labelled as a bound), each
+    # phase's sum, and their sum as total when the engine stays awake
     lines = memory_plan.format_plan(without, 8).splitlines()
-    assert lines[0] == "memory plan per rank (8.03B parameters, 8 ranks):"
-    shown = {label.strip(): float(gib) for label, gib, unit in (line.rsplit(None, 2) for line in lines[1:])
-             if unit == "GiB"}
-    terms = [f.name for f in dataclasses.fields(without) if f.name != "parameters"]
-    assert list(shown) == [t if t != "activations" else "activations (bound)" for t in terms] + ["total"]
-    assert all(shown[t if t != "activations" else "activations (bound)"] == round(getattr(without, t) / GiB, 2)
-               for t in terms)
-    assert shown["total"] == 97.60 == pytest.approx(sum(shown[t] for t in shown if t != "total"),
-                                                    abs=0.005 * len(terms))  # each term rounded to 0.01
+    assert lines[0] == "memory plan per rank (8.03B parameters, 8 ranks; the engine stays awake):"
+    shown = {line.rsplit(None, 2)[0].strip(): float(line.split()[-2]) for line in lines[1:] if line.endswith("GiB")}
+    terms = memory_plan.MemoryPlan.RESIDENT + memory_plan.MemoryPlan.ROLLOUT + memory_plan.MemoryPlan.TRAINING
+    labels = [t if t != "activations" else "activations (bound)" for t in terms]
+    assert list(shown) == labels + ["rollout phase", "training phase", "total (every term)"]
+    assert all(shown[label] == round(getattr(without, t) / GiB, 2) for t, label in zip(terms, labels))
+    assert shown["total (every term)"] == 99.56 == pytest.approx(sum(shown[label] for label in labels),
+                                                                 abs=0.005 * len(terms))  # each rounded to 0.01
 
     big = memory_plan.plan_memory(memory_plan.meta_model(os.path.join(HERE, "data", "llama3.1_70b_config.json")),
                                   gradient_checkpointing=True, **common)
     # 141 GB of bf16 weights in a tensor-parallel-1 engine cannot sit on one 80 GiB device
     with pytest.raises(SystemExit, match="engine_weights"):
         memory_plan.check_fits(big, 80 * GiB)
+
+
+# refuel.py --preset refuel-setting-one on 8 x 80 GiB: Llama-3-8B policy; ArmoRM whole on every rank (a Llama-3-8B
+# trunk: counted as transformers' LlamaForSequenceClassification of the shipped config, no lm_head and a 2-label
+# score head); the 70B user on a server; no reference (kl_coef 0); bf16, checkpointing and engine sleep (the GPU
+# defaults); 512 MiB buckets; micro-batches of one pair (2 rows) of at most the 8,192-token context, with logits
+# over 1,024 response tokens
+LLAMA3_8B = os.path.join(HERE, "data", "llama3_8b_config.json")
+SETTING_ONE = dict(model_path=LLAMA3_8B, reward_model=LLAMA3_8B, capacity=80 * GiB, world_size=8, bf16=True,
+                   gradient_checkpointing=True, kv_cache_bytes=None, sync_bucket_mb=512, rows=2, sequence_tokens=8192,
+                   response_tokens=1024, reference=False, engine_memory_share=None, engine_sleep=True,
+                   max_model_len=8192)
+PARAMETERS, EMBEDDING, LAYER, HIDDEN = 8_030_261_248, 525_336_576, 218_112_000, 4096  # Llama-3-8B, as above
+SHARD = PARAMETERS // 8
+
+
+def test_setting_one_on_8_ranks_counts_the_reward_model_and_gives_the_engine_what_the_rollout_leaves():
+    plan = memory_plan.run_plan(**SETTING_ONE)
+    # the reward model: the trunk (no lm_head) and a 2 x 4096 score head, in bf16: 13.98 GiB
+    assert plan.reward_model == 2 * (PARAMETERS - EMBEDDING + 2 * HIDDEN) == 15_009_865_728
+    assert (plan.user_engine, plan.reference, plan.critic) == (0, 0, 0)
+    # held throughout: fp32 weight shard 3.74, AdamW 7.48, the reward model 13.98, the gathered root (embedding,
+    # head, final norm in bf16) 1.96 GiB
+    resident = 4 * SHARD + 8 * SHARD + plan.reward_model + 2 * (2 * EMBEDDING + HIDDEN)
+    assert resident == 29_156_612_096
+    # the engine gets what the rest of the rollout phase (the resident state, a 0.98 GiB sync bucket and a 1.96 GiB
+    # export bucket: the embedding in bf16 and in fp32) leaves of 90% of the device: 41.9 GiB, 0.524 of it
+    others = resident + 2 * EMBEDDING + 4 * EMBEDDING
+    share = (0.9 * 80 * GiB - others) / (80 * GiB)
+    assert plan.engine_memory_share == pytest.approx(share, rel=1e-12) and 0.52 < share < 0.53
+    assert plan.engine_weights == 2 * PARAMETERS
+    assert abs(plan.kv_cache - (0.9 * 80 * GiB - others - 2 * PARAMETERS)) <= 1  # 26.95 GiB
+    assert plan.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2  # K and V, 32 layers, 8 KV heads of 128, bf16
+    assert plan.kv_cache // plan.kv_bytes_per_token == 220_796  # 27 contexts of 8,192 tokens
+    assert plan.total == plan.rollout == pytest.approx(0.9 * 80 * GiB, abs=1)
+    # training, the engine asleep: gradients 3.74, two gathered layers 0.81, activations 8.03 GiB
+    activations = 2 * 8192 * (32 * HIDDEN + 6 * HIDDEN + 2 * 1024 + 4 * 14336) * 2 + 2 * 1024 * 128256 * (2 + 4)
+    assert plan.activations == activations == 8_622_440_448
+    assert plan.training == resident + 4 * SHARD + 4 * LAYER + activations == 42_666_631_168  # 39.74 GiB
+    memory_plan.check_fits(plan, 80 * GiB)
+    lines = memory_plan.format_plan(plan, 8).splitlines()
+    assert lines[0] == "memory plan per rank (8.03B parameters, 8 ranks; the engine sleeps while the trainer trains):"
+    assert lines[-3:] == ["  rollout phase                 72.00 GiB", "  training phase                39.74 GiB",
+                          "  total (the larger phase)      72.00 GiB"]
+    assert memory_plan.share_line(plan, 80 * GiB, None, 8192) == (
+        "policy engine memory share 0.524 (what the rollout phase leaves of 0.9 of the device): a KV cache of "
+        "26.95 GiB, 220,796 tokens, 27.0 contexts of 8,192 (less vLLM's own activations and CUDA graphs)")
+
+    # without sleep the engine keeps 0.3 of the device through training too, and the total adds both phases
+    awake = memory_plan.run_plan(**{**SETTING_ONE, "engine_sleep": False})
+    assert awake.engine_memory_share == 0.3
+    assert awake.kv_cache == int(0.3 * 80 * GiB) - 2 * PARAMETERS  # 9.04 GiB
+    assert awake.total == awake.rollout + awake.training - resident
+    # without checkpointing the training phase alone exceeds the device, and the flag that helps is named
+    with pytest.raises(SystemExit, match="activations .* --gradient_checkpointing"):
+        memory_plan.check_fits(memory_plan.run_plan(**{**SETTING_ONE, "gradient_checkpointing": False}), 80 * GiB)
+
+
+def test_a_colocated_llm_user_takes_its_share_first_and_the_policy_engine_what_is_left():
+    # --user llm on the policy's own model: its engine takes 0.3 of the device (its bf16 weights and the KV cache
+    # vLLM sizes from that share) and never sleeps
+    plan = memory_plan.run_plan(**SETTING_ONE, user_model=LLAMA3_8B)
+    assert plan.user_engine == int(0.3 * 80 * GiB)
+    others = 29_156_612_096 + 6 * EMBEDDING + plan.user_engine
+    assert plan.engine_memory_share == pytest.approx((0.9 * 80 * GiB - others) / (80 * GiB), rel=1e-12)
+    assert plan.kv_cache // plan.kv_bytes_per_token == 24_188  # 2.95 GiB: about 3 contexts of 8,192
+    assert plan.training == 42_666_631_168 + plan.user_engine
+    # with a KL reference as well, what is left (12.2 GiB) does not hold the engine's weights and one context's KV
+    # cache (16.0 GiB): refused before anything loads, with the numbers
+    with pytest.raises(SystemExit, match=r"the policy's engine needs 16.0 GiB .* leaves it 12.2 GiB of 0.9 x 80.0"):
+        memory_plan.run_plan(**{**SETTING_ONE, "reference": True}, user_model=LLAMA3_8B)
+
+
+def test_the_engine_share_is_the_one_given_the_default_without_a_gpu_and_refused_when_nothing_fits():
+    assert memory_plan.run_plan(**{**SETTING_ONE, "engine_memory_share": 0.45}).engine_memory_share == 0.45
+    cpu = memory_plan.run_plan(**{**SETTING_ONE, "capacity": 0})
+    assert (cpu.engine_memory_share, cpu.kv_cache) == (0.3, engines.CPU_KV_CACHE_BYTES)
+    assert memory_plan.user_engine_share(None) == 0.3 and memory_plan.user_engine_share(0.2) == 0.2
+    # a 70B policy's bf16 copy (131 GiB) cannot have an engine on one 80 GiB device
+    with pytest.raises(SystemExit, match=r"the policy's engine needs 133.9 GiB \(its weights, 131.4 GiB"):
+        memory_plan.run_plan(**{**SETTING_ONE, "model_path": os.path.join(HERE, "data", "llama3.1_70b_config.json")})
+
+
+def test_a_reward_model_without_a_classification_class_counts_as_its_trunk(tmp_path):
+    from transformers import AutoModel, CohereConfig
+
+    # transformers has no sequence-classification class for Cohere (as for a reward model's remote-code head)
+    CohereConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2).save_pretrained(tmp_path)
+    model = memory_plan.meta_reward_model(str(tmp_path))
+    with torch.device("meta"):
+        trunk = AutoModel.from_config(CohereConfig.from_pretrained(tmp_path))
+    assert type(model) is type(trunk)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in trunk.parameters())
 
 
 def test_gradient_checkpointing_same_losses_and_gradients(process_group, tiny_model):
@@ -153,7 +248,7 @@ def test_streamed_weights_are_the_model_in_the_engine_dtype(process_group, tiny_
             p.add_(0.05 * torch.randn_like(p))
     engine = engines.TransformersEngine(tiny_model, device, torch.float32)
     probe = list(range(5, 40))
-    assert engines.sync_weights(engine, model, probe, device, 1e-5, bucket_mb=0.01) < 1e-5
+    assert engines.sync_weights(engine, model, probe, 1, device, 1e-5, bucket_mb=0.01)["logprob_gap_max"] < 1e-5
 
 
 def test_streamed_vllm_sync_has_parity_and_no_rotary_warning(process_group, tiny_model, vllm_engine):
@@ -175,7 +270,8 @@ def test_streamed_vllm_sync_has_parity_and_no_rotary_warning(process_group, tiny
         records.clear()
         # 64 KiB buckets: the tiny model's 50 tensors arrive in many pieces
         probe = list(range(5, 40))
-        assert engines.sync_weights(vllm_engine, model, probe, device, 1e-4, bucket_mb=1 / 16) < 1e-4
+        synced = engines.sync_weights(vllm_engine, model, probe, 1, device, 1e-4, bucket_mb=1 / 16)
+        assert synced["logprob_gap_max"] < 1e-4
         assert not [r.getMessage() for r in records if "Failed to load weights" in r.getMessage()]
     finally:
         vllm_logger.removeHandler(handler)
