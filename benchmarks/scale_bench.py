@@ -117,9 +117,9 @@ def run_case(case: str, model_path: str, bucket_mb: float, repeats: int) -> dict
                     p.add_(1e-3 * torch.randn_like(p))
             if case == "sync_full":
                 runs.append(peak_above_baseline(lambda: engine.load_weights(whole_model_weights(model))))
-                engines.check_logprob_parity(engine, model, probe, device, 1e-3)
+                engines.check_logprob_parity(engine, model, probe, 1, device, 1e-3)  # every token after the first
             else:
-                runs.append(peak_above_baseline(lambda: engines.sync_weights(engine, model, probe, device, 1e-3,
+                runs.append(peak_above_baseline(lambda: engines.sync_weights(engine, model, probe, 1, device, 1e-3,
                                                                                bucket_mb)))
         runs = runs[1:]
     else:
@@ -254,6 +254,7 @@ class CountedEngine:
 
     def __init__(self, engine):
         self.engine, self.batches = engine, []
+        self.max_model_len = engine.max_model_len  # the dialogue loop keeps prompts within the wrapped engine's
 
     def generate(self, prompts, *args):
         self.batches.append(len(prompts))
@@ -285,7 +286,7 @@ def anchor_case(design: str, model_path: str, work: AnchorWork) -> dict:
         user = LLMUser(user_engine, tokenizer, work.max_tokens, work.temperature, 1)
         seconds["start engines (once per run)"] = time.perf_counter() - started
         started = time.perf_counter()
-        engines.sync_weights(engine.engine, policy, tokenizer(PROBE_TEXT).input_ids, device, 1e-3, 512)
+        engines.sync_weights(engine.engine, policy, tokenizer(PROBE_TEXT).input_ids, 1, device, 1e-3, 512)
         seconds["hand over weights"] = time.perf_counter() - started
         started = time.perf_counter()
         play = functools.partial(dialogues.rollout_dialogues, engine=engine, tokenizer=tokenizer, user=user,
