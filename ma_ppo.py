@@ -116,9 +116,10 @@ class Args:
     moves its copy to the CPU) and wake it for the next weight sync; default: on with a GPU"""
 
     # macro actions
-    termination: Literal["ngram", "randomized", "perplexity", "punctuation"] = "ngram"
-    """how responses are cut: every `ngram` tokens; random lengths; where a token's NLL under the reference rises
-    above its macro's mean; or after clause-ending punctuation (a light stand-in for the paper's parser)"""
+    termination: str = "ngram"
+    """how responses are cut into macro actions, a rule of `TERMINATION_RULES`: `ngram` (every `ngram` tokens),
+    `randomized` (random lengths), `perplexity` (where a token's NLL under the reference rises above its macro's
+    mean) or `punctuation` (after clause-ending punctuation, a light stand-in for the paper's parser)"""
     ngram: int = 5
     """tokens per macro action for `ngram` (paper: 5; 1 is token-level PPO)"""
     random_lengths: tuple[int, ...] = (1, 2, 3, 5, 10)
@@ -223,6 +224,52 @@ PRESETS = {
 """The official run as flag values: `--preset NAME`, then any flag to override one of them (the models too)."""
 
 
+@dataclasses.dataclass
+class OpenMacro:
+    """What a termination rule sees at an action token: the macro open before it, and the token's own inputs."""
+
+    length: int
+    """action tokens in the open macro"""
+    nll_sum: float
+    """their summed NLL under the reference (`perplexity`)"""
+    planned: int | None
+    """the open macro's drawn length (`randomized`; None once the shuffled list is spent)"""
+    token_nll: float | None
+    """this token's NLL under the reference (`perplexity`)"""
+    previous_text: str | None
+    """the decoded text of the action token before this one (`punctuation`; None at the first)"""
+    ngram: int
+    """`--ngram`, the length of an `ngram` macro"""
+
+
+def ngram_ends(macro: OpenMacro) -> bool:
+    """`ngram`: every macro holds n tokens (the paper's main rule; n = 1 is token-level PPO)."""
+    return macro.length == macro.ngram
+
+
+def randomized_ends(macro: OpenMacro) -> bool:
+    """`randomized`: each macro takes the next length of a shuffled list; once it is spent, one macro for the rest
+    (official `randomized_ngram_selection`)."""
+    return macro.planned is not None and macro.length == macro.planned
+
+
+def perplexity_ends(macro: OpenMacro) -> bool:
+    """`perplexity`: a new macro where a token is less likely under the reference than the macro so far, on
+    average (the paper's perplexity-based termination)."""
+    return macro.length > 0 and macro.token_nll > macro.nll_sum / macro.length
+
+
+def punctuation_ends(macro: OpenMacro) -> bool:
+    """`punctuation`: a new macro after a token whose text ends a clause (a stand-in for the paper's parser)."""
+    return macro.previous_text is not None and macro.previous_text.endswith(CLAUSE_ENDS)
+
+
+TERMINATION_RULES = {"ngram": ngram_ends, "randomized": randomized_ends, "perplexity": perplexity_ends,
+                     "punctuation": punctuation_ends}
+"""`--termination` names a rule here: whether the open macro ends before the current token. A new rule is a
+function of an `OpenMacro` and a line in this table."""
+
+
 def macro_segments(turn_ids: torch.Tensor, rule: str, ngram: int = 5, nll: torch.Tensor | None = None,
                    texts: list[str] | None = None, random_lengths: tuple[int, ...] = (1, 2, 3, 5, 10),
                    random_repeats: int = 3, generator: torch.Generator | None = None,
@@ -230,26 +277,21 @@ def macro_segments(turn_ids: torch.Tensor, rule: str, ngram: int = 5, nll: torch
     """Macro index of each action token of one sample, consecutive from 0; -1 where `turn_ids` is -1 (not an action).
 
     `turn_ids` [T] numbers the assistant turn of each action token; a macro never spans two turns, and the last
-    action token is a macro of its own with `isolate_last_token`. Rules: `ngram` (every n tokens of a turn),
-    `randomized` (lengths from a shuffled list, then the rest of the sample as one), `perplexity` (a new macro at a
-    token whose `nll` under the reference is above the mean of the macro so far), `punctuation` (after a token
-    whose text in `texts` ends a clause). No segment is ever empty: boundaries are positions of action tokens.
+    action token is a macro of its own with `isolate_last_token`. Within a turn, `TERMINATION_RULES[rule]` decides
+    at each token whether the open macro ends there; `nll` (per token, under the reference) and `texts` (decoded
+    per token) are the inputs of the rules that read them. No segment is ever empty: boundaries are positions of
+    action tokens.
     """
+    ends = TERMINATION_RULES[rule]
     positions = (turn_ids >= 0).nonzero().flatten().tolist()
     lengths = [n for n in random_lengths for _ in range(random_repeats)]
     lengths = [lengths[i] for i in torch.randperm(len(lengths), generator=generator)] if rule == "randomized" else []
     starts, run, budget, nll_sum = set(), 0, None, 0.0
     for k, p in enumerate(positions):
         new_turn = k == 0 or turn_ids[p] != turn_ids[positions[k - 1]]
-        if rule == "ngram":
-            cut = run == ngram
-        elif rule == "randomized":
-            cut = budget is not None and run == budget  # the list spent (budget None): one macro for the rest
-        elif rule == "perplexity":
-            cut = run > 0 and float(nll[p]) > nll_sum / run
-        else:
-            cut = k > 0 and texts[positions[k - 1]].endswith(CLAUSE_ENDS)
-        if new_turn or cut:
+        macro = OpenMacro(run, nll_sum, budget, None if nll is None else float(nll[p]),
+                          None if texts is None or k == 0 else texts[positions[k - 1]], ngram)
+        if new_turn or ends(macro):
             starts.add(p)
             run, nll_sum = 0, 0.0
             budget = lengths.pop(0) if lengths else None
@@ -441,6 +483,8 @@ def check_args(args: Args) -> None:
     """Flags that cannot work are refused before anything loads."""
     problems = [message for bad, message in [
         (args.temperature <= 0, "--temperature must be > 0: log-probs divide the logits by it"),
+        (args.termination not in TERMINATION_RULES,
+         f"--termination {args.termination!r}: choose one of {', '.join(TERMINATION_RULES)}"),
         (args.ngram < 1, "--ngram must be at least 1"),
         (min(args.random_lengths, default=1) < 1 or args.random_repeats < 1,
          "--random_lengths and --random_repeats must be at least 1"),

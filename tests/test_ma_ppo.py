@@ -90,6 +90,17 @@ def test_randomized_perplexity_and_punctuation_rules():
     assert lengths(macro_segments(one_turn(2, 8), "punctuation", texts=texts)) == [3, 3, 1, 1]
 
 
+def test_a_new_termination_rule_is_a_function_and_a_table_line(monkeypatch):
+    """A fork's rule (here: macros of 2 tokens, then of 3, alternating) plugs in by name, and --termination
+    accepts it; an unknown name is refused before anything loads."""
+    monkeypatch.setitem(ma_ppo.TERMINATION_RULES, "two_three", lambda macro: macro.length == (2, 3)[macro.ngram % 2])
+    assert lengths(macro_segments(one_turn(2, 9), "two_three", ngram=1, isolate_last_token=False)) == [3, 3, 3]
+    assert lengths(macro_segments(one_turn(2, 9), "two_three", ngram=2, isolate_last_token=False)) == [2, 2, 2, 2, 1]
+    ma_ppo.check_args(ma_ppo.Args(termination="two_three"))
+    with pytest.raises(SystemExit, match="--termination 'sentence': choose one of ngram, randomized"):
+        ma_ppo.check_args(ma_ppo.Args(termination="sentence"))
+
+
 def test_macro_weights():
     segments = torch.tensor([[-1, 0, 0, 0, 1, -1]])
     assert macro_weights(segments, "equal")[0].tolist() == pytest.approx([0, 1 / 3, 1 / 3, 1 / 3, 1, 0])
