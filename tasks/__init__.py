@@ -6,6 +6,8 @@ a simulated user, a reward model) and `digits` (tasks/digits.py: one turn of 48 
 own task is `--task module:function` or `--task path/file.py:function`: a function with keyword parameters (any
 of the `TaskArgs` fields and of the run's own values that `load_task` passes: seed, rank, device, bf16, model,
 max_prompt_tokens, max_new_tokens, ...) that returns a `Task`. It is called exactly as the built-in ones are.
+A parameter of its own (say `difficulty: int = 3`) is set with `--task_arg difficulty=5` (repeatable), the value
+converted to the parameter's annotated type (int, float, bool, str or a Literal of them).
 """
 
 import dataclasses
@@ -13,7 +15,10 @@ import importlib
 import importlib.util
 import inspect
 import os
-from typing import Callable, Literal
+import typing
+from typing import Annotated, Callable, Literal
+
+import tyro
 
 import dialogues
 import utils
@@ -56,6 +61,9 @@ class TaskArgs:
     """`guess_number` (verifiable: code user and reward), `chat` (dataset openings, a simulated user, a reward
     model or function), `digits` (one long answer, verifiable score), `harvest` (verifiable, an informative but
     myopic score at every turn), or `module:function` / `file.py:function` returning a `Task`"""
+    task_arg: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """`name=value` for a parameter of a plug-in task's own factory, converted to its annotated type, one flag per
+    parameter (`--task_arg difficulty=5 --task_arg mode=hard`)"""
     horizon: int | None = None
     """largest number of assistant turns H; default the task's own (guessing game: 3; chat: the paper's 5)"""
 
@@ -129,19 +137,81 @@ def task_factory(name: str):
     return import_function(spec)
 
 
+# the TaskArgs fields a factory gets when it names them; `task` picks the factory, `task_arg` sets its own parameters
+TASK_FLAGS = [f.name for f in dataclasses.fields(TaskArgs) if f.name not in ("task", "task_arg")]
+
+
+def converted(name: str, value: str, kind):
+    """`value` as `kind` (int, float, bool, str or a Literal of them); a ValueError names the parameter."""
+    if typing.get_origin(kind) is Literal:
+        choices = {str(choice): choice for choice in typing.get_args(kind)}
+        if value in choices:
+            return choices[value]
+        problem = f"choose one of {', '.join(choices)}"
+    elif kind is bool:
+        if value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        problem = "write true or false"
+    elif kind in (int, float, str):
+        try:
+            return kind(value)
+        except ValueError:
+            problem = f"not a valid {kind.__name__}"
+    else:
+        problem = f"--task_arg converts to int, float, bool, str or a Literal, not to {kind}"
+    raise ValueError(f"--task_arg {name}={value}: {problem}")
+
+
+def parameter_type(parameter: inspect.Parameter):
+    """The type a value for `parameter` is converted to: its annotation, else its default's type, else str."""
+    if parameter.annotation is not inspect.Parameter.empty:
+        return parameter.annotation
+    if parameter.default is inspect.Parameter.empty or parameter.default is None:
+        return str
+    return type(parameter.default)
+
+
+def own_keywords(pairs: tuple[str, ...], factory: Callable, run_values: dict) -> dict:
+    """The `--task_arg name=value` pairs as keyword arguments of `factory`, each converted to its parameter's type.
+    A name that is a `TaskArgs` flag or a run value, that the factory does not take, or a value that does not
+    convert is a ValueError naming it."""
+    if not pairs:  # resolving the annotations runs the factory's string ones: only when there is a value to convert
+        return {}
+    parameters = inspect.signature(factory, eval_str=True).parameters
+    passed = {*TASK_FLAGS, *run_values}
+    own = [name for name, p in parameters.items()
+           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in passed]
+    keywords = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals:
+            raise ValueError(f"--task_arg {pair!r}: write it as name=value")
+        if name in TASK_FLAGS:
+            raise ValueError(f"--task_arg {name}: {name} is a flag of its own, set it with --{name}")
+        if name in run_values:
+            raise ValueError(f"--task_arg {name}: the script passes the task its own {name}")
+        if name not in own:
+            raise ValueError(f"--task_arg {name}: the task's factory {factory.__name__} has no parameter {name!r} "
+                             f"(its own: {', '.join(own) or 'none'})")
+        keywords[name] = converted(name, value, parameter_type(parameters[name]))
+    return keywords
+
+
 def load_task(args: TaskArgs, **run_values) -> Task:
-    """Calls the task's factory with the `TaskArgs` fields and `run_values` it takes as parameters, and checks what
-    it returns. A flag set away from its default that the factory does not take is reported: it has no effect."""
+    """Calls the task's factory with the `TaskArgs` fields and `run_values` it takes as parameters and the
+    `--task_arg` values of its own, and checks what it returns. A flag set away from its default that the factory
+    does not take is reported: it has no effect."""
     factory = task_factory(args.task)
     parameters = inspect.signature(factory).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    offered = {**{k: v for k, v in dataclasses.asdict(args).items() if k != "task"}, **run_values}
+    offered = {**{name: getattr(args, name) for name in TASK_FLAGS}, **run_values}
     defaults = TaskArgs()
-    ignored = [f"--{f.name}" for f in dataclasses.fields(TaskArgs) if f.name != "task" and f.name not in parameters
-               and not takes_all and getattr(args, f.name) != getattr(defaults, f.name)]
+    ignored = [f"--{name}" for name in TASK_FLAGS if name not in parameters and not takes_all
+               and getattr(args, name) != getattr(defaults, name)]
     if ignored:
         utils.print0(f"warning: task {args.task!r} does not use {', '.join(ignored)}; those flags have no effect")
-    task = factory(**{k: v for k, v in offered.items() if takes_all or k in parameters})
+    task = factory(**{k: v for k, v in offered.items() if takes_all or k in parameters},
+                   **own_keywords(args.task_arg, factory, run_values))
     if not isinstance(task, Task):
         raise TypeError(f"task {args.task!r} returned {type(task).__name__}, not a tasks.Task")
     if not task.train:

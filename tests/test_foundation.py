@@ -1,20 +1,25 @@
 """The shared plumbing the scripts stand on: task loading, metrics over ranks, the run folder, checkpoints, plots."""
 
 import dataclasses
+import inspect
 import json
 import math
 import os
+from typing import Literal
 
 import helpers
 import pytest
 import torch
+import tyro
 
 import checkpoints
+import tasks
 import utils
 from tasks import TaskArgs, load_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUSTOM = os.path.join(REPO, "tests", "custom_task.py")
+DIFFICULTY = os.path.join(REPO, "tests", "difficulty_task.py")
 
 
 def test_a_plugged_in_task_gets_only_the_values_it_takes(capsys, process_group):
@@ -23,6 +28,48 @@ def test_a_plugged_in_task_gets_only_the_values_it_takes(capsys, process_group):
     assert "warning" not in capsys.readouterr().out
     load_task(TaskArgs(task=f"{CUSTOM}:make_task", guess_max=9, user="server"), seed=3)
     assert "does not use --guess_max, --user" in capsys.readouterr().out
+
+
+def test_a_plugged_in_task_gets_its_own_parameters_from_task_arg(process_group):
+    task = load_task(TaskArgs(task=f"{DIFFICULTY}:make_task", task_arg=("difficulty=5",)), seed=3)
+    assert task.reference_scores["difficulty"] == [5, 5] and type(task.reference_scores["difficulty"][0]) is int
+    for pair, message in [("level=5", "no parameter 'level' \\(its own: difficulty\\)"),
+                          ("difficulty=hard", "difficulty=hard: not a valid int"),
+                          ("difficulty", "write it as name=value"),
+                          ("guess_max=9", "guess_max is a flag of its own, set it with --guess_max"),
+                          ("seed=4", "the script passes the task its own seed")]:
+        with pytest.raises(ValueError, match=f"--task_arg .*{message}"):
+            load_task(TaskArgs(task=f"{DIFFICULTY}:make_task", task_arg=(pair,)), seed=3)
+
+
+def test_task_arg_is_repeatable_on_the_command_line():
+    assert tyro.cli(TaskArgs, args=["--task_arg", "difficulty=5", "--task_arg", "mode=a=b"]).task_arg == (
+        "difficulty=5", "mode=a=b")
+
+
+def test_an_unannotated_parameter_takes_its_defaults_type():
+    def make_task(difficulty=3, name=None):
+        pass
+
+    parameters = inspect.signature(make_task).parameters
+    assert tasks.parameter_type(parameters["difficulty"]) is int and tasks.parameter_type(parameters["name"]) is str
+
+
+@pytest.mark.parametrize("kind,value,expected", [
+    (int, "5", 5), (float, "0.5", 0.5), (bool, "True", True), (bool, "false", False), (str, "hard", "hard"),
+    (Literal["easy", "hard"], "hard", "hard"), (Literal[1, 2], "2", 2)])
+def test_task_arg_values_take_their_parameters_type(kind, value, expected):
+    converted = tasks.converted("p", value, kind)
+    assert converted == expected and type(converted) is type(expected)
+
+
+@pytest.mark.parametrize("kind,value,message", [
+    (bool, "yes", "p=yes: write true or false"), (float, "fast", "p=fast: not a valid float"),
+    (Literal["easy", "hard"], "medium", "p=medium: choose one of easy, hard"),
+    (list[int], "1", "p=1: --task_arg converts to int, float, bool, str or a Literal, not to list\\[int\\]")])
+def test_task_arg_values_that_do_not_convert_are_named(kind, value, message):
+    with pytest.raises(ValueError, match=f"--task_arg {message}"):
+        tasks.converted("p", value, kind)
 
 
 def test_unknown_tasks_and_wrong_returns_are_clear_errors(tmp_path, process_group):

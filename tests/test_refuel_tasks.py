@@ -40,3 +40,12 @@ def test_a_plugged_in_task_needs_no_edit(tmp_path, tiny_model, script_env):
     metrics = run(tmp_path, script_env, "--task", os.path.join(REPO, "tests", "custom_task.py") + ":make_task",
                   "--model", tiny_model, "--horizon_sampling", "uniform")
     assert metrics[1]["data/turns_played"] == 3 and "eval/score_turn3" in metrics[1]
+
+
+@pytest.mark.slow
+def test_a_plugged_in_tasks_own_parameter_is_set_from_the_command_line(tmp_path, tiny_model, script_env):
+    metrics = run(tmp_path, script_env, "--task", os.path.join(REPO, "tests", "difficulty_task.py") + ":make_task",
+                  "--task_arg", "difficulty=5", "--model", tiny_model)
+    assert metrics[0]["reference/difficulty_turn1"] == 5 and metrics[0]["reference/difficulty_turn2"] == 5
+    with open(os.path.join(tmp_path, "r", "args.json")) as f:
+        assert json.load(f)["task_arg"] == ["difficulty=5"]  # part of what was trained: a resume may not change it
