@@ -298,34 +298,6 @@ def rollout_dialogues(episodes: list[Episode], engine, *, tokenizer, user, horiz
     return episodes
 
 
-def rollout_pairs(openings: list[Episode], engine, *, tokenizer, user, horizons: list[int], branch_turns: list[int],
-                  redraw: Callable[[int], int], max_tokens: int, temperature: float,
-                  seed: tuple) -> tuple[list[Episode], list[Episode], list[int]]:
-    """REFUEL's rollout in one pass: each opening is played to its horizon (dialogue A) and, at its branch turn h
-    (0-indexed), a second answer to the same state s_h is drawn in the same engine call and played on beside it
-    to the same horizon (branch B, sharing A's prefix through user turn h). Both advance turn by turn together and
-    share every engine and user call (a branch redrawn below is the exception: it starts once its dialogue has
-    ended). Returns A, B and the branch turns.
-
-    A dialogue that ends before turn h (its user ended it) branches at `redraw(turns it had)` instead, from its
-    prefix, as soon as it ends (REFUEL's official setting two draws h over a dialogue's real turns). Turns are
-    sampled with seeds fixed by `(*seed, "A" or "B", i, turn)`: the dialogues are those of playing every A first
-    and then every B from `A.prefix(h)`, token for token, with an engine whose samples do not depend on the batch.
-    """
-    a_side, b_side, turns = openings, [None] * len(openings), list(branch_turns)
-    players = [(a, horizon, (*seed, "A", i)) for i, (a, horizon) in enumerate(zip(a_side, horizons))]
-    while True:
-        for i, a in enumerate(a_side):
-            ended = a.done or a.turns >= horizons[i]
-            if b_side[i] is None and (a.turns == turns[i] and not ended or ended and a.turns <= turns[i]):
-                if ended:
-                    turns[i] = redraw(a.turns)
-                b_side[i] = a.prefix(turns[i])
-                players.append((b_side[i], horizons[i], (*seed, "B", i)))
-        if not play_turn(players, engine, tokenizer, user, max_tokens, temperature):
-            return a_side, b_side, turns
-
-
 def evaluate_by_turn(task, engine, *, tokenizer, max_tokens: int, temperature: float, seed: int, rank: int,
                      world_size: int) -> list[list[float]]:
     """Scores after each turn h = 1..H of this rank's share of a `tasks.Task`'s evaluation dialogues, played to H. The

@@ -30,7 +30,7 @@ import functools
 import os
 import sys
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Literal
 
 # torch reads its C++ log level once, when first imported: without --verbose, keep its warnings (vLLM's "NUMA
 # binding" line at every engine start) off the console
@@ -250,6 +250,38 @@ def redraw_past_the_end(rng: np.random.Generator, turns_played: int) -> int:
     return int(rng.integers(0, max(turns_played, 1)))
 
 
+def rollout_pairs(openings: list[dialogues.Episode], engine, *, tokenizer, user, horizons: list[int],
+                  branch_turns: list[int], redraw: Callable[[int], int], max_tokens: int, temperature: float,
+                  seed: tuple) -> tuple[list[dialogues.Episode], list[dialogues.Episode], list[int]]:
+    """REFUEL's rollout in one pass: each opening is played to its horizon (dialogue A) and, at its branch turn h
+    (0-indexed), a second answer to the same state s_h is drawn in the same engine call and played on beside it
+    to the same horizon (branch B, sharing A's prefix through user turn h). Both advance turn by turn together and
+    share every engine and user call (a branch redrawn below is the exception: it starts once its dialogue has
+    ended). Returns A, B and the branch turns.
+
+    A dialogue that ends before turn h (its user ended it) branches at `redraw(turns it had)` instead, from its
+    prefix, as soon as it ends (REFUEL's official setting two draws h over a dialogue's real turns). Turns are
+    sampled with seeds fixed by `(*seed, "A" or "B", i, turn)`: the dialogues are those of playing every A first
+    and then every B from `A.prefix(h)`, token for token, with an engine whose samples do not depend on the batch.
+    """
+    a_side, b_side, turns = openings, [None] * len(openings), list(branch_turns)
+    players = [(a, horizon, (*seed, "A", i)) for i, (a, horizon) in enumerate(zip(a_side, horizons))]
+    while True:
+        for i, a in enumerate(a_side):
+            if b_side[i] is not None:  # branched already
+                continue
+            ended = a.done or a.turns >= horizons[i]
+            if ended and a.turns <= turns[i]:  # A ended before answering s_h: h is drawn again over its turns
+                turns[i] = redraw(a.turns)
+            elif a.turns != turns[i]:  # A has not reached s_h yet
+                continue
+            # B answers the same state s_h as A's turn h, in the same engine call, and plays on beside it
+            b_side[i] = a.prefix(turns[i])
+            players.append((b_side[i], horizons[i], (*seed, "B", i)))
+        if not dialogues.play_turn(players, engine, tokenizer, user, max_tokens, temperature):
+            return a_side, b_side, turns
+
+
 def pair_rows(pairs: torch.Tensor) -> torch.Tensor:
     """Row indices of the two branches of each pair in the [2 * pairs] batch (y at 2i, y' at 2i + 1)."""
     return torch.stack([2 * pairs, 2 * pairs + 1], 1).flatten()
@@ -418,7 +450,7 @@ if __name__ == "__main__":
         t0 = time.time()
         openings = [task.train[i] for i in rng.choice(len(task.train), args.pairs_per_rank)]
         lengths, drawn_turns = sample_horizons(rng, len(openings), horizon, args.horizon_sampling)
-        a_side, b_side, branch_turns = dialogues.rollout_pairs(
+        a_side, b_side, branch_turns = rollout_pairs(
             [fresh(e) for e in openings], engine, tokenizer=tokenizer, user=task.user, horizons=lengths.tolist(),
             branch_turns=drawn_turns.tolist(), redraw=functools.partial(redraw_past_the_end, rng),
             max_tokens=args.max_new_tokens, temperature=args.temperature, seed=(args.seed, iteration, rank))

@@ -15,7 +15,7 @@ REFUEL pipeline, setting_one/generate.py): the trained policy saved to disk, the
 engine for every turn of every role, the dialogues handed over in a file, every dialogue played first and then
 every branch. Two passes (this project before): both engines resident for the whole run, the trainer's weights
 streamed into the policy engine in process and checked, then the same two passes. One pass (refuel.py,
-`dialogues.rollout_pairs`): the resident engines, both answers of turn h in one call and the two branches played
+`refuel.rollout_pairs`): the resident engines, both answers of turn h in one call and the two branches played
 side by side. Training, rewards and log-probs do the same work in all three and are left out. Reports seconds,
 ratios, engine calls per iteration and their mean size, and tokens per second. Writes scale_anchor.json and
 scale_anchor.png to --output_dir; about 10 minutes on 2 CPU cores.
@@ -54,6 +54,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 import dialogues  # noqa: E402
 import engines  # noqa: E402
+import refuel  # noqa: E402
 import utils  # noqa: E402
 from tasks.chat import LLMUser  # noqa: E402
 
@@ -295,7 +296,7 @@ def anchor_case(design: str, model_path: str, work: AnchorWork) -> dict:
             played = play(openings, seed=(0, "A"))
             branched = play(branches(played, work), seed=(0, "B"))
         else:  # the same branch turns and seeds, both sides in every call
-            played, branched, _ = dialogues.rollout_pairs(
+            played, branched, _ = refuel.rollout_pairs(
                 openings, engine, tokenizer=tokenizer, user=user, horizons=horizons,
                 branch_turns=[i % work.horizon for i in range(len(openings))], redraw=lambda turns: turns - 1,
                 max_tokens=work.max_tokens, temperature=work.temperature, seed=(0,))

@@ -1,4 +1,4 @@
-"""REFUEL's one-pass rollout (`dialogues.rollout_pairs`): both answers of turn h in one engine call, both branches
+"""REFUEL's one-pass rollout (`refuel.rollout_pairs`): both answers of turn h in one engine call, both branches
 played on side by side. It must give the dialogues of the two-pass design (every A to its horizon, then every B
 from A's prefix), token for token where the engine's samples do not depend on the batch, and the same
 distribution of dialogues with vLLM."""
@@ -12,7 +12,7 @@ import torch
 import dialogues
 import engines
 import utils
-from refuel import redraw_past_the_end, sample_horizons
+from refuel import redraw_past_the_end, rollout_pairs, sample_horizons
 
 TURN_TOKENS = 4
 
@@ -39,7 +39,7 @@ def two_passes(engine, tokenizer, horizons, branch_turns, n, seed):
 
 
 def one_pass(engine, tokenizer, horizons, drawn, n, seed, rng):
-    return dialogues.rollout_pairs(openings(n), engine, tokenizer=tokenizer, user=CoinUser(), horizons=horizons,
+    return rollout_pairs(openings(n), engine, tokenizer=tokenizer, user=CoinUser(), horizons=horizons,
                                    branch_turns=drawn, redraw=functools.partial(redraw_past_the_end, rng),
                                    max_tokens=TURN_TOKENS, temperature=1.0, seed=seed)
 
