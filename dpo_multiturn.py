@@ -229,7 +229,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 
 def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor, eta: float) -> torch.Tensor:
-    """REBEL's squared regression residual per pair, tensors [pairs, 2] (as refuel_loss, without the weights)."""
+    """REBEL's squared regression residual per pair, tensors [pairs, 2] (as refuel.py's refuel_loss)."""
     log_ratio = new_lp - old_lp
     return ((log_ratio[:, 0] - log_ratio[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])) ** 2
 

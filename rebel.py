@@ -176,17 +176,11 @@ PRESETS = {
 """The paper's run as flag values: `--preset NAME`, then any flag to override one of them."""
 
 
-def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor, eta: float,
-               weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """REBEL's squared regression loss over pairs; tensors are [pairs, 2] (y in column 0, y' in column 1).
-
-    Returns the weighted mean loss and the per-pair residual. A pair of weight 0 (a NaN reward, identical
-    responses) contributes nothing but still runs through the forward, so that every rank does the same FSDP
-    collectives.
-    """
+def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor, eta: float) -> torch.Tensor:
+    """REBEL's squared regression loss of each pair: tensors [pairs, 2] in (y in column 0, y' in column 1), the
+    squared residual [pairs] out; the loop weights and averages it."""
     log_ratio = new_lp - old_lp
-    residual = (log_ratio[:, 0] - log_ratio[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])
-    return (weights * residual**2).sum() / weights.sum().clamp(min=1), residual
+    return ((log_ratio[:, 0] - log_ratio[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])) ** 2
 
 
 def check_args(args: Args) -> None:
@@ -417,13 +411,14 @@ if __name__ == "__main__":
                     rows = torch.stack([2 * pairs, 2 * pairs + 1], 1).flatten().to(device)
                     new_lp = utils.token_logprobs(policy, input_ids[rows], attention_mask[rows],
                                                   response_mask[rows], args.temperature).sum(-1).view(-1, 2)
-                    weights = valid[pairs].float().to(device)
-                    loss, residual = rebel_loss(new_lp, old_lp[pairs].to(device), rewards[pairs].to(device),
-                                                args.eta, weights)
-                    # scale the micro-batch mean to its share of the minibatch mean
-                    (loss * weights.sum().clamp(min=1) / mb_weight).backward()
-                    losses.append(loss.item())
-                    residuals += residual.detach()[weights > 0].abs().tolist()
+                    per_pair = rebel_loss(new_lp, old_lp[pairs].to(device), rewards[pairs].to(device), args.eta)
+                    weight = valid[pairs].float().to(device)
+                    # the minibatch's weighted mean, a micro-batch at a time; a pair of weight 0 (a NaN reward,
+                    # identical responses) adds nothing but still runs the forward, so every rank does the same
+                    # collectives
+                    ((weight * per_pair).sum() / mb_weight).backward()
+                    losses.append(((weight * per_pair).sum() / weight.sum().clamp(min=1)).item())
+                    residuals += per_pair.detach()[weight > 0].sqrt().tolist()
                 grad_norm = utils.clip_grad_norm(policy, args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()

@@ -201,16 +201,11 @@ PRESETS = {
 """The paper's runs as flag values: `--preset NAME`, then any flag to override one of them."""
 
 
-def refuel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor, eta: float,
-                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """REFUEL's regression loss (paper Eq. 5; official `refuel.py`), tensors [pairs, 2] for (y, y') at turn h.
-
-    Returns the weighted mean loss and the per-pair residual. Pairs of weight 0 (identical responses, NaN
-    rewards) add nothing but still run the forward, so every rank does the same FSDP collectives.
-    """
+def refuel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor, eta: float) -> torch.Tensor:
+    """REFUEL's regression loss (paper Eq. 5; official `refuel.py`) of each pair: tensors [pairs, 2] for (y, y') at
+    turn h in, the squared residual [pairs] out; the loop weights and averages it."""
     log_ratio = new_lp - old_lp
-    residual = (log_ratio[:, 0] - log_ratio[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])
-    return (weights * residual**2).sum() / weights.sum().clamp(min=1), residual
+    return ((log_ratio[:, 0] - log_ratio[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])) ** 2
 
 
 def branch_rewards(scores: torch.Tensor, turn_finished: torch.Tensor, old_lp: torch.Tensor,
@@ -508,10 +503,12 @@ if __name__ == "__main__":
                     rows = pair_rows(pairs).to(device)
                     new_lp = utils.token_logprobs(policy, input_ids[rows], attention_mask[rows], response_mask[rows],
                                                   args.temperature).sum(-1).view(-1, 2)
-                    loss, _ = refuel_loss(new_lp, old_lp[pairs].to(device), rewards[pairs].to(device), args.eta,
-                                          weights[pairs].to(device))
-                    (loss * weights[pairs].sum().clamp(min=1) / mb_weight).backward()
-                    losses.append(loss.item())
+                    per_pair = refuel_loss(new_lp, old_lp[pairs].to(device), rewards[pairs].to(device), args.eta)
+                    weight = weights[pairs].to(device)
+                    # the minibatch's weighted mean, a micro-batch at a time; a pair of weight 0 (identical answers,
+                    # a NaN reward) adds nothing but still runs the forward, so every rank does the same collectives
+                    ((weight * per_pair).sum() / mb_weight).backward()
+                    losses.append(((weight * per_pair).sum() / weight.sum().clamp(min=1)).item())
                 grad_norm = utils.clip_grad_norm(policy, args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -524,8 +521,10 @@ if __name__ == "__main__":
         rows = pair_rows(val).to(device)
         new_lp = utils.token_logprobs_in_chunks(policy, input_ids[rows], attention_mask[rows], response_mask[rows],
                                                 args.temperature, chunk).sum(-1).view(-1, 2)
-        val_loss, residual = refuel_loss(new_lp, old_lp[val], rewards[val], args.eta, weights[val])
-        log_ratio_diff = residual + args.eta * (rewards[val, 0] - rewards[val, 1])
+        val_loss = (weights[val] * refuel_loss(new_lp, old_lp[val], rewards[val], args.eta)).sum() \
+            / weights[val].sum().clamp(min=1)
+        log_ratio = new_lp - old_lp[val]
+        log_ratio_diff = log_ratio[:, 0] - log_ratio[:, 1]
         informative = (weights[val] > 0) & (rewards[val, 0] != rewards[val, 1])
         aligned = (torch.sign(log_ratio_diff) == torch.sign(rewards[val, 0] - rewards[val, 1]))[informative]
 

@@ -34,7 +34,7 @@ if __name__ == "__main__":
     input_ids, attention_mask, response_mask = utils.batch_for_logprobs(
         [prompts[i] for i in rows], [responses[i] for i in rows], pad_id=0)
     new_lp = utils.token_logprobs(model, input_ids, attention_mask, response_mask, 0.7).sum(-1).view(-1, 2)
-    loss, _ = rebel_loss(new_lp, old_lp[pairs], rewards[pairs], eta=2.0, weights=torch.ones(len(pairs)))
+    loss = rebel_loss(new_lp, old_lp[pairs], rewards[pairs], eta=2.0).mean()
     loss.backward()
     optimizer.step()
 
