@@ -34,11 +34,9 @@ import dataclasses
 import math
 import os
 import sys
-import time
 from typing import Annotated, Literal
 
-# torch reads its C++ log level once, when first imported: without --verbose, keep its warnings (vLLM's "NUMA
-# binding" line at every engine start) off the console
+# torch reads its C++ log level once, on import: its warnings stay off the console unless --verbose
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "WARNING" if "--verbose" in sys.argv else "ERROR")
 
 import numpy as np
@@ -48,70 +46,14 @@ import tyro
 
 import checkpoints
 import dialogues
-import engines
-import memory_plan
+import lifecycle
 import utils
-from tasks import TaskArgs, load_task, task_factory
+from lifecycle import RunArgs
+from tasks import TaskArgs, task_factory
+
 
 @dataclasses.dataclass
 class Args:
-    # experiment
-    exp_name: str = "dpo_multiturn"
-    """name of this experiment, part of the run name"""
-    seed: int = 1
-    """seed of the experiment (contexts, turns, sampling)"""
-    run_name: str | None = None
-    """folder name under `output_dir`; default `<exp_name>__<task>__<seed>__<unix time>`. Give it to `--resume`"""
-    output_dir: str = "runs"
-    """where run folders (args, metrics, checkpoints, curves) are written"""
-    resume: bool = False
-    """continue `runs/<run_name>` from its last complete checkpoint, with the same schedule"""
-    track: bool = False
-    """log to Weights & Biases as well"""
-    wandb_project: str = "multiturn-rlhf"
-    """wandb project"""
-    wandb_entity: str | None = None
-    """wandb entity (team)"""
-    verbose: bool = False
-    """show third-party warnings (vLLM, transformers) on the console"""
-    preset: str | None = None
-    """start from one of the paper's baselines (`PRESETS`: dpo-lt, dpo-mt, rebel-lt, rebel-mt); flags given with
-    it override its values"""
-
-    # the task: openings, a simulated user, a reward, a horizon (flags of tasks.TaskArgs)
-    task_args: Annotated[TaskArgs, tyro.conf.arg(name="")] = dataclasses.field(default_factory=TaskArgs)
-
-    # models and engines
-    model: str | None = None
-    """policy: hub id or folder; default the task's own policy (the guessing game's warm start), else the
-    embedded SmolLM2 (paper: Llama-3-8B-Instruct)"""
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    """`auto`: CUDA when a GPU is visible, else the CPU; under torchrun with a CUDA build of torch that sees no GPU,
-    `auto` stops instead of training on the CPU (pass `cpu` to mean it)"""
-    collective_timeout_minutes: float = 180
-    """how long a collective waits for the slowest rank; ranks leave a long rollout far apart (torch's default,
-    30 minutes, is shorter than a setting-one rollout's spread)"""
-    bf16: bool | None = None
-    """bf16 forward/backward with fp32 master weights; default: on with a GPU"""
-    rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
-    """`auto`: vLLM if installed, else transformers `generate`"""
-    engine_memory_share: float | None = None
-    """vLLM's `gpu_memory_utilization`: the fraction of the device's memory an engine may use (on CPU: of the NUMA
-    node's); default: on a GPU with `--engine_sleep`, what the memory plan's rollout phase leaves the policy's engine
-    of 90% of the device (an LLM user's engine takes 0.3), else 0.3 (docs/scale.md)"""
-    kv_cache_gib: float | None = None
-    """vLLM KV cache per engine and rank, in GiB; default: on a GPU what `engine_memory_share` leaves, on a CPU 0.25"""
-    sync_tolerance: float | None = None
-    """largest mean |trainer - engine| log-prob gap (nats per token of the probe's fixed answer) accepted after a
-    weight sync; default (None): by the engine's dtype, 1e-3 in fp32, 0.15 in bf16 (`engines.SYNC_TOLERANCE`)"""
-    sync_bucket_mb: float = 512
-    """largest bucket a weight sync gathers at once, in MiB of the engine's dtype"""
-    gradient_checkpointing: bool | None = None
-    """recompute each decoder layer's activations in the backward instead of keeping them; default: on with a GPU"""
-    engine_sleep: bool | None = None
-    """free the rollout engine's device memory while the trainer runs (vLLM sleep mode; the transformers backend
-    moves its copy to the CPU) and wake it for the next weight sync; default: on with a GPU"""
-
     # the baseline
     turns: Literal["last", "all", "sampled"] = "last"
     """which turn h of a dialogue trains: `last` (LT), `all` (MT: every turn), `sampled` (MT: REFUEL's h)"""
@@ -176,40 +118,16 @@ class Args:
     """AdamW weight decay (paper: 1e-6)"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
-    token_budget: int | None = None
-    """stop after the iteration in which the generated tokens (policy and user, all ranks) reach this many, so that
-    methods can be compared at equal generation cost"""
-    schedule_over: Literal["iterations", "token_budget"] = "iterations"
-    """what the LR schedule spans: the run's optimizer steps (`--num_iterations`), or `--token_budget`: each step's
-    LR is the schedule at the share of the budget spent (utils.BudgetSchedule), so that methods whose iterations
-    cost different numbers of tokens all decay, by one rule, to the end of the same budget"""
 
-    # bookkeeping
-    eval_every: int = 2
-    """evaluate every this many iterations (and before the first and after the last)"""
-    save_every: int = 2
-    """checkpoint every this many iterations (and after the last)"""
-
-
-SETTING_ONE = dict(  # REFUEL's setting one (refuel.py's preset refuel-setting-one), for every baseline
-    task="chat", model="meta-llama/Meta-Llama-3-8B-Instruct", user="server",
-    user_model="meta-llama/Llama-3.1-70B-Instruct", reward_model="RLHFlow/ArmoRM-Llama3-8B-v0.1",
-    trust_remote_code=True, dataset="openbmb/UltraInteract_pair", prompt_column="trajectory", temperature=0.8,
-    max_new_tokens=1024, user_max_tokens=1024, lr=3e-7, lr_schedule="cosine", warmup_ratio=0.1, horizon=5,
-    num_iterations=2, pairs_per_rank=8000, minibatch_pairs=16, micro_batch_pairs=1, max_context_tokens=8192,
-    # MIXED contexts: dialogues pi_0 plays once with the user from the dataset's openings, ranked by the immediate
-    # reward of the prefix through turn h; the number of recorded dialogues is not given, so one iteration's worth
-    contexts="initial", target="immediate", num_recorded_dialogues=8000)
-PRESETS = {
-    # the REFUEL paper's baselines: DPO or REBEL, on the last turn (LT) or on every turn (MT, with
-    # REFUEL's h distribution); beta is not given in the paper (DPO's own value for dialogue, 0.1), REBEL's eta is
-    # REFUEL's for ArmoRM (1e3)
-    "dpo-lt": dict(loss="dpo", turns="last", beta=0.1, **SETTING_ONE),
-    "dpo-mt": dict(loss="dpo", turns="sampled", beta=0.1, **SETTING_ONE),
-    "rebel-lt": dict(loss="rebel", turns="last", eta=1e3, **SETTING_ONE),
-    "rebel-mt": dict(loss="rebel", turns="sampled", eta=1e3, **SETTING_ONE),
-}
-"""The paper's baselines as flag values: `--preset NAME`, then any flag to override one of them."""
+    # the policy, the task, the run
+    model: str | None = None
+    """policy: hub id or folder; default the task's own policy (the guessing game's warm start), else the
+    embedded SmolLM2 (paper: Llama-3-8B-Instruct)"""
+    task_args: Annotated[TaskArgs, tyro.conf.arg(name="")] = dataclasses.field(default_factory=TaskArgs)
+    """the task: openings, a simulated user, a reward, a horizon (tasks.TaskArgs)"""
+    run: Annotated[RunArgs, tyro.conf.arg(name="")] = dataclasses.field(
+        default_factory=lambda: RunArgs(exp_name="dpo_multiturn"))
+    """seed, devices and engines, token budget, run folder, tracking (lifecycle.RunArgs)"""
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -273,10 +191,6 @@ def preference_tokens(tokenizer, chosen: utils.Dialogue, rejected: utils.Dialogu
     return cut[0][0], cut[0][1], cut[1][1]
 
 
-def fresh(episode: dialogues.Episode) -> dialogues.Episode:
-    return dialogues.Episode(copy.deepcopy(episode.messages), copy.deepcopy(episode.info))
-
-
 def state(episode: dialogues.Episode, h: int) -> dialogues.Episode:
     """The dialogue through user turn h, ready for its answer at turn h. A recorded dialogue has no token lists:
     the earlier turns get empty ones, so that the episode counts h turns played and records turn h's tokens."""
@@ -313,6 +227,55 @@ def recorded_that_fit(recorded: list[dialogues.Episode], tokenizer, horizon: int
     return kept, too_long
 
 
+def offline_data(args: Args, task, tokenizer, turn_tokens: int, max_model_len: int) -> tuple[list | None, dict]:
+    """The data a run without generated states trains from: a preference dataset's (prompt, chosen, rejected) token
+    ids, or (`--contexts offline`) the task's recorded dialogues cut to the states that fit (`recorded_that_fit`,
+    in place), with their counts for the first log line. Refuses `--contexts offline` on a task with no recorded dialogue."""
+    if args.contexts == "offline" and not task.recorded:
+        raise SystemExit(f"--contexts offline: task {args.task_args.task!r} has no recorded dialogues (the chat task "
+                         "records the rows of --prompt_column that hold assistant turns, as UltraInteract's "
+                         "`trajectory` or a message list does)")
+    preferences, recorded_counts = None, {}
+    if args.preference_dataset is not None:
+        try:
+            pairs, skipped_pairs = dialogues.load_preferences(args.preference_dataset, args.preference_split)
+        except ValueError as e:  # a missing file, no such column, no usable pair: one line, not a traceback
+            raise SystemExit(str(e))
+        preferences = [preference_tokens(tokenizer, chosen, rejected) for chosen, rejected in pairs]
+        utils.print0(f"{args.preference_dataset}: {len(preferences)} preference pairs; skipped rows {skipped_pairs}")
+    elif args.contexts == "offline":
+        task.recorded, too_long = recorded_that_fit(task.recorded, tokenizer, task.horizon, args.max_prompt_tokens,
+                                                    turn_tokens, max_model_len - args.max_new_tokens)
+        if not task.recorded:
+            raise SystemExit(f"--contexts offline: no recorded dialogue's first state fits --max_prompt_tokens "
+                             f"{args.max_prompt_tokens} ({too_long} too long)")
+        recorded_counts = {"data/recorded_dialogues": len(task.recorded), "skipped/too_long_recorded": too_long}
+        utils.print0(f"{len(task.recorded)} recorded dialogues, {sum(map(user_turns, task.recorded))} states "
+                     f"({too_long} dialogues too long from their first state, skipped)")
+    return preferences, recorded_counts
+
+
+SETTING_ONE = dict(  # REFUEL's setting one (refuel.py's preset refuel-setting-one), for every baseline
+    task="chat", model="meta-llama/Meta-Llama-3-8B-Instruct", user="server",
+    user_model="meta-llama/Llama-3.1-70B-Instruct", reward_model="RLHFlow/ArmoRM-Llama3-8B-v0.1",
+    trust_remote_code=True, dataset="openbmb/UltraInteract_pair", prompt_column="trajectory", temperature=0.8,
+    max_new_tokens=1024, user_max_tokens=1024, lr=3e-7, lr_schedule="cosine", warmup_ratio=0.1, horizon=5,
+    num_iterations=2, pairs_per_rank=8000, minibatch_pairs=16, micro_batch_pairs=1, max_context_tokens=8192,
+    # MIXED contexts: dialogues pi_0 plays once with the user from the dataset's openings, ranked by the immediate
+    # reward of the prefix through turn h; the number of recorded dialogues is not given, so one iteration's worth
+    contexts="initial", target="immediate", num_recorded_dialogues=8000)
+PRESETS = {
+    # the REFUEL paper's baselines: DPO or REBEL, on the last turn (LT) or on every turn (MT, with
+    # REFUEL's h distribution); beta is not given in the paper (DPO's own value for dialogue, 0.1), REBEL's eta is
+    # REFUEL's for ArmoRM (1e3)
+    "dpo-lt": dict(loss="dpo", turns="last", beta=0.1, **SETTING_ONE),
+    "dpo-mt": dict(loss="dpo", turns="sampled", beta=0.1, **SETTING_ONE),
+    "rebel-lt": dict(loss="rebel", turns="last", eta=1e3, **SETTING_ONE),
+    "rebel-mt": dict(loss="rebel", turns="sampled", eta=1e3, **SETTING_ONE),
+}
+"""The paper's baselines as flag values: `--preset NAME`, then any flag to override one of them."""
+
+
 def check_args(args: Args) -> None:
     """Flags that cannot work are refused before anything loads."""
     problems = [message for bad, message in [
@@ -325,125 +288,52 @@ def check_args(args: Args) -> None:
         (min(args.pairs_per_rank, args.minibatch_pairs, args.micro_batch_pairs, args.num_epochs,
              args.num_iterations) < 1,
          "--pairs_per_rank, --minibatch_pairs, --micro_batch_pairs, --num_epochs, --num_iterations must be >= 1"),
-        (args.schedule_over == "token_budget" and args.token_budget is None,
-         "--schedule_over token_budget needs --token_budget"),
-        (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
         (args.preference_dataset is not None and args.loss != "dpo",
          "--preference_dataset has preferences, not scores: it trains --loss dpo only"),
     ] if bad]
     if problems:
         raise SystemExit("\n".join(problems))
+    lifecycle.check_run_args(args.run)
     task_factory(args.task_args.task)
 
 
 if __name__ == "__main__":
-    args = utils.parse_args(Args, PRESETS)
+    args = lifecycle.parse_args(Args, PRESETS)
     check_args(args)
-    utils.quiet_third_party(args.verbose)
-
-    # TRY NOT TO MODIFY: processes, run folder, seeding
-    rank, world_size, device = utils.init_distributed(args.device, args.collective_timeout_minutes)
-    utils.device_defaults(args, device)
-    environment = utils.environment(device, world_size, args.bf16)
-    utils.print0(utils.environment_line(environment))
-    task_name = args.task_args.task.replace("/", "_").replace(":", "_")
-    run_name = args.run_name or utils.broadcast_object(
-        f"{args.exp_name}__{task_name}__{args.seed}__{int(time.time())}")
-    run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume, environment)
-    utils.seed_everything(args.seed + rank)
-
-    # the task and the policy it is played with
-    kv_cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
-    try:
-        task = load_task(args.task_args, seed=args.seed, rank=rank, device=device, bf16=args.bf16,
-                         model=args.model, max_prompt_tokens=args.max_prompt_tokens,
-                         max_new_tokens=args.max_new_tokens, max_context_tokens=args.max_context_tokens,
-                         engine_memory_share=memory_plan.user_engine_share(args.engine_memory_share),
-                         kv_cache_bytes=kv_cache_bytes, rollout_backend=args.rollout_backend)
-    except ValueError as e:  # bad data or task flags (a missing file, no usable row): one line, not a traceback
-        raise SystemExit(str(e))
+    run = lifecycle.start_run(args)  # processes, device, run folder, seeds
+    device, seed, rank = run.device, args.run.seed, run.rank
+    task, tokenizer = run.load_task(f"{args.loss.upper()}, turns {args.turns}, contexts {args.contexts}, "
+                                    f"target {args.target}")  # openings, a user, a reward, a horizon H
     horizon = task.horizon
-    if args.contexts == "offline" and not task.recorded:
-        raise SystemExit(f"--contexts offline: task {args.task_args.task!r} has no recorded dialogues (the chat task "
-                         "records the rows of --prompt_column that hold assistant turns, as UltraInteract's "
-                         "`trajectory` or a message list does)")
-    policy_path = utils.resolve_model_path(args.model or task.policy or utils.EMBEDDED_SMOLLM2)
-    tokenizer = utils.load_tokenizer(policy_path)
-    preferences = None
-    if args.preference_dataset is not None:
-        try:
-            pairs, skipped_pairs = dialogues.load_preferences(args.preference_dataset, args.preference_split)
-        except ValueError as e:  # a missing file, no such column, no usable pair: one line, not a traceback
-            raise SystemExit(str(e))
-        preferences = [preference_tokens(tokenizer, a, b) for a, b in pairs]
-        utils.print0(f"{args.preference_dataset}: {len(preferences)} preference pairs; skipped rows {skipped_pairs}")
-    task.train, too_long = dialogues.openings_that_fit(task.train, tokenizer, args.max_prompt_tokens)
-    task.eval, too_long_eval = dialogues.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
-    if not task.train or not task.eval:
-        raise SystemExit(f"no training or no evaluation opening fits --max_prompt_tokens {args.max_prompt_tokens}")
-    try:  # the task checked its own models already; a plug-in task's policy is checked here
-        max_model_len = dialogues.context_window(
-            policy_path, max_prompt_tokens=args.max_prompt_tokens, horizon=horizon, max_new_tokens=args.max_new_tokens,
-            user_max_tokens=args.task_args.user_max_tokens, max_context_tokens=args.max_context_tokens)
-    except ValueError as e:
-        raise SystemExit(str(e))
-    turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + dialogues.TEMPLATE_TOKENS_PER_TURN
-    offline = args.contexts == "offline" and preferences is None
-    if offline:
-        task.recorded, too_long_recorded = recorded_that_fit(task.recorded, tokenizer, horizon,
-                                                             args.max_prompt_tokens, turn_tokens,
-                                                             max_model_len - args.max_new_tokens)
-        if not task.recorded:
-            raise SystemExit(f"--contexts offline: no recorded dialogue's first state fits --max_prompt_tokens "
-                             f"{args.max_prompt_tokens} ({too_long_recorded} too long)")
-        utils.print0(f"{len(task.recorded)} recorded dialogues, {sum(map(user_turns, task.recorded))} states "
-                     f"({too_long_recorded} dialogues too long from their first state, skipped)")
-    utils.print0(f"task {args.task_args.task}: {len(task.train)} training and {len(task.eval)} evaluation openings "
-                 f"({too_long} and {too_long_eval} over --max_prompt_tokens, skipped), horizon {horizon}; "
-                 f"{args.loss.upper()}, turns {args.turns}, contexts {args.contexts}, target {args.target}")
+    preferences, recorded_counts = offline_data(args, task, tokenizer, run.turn_tokens, run.max_model_len)
 
-    # the memory plan of this rank, checked against the device before anything large is loaded
-    uses_reference = args.loss == "dpo" and args.reference == "initial"
     # a pair's rows are a state s_h and one turn's answer; a recorded context's turns are not capped by
     # --max_new_tokens, so only the engine's context bounds its states; a preference dataset's pairs are measured
-    longest_opening = max(len(utils.chat_token_ids(tokenizer, e.messages, True)) for e in task.train)
-    sequence_tokens = max_model_len if args.contexts == "offline" else min(longest_opening + horizon * turn_tokens,
-                                                                           max_model_len)
+    sequence_tokens = run.max_model_len if args.contexts == "offline" else run.dialogue_tokens
     response_tokens = args.max_new_tokens
     if preferences is not None:
         response_tokens = max(len(answer) for _, *answers in preferences for answer in answers)
         sequence_tokens = max(len(prompt) for prompt, _, _ in preferences) + response_tokens
-    plan = memory_plan.plan_and_check(
-        model_path=policy_path, device=device, world_size=world_size, bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing, kv_cache_bytes=kv_cache_bytes,
-        sync_bucket_mb=args.sync_bucket_mb, rows=2 * args.micro_batch_pairs, sequence_tokens=sequence_tokens,
-        response_tokens=response_tokens, reference=uses_reference, engine_memory_share=args.engine_memory_share,
-        engine_sleep=args.engine_sleep, max_model_len=max_model_len, reward_model=args.task_args.reward_model,
-        trust_remote_code=args.task_args.trust_remote_code,
-        user_model=utils.resolve_model_path(args.task_args.user_model or policy_path) if task.engines else None)
+    uses_ref_policy = args.loss == "dpo" and args.reference == "initial"
+    plan = run.check_memory(rows=2 * args.micro_batch_pairs, sequence_tokens=sequence_tokens,
+                            response_tokens=response_tokens, reference=uses_ref_policy)
 
-    # models: the policy and (DPO against pi_0) the frozen reference, sharded with FSDP2 as they load
-    policy = checkpoints.load_sharded_causal_lm(policy_path, device, bf16=args.bf16,
-                                                gradient_checkpointing=args.gradient_checkpointing)
-    reference = None
-    if uses_reference:
-        reference = checkpoints.load_sharded_causal_lm(policy_path, device, bf16=args.bf16)
-        reference.requires_grad_(False)
+    # models: the policy and (DPO against pi_0) the frozen reference policy, sharded with FSDP2 as they load
+    policy = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16,
+                                                gradient_checkpointing=args.run.gradient_checkpointing)
+    ref_policy = None
+    if uses_ref_policy:
+        ref_policy = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16)
+        ref_policy.requires_grad_(False)
     steps_per_iteration = args.num_epochs * -(-args.pairs_per_rank // args.minibatch_pairs)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
-    if args.schedule_over == "token_budget":
-        scheduler = utils.BudgetSchedule(optimizer, args.lr_schedule, args.warmup_ratio, args.token_budget)
+    if args.run.schedule_over == "token_budget":
+        scheduler = utils.BudgetSchedule(optimizer, args.lr_schedule, args.warmup_ratio, args.run.token_budget)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, utils.lr_lambda(
             args.lr_schedule, args.num_iterations * steps_per_iteration, args.warmup_ratio))
-
-    # the policy's rollout engine, colocated on this rank
-    engine = engines.make_engine(policy_path, device, max_model_len=max_model_len, seed=args.seed, bf16=args.bf16,
-                                 gpu_memory_utilization=plan.engine_memory_share, kv_cache_memory_bytes=kv_cache_bytes,
-                                 backend=args.rollout_backend, sleep_mode=args.engine_sleep)
-    probe_ids, probe_answer_start = engines.probe_sequence(
-        tokenizer, utils.chat_token_ids(tokenizer, task.train[0].messages, True), max_model_len)
+    engine = run.start_engine(plan, tokenizer)  # pi_t's rollout engine, colocated on this rank
 
     def play(openings: list[dialogues.Episode], horizons: list[int], seed: tuple,
              keys: list[tuple] | None = None) -> list[dialogues.Episode]:
@@ -451,140 +341,82 @@ if __name__ == "__main__":
                                            max_tokens=args.max_new_tokens, temperature=args.temperature, seed=seed,
                                            keys=keys)
 
-    def evaluate() -> list[list[float]]:
-        return dialogues.evaluate_by_turn(task, engine, tokenizer=tokenizer, max_tokens=args.max_new_tokens,
-                                          temperature=args.temperature, seed=args.seed, rank=rank,
-                                          world_size=world_size)
+    saved = run.resume_or_start({"policy": (policy, optimizer)}, {"policy": scheduler}, first_metrics=recorded_counts)
+    recorded = task.recorded if saved is None else saved["recorded"] or task.recorded
+    if saved is None and args.contexts == "initial" and preferences is None:
+        # the paper's MIXED data: pi_0 plays its dialogues once with the user; kept in the checkpoints, so a
+        # resumed run trains on the same ones
+        rng = np.random.default_rng([seed, 0, rank])
+        openings = [task.train[i] for i in rng.choice(len(task.train), args.num_recorded_dialogues)]
+        recorded = play([copy.deepcopy(e) for e in openings], [horizon] * len(openings), (seed, "initial", rank))
+        run.count_generated(recorded, [0] * len(recorded))
 
-    logger = utils.MetricsLogger(run_dir, config=utils.flat_args(args), track=args.track, project=args.wandb_project,
-                                 entity=args.wandb_entity, run_name=run_name, resume=args.resume)
-    checkpoint = checkpoints.latest_checkpoint(run_dir) if args.resume else None
-    if checkpoint is not None:
-        saved = checkpoints.load_checkpoint(checkpoint, {"policy": (policy, optimizer)})
-        scheduler.load_state_dict(saved["scheduler"])
-        initial_scores, recorded, spent = saved["initial_scores"], saved["recorded"] or task.recorded, saved["spent"]
-        start_iteration = saved["iteration"] + 1
-        logger.truncate_after(saved["iteration"])
-        engines.sync_weights(engine, policy, probe_ids, probe_answer_start, device, args.sync_tolerance,
-                             args.sync_bucket_mb)
-        utils.print0(f"resumed from {checkpoint}")
-    else:
-        if args.resume:
-            utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
-            logger.truncate_after(-1)
-        start_iteration, spent = 1, {"policy_tokens": 0, "user_tokens": 0, "reward_calls": 0}
-        engines.check_sync(engine, policy, probe_ids, probe_answer_start, device, args.sync_tolerance)
-        initial_scores = evaluate()
-        initial = dialogues.eval_metrics(initial_scores, initial_scores)
-        logger.log({**initial, **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
-                                  for t, v in enumerate(scores, start=1)},
-                    **{f"skipped/rows_{cause}": n for cause, n in task.skipped.items()},
-                    "skipped/too_long_openings": too_long + too_long_eval,
-                    **({"data/recorded_dialogues": len(task.recorded), "skipped/too_long_recorded": too_long_recorded}
-                       if offline else {})}, iteration=0)
-        utils.print0("initial evaluation, score by turn: "
-                     + " ".join(f"{initial[f'eval/score_turn{t}']:.3f}" for t in range(1, horizon + 1)))
-        recorded = task.recorded
-        if args.contexts == "initial" and preferences is None:
-            # the paper's MIXED data: pi_0 plays its dialogues once with the user; kept in the checkpoints, so a
-            # resumed run trains on the same ones
-            rng = np.random.default_rng([args.seed, 0, rank])
-            openings = [task.train[i] for i in rng.choice(len(task.train), args.num_recorded_dialogues)]
-            recorded = play([fresh(e) for e in openings], [horizon] * len(openings), (args.seed, "initial", rank))
-            policy_tokens, user_tokens = dialogues.generated_tokens(recorded, tokenizer, [0] * len(recorded))
-            spent = {"policy_tokens": policy_tokens, "user_tokens": user_tokens, "reward_calls": 0}
-
-    def generated_pairs(iteration: int, rng: np.random.Generator, timings: dict) -> tuple[list, list, list,
-                                                                                          torch.Tensor, int]:
-        """States s_h from the chosen contexts, two answers of pi_t to each (played on to H with the future
-        target), and their scores [pairs, 2]: the prompts, the answers' token ids, the turns h, the scores, and how
-        many dialogues played here ran out of context."""
-        # 1. the states: turns of recorded dialogues, or of dialogues pi_t plays now with the user
-        t0 = time.time()
-        contexts = recorded
-        if args.contexts == "onpolicy":
-            openings = [task.train[i] for i in rng.choice(len(task.train), args.pairs_per_rank)]
-            contexts = play([fresh(e) for e in openings], [horizon] * len(openings), (args.seed, iteration, rank))
-            count(contexts, [0] * len(contexts))
-        # a dialogue that ran out of context ends with a state it could not answer: not a state to train on
-        chosen_states = training_states(rng, [d.turns if d.context_full else user_turns(d) for d in contexts],
-                                        args.pairs_per_rank, args.turns, horizon, args.horizon_sampling)
-        states = [state(contexts[d], h) for d, h in chosen_states]
-        turns = [h for _, h in chosen_states]
-        # 2. two answers to each state from pi_t, drawn in the same engine call; with the future target both are
-        # played on to the horizon side by side
-        until = [h + 1 for h in turns] if args.target == "immediate" else [horizon] * len(turns)
-        both = play([copy.deepcopy(s) for s in states + states], until + until, (args.seed, iteration, rank),
-                    keys=[(side, i) for side in "AB" for i in range(len(states))])
-        answered = [both[: len(states)], both[len(states) :]]
-        if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
-            engine.sleep()
-        for side in answered:
-            count(side, turns)
-        timings["rollout"] = time.time() - t0
-        # 3. the scores that rank them: the dialogue through turn h, or the finished branch
-        t0 = time.time()
-        scores = torch.tensor([task.reward(side) for side in answered], dtype=torch.float32).T
-        spent["reward_calls"] += 2 * len(states)
-        timings["reward"] = time.time() - t0
-        played = both + (contexts if args.contexts == "onpolicy" else [])
-        return ([answered[0][i].prompts[h] for i, h in enumerate(turns)],
-                [[side[i].responses[h] for side in answered] for i, h in enumerate(turns)], turns, scores,
-                sum(e.context_full for e in played))
-
-    def count(episodes: list[dialogues.Episode], first_turns: list[int]) -> None:
-        """Adds the tokens generated in `episodes` from these turns on to the run's budget."""
-        policy_tokens, user_tokens = dialogues.generated_tokens(episodes, tokenizer, first_turns)
-        spent["policy_tokens"] += policy_tokens
-        spent["user_tokens"] += user_tokens
-
-    started = time.time()
-    for iteration in range(start_iteration, args.num_iterations + 1):
-        timings = {}
-        rng = np.random.default_rng([args.seed, iteration, rank])
-
-        # 1-3. the pairs: two answers of pi_t to each state s_h, ranked by their scores; or a preference dataset's
-        t0 = time.time()
-        before = spent["policy_tokens"] + spent["user_tokens"]
-        if preferences is None:
-            pair_prompts, responses, turns, scores, context_full = generated_pairs(iteration, rng, timings)
-        else:
-            # offline preference data: the dataset's own chosen (column 0) and rejected answers, nothing generated
+    for iteration in run.iterations():
+        rng = np.random.default_rng([seed, iteration, rank])
+        if preferences is not None:
+            # 1-3. offline preference data: the dataset's own chosen (column 0) and rejected answers, nothing
+            # generated
             picks = rng.choice(len(preferences), args.pairs_per_rank)
-            pair_prompts = [preferences[i][0] for i in picks]
-            responses = [[preferences[i][1], preferences[i][2]] for i in picks]
+            states = [preferences[i][0] for i in picks]
+            answers = [[preferences[i][1], preferences[i][2]] for i in picks]
             turns, scores, context_full = [0] * len(picks), torch.tensor([[1.0, 0.0]] * len(picks)), 0
-            timings.update(rollout=time.time() - t0, reward=0.0)
-        identical = torch.tensor([a == b for a, b in responses])
+            run.lap("rollout")
+        else:
+            # 1. the states s_h: turns of recorded dialogues, or of dialogues pi_t plays now with the user
+            contexts = recorded
+            if args.contexts == "onpolicy":
+                openings = [task.train[i] for i in rng.choice(len(task.train), args.pairs_per_rank)]
+                contexts = play([copy.deepcopy(e) for e in openings], [horizon] * len(openings), (seed, iteration, rank))
+                run.count_generated(contexts, [0] * len(contexts))
+            # a dialogue that ran out of context ends with a state it could not answer: not a state to train on
+            chosen_states = training_states(rng, [d.turns if d.context_full else user_turns(d) for d in contexts],
+                                            args.pairs_per_rank, args.turns, horizon, args.horizon_sampling)
+            turns = [h for _, h in chosen_states]
+            at_state = [state(contexts[d], h) for d, h in chosen_states]
+            # 2. two answers y, y' to each state from pi_t, drawn in the same engine call; with the future target
+            # both are played on to the horizon side by side
+            until = [h + 1 for h in turns] if args.target == "immediate" else [horizon] * len(turns)
+            both = play([copy.deepcopy(s) for s in at_state + at_state], until + until, (seed, iteration, rank),
+                        keys=[(side, i) for side in "AB" for i in range(len(at_state))])
+            with_y, with_y_prime = both[: len(at_state)], both[len(at_state) :]
+            if args.run.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
+                engine.sleep()
+            run.count_generated(with_y, turns)
+            run.count_generated(with_y_prime, turns)
+            run.lap("rollout")
+            # 3. the scores that rank them: the dialogue through turn h, or the finished branch
+            scores = torch.tensor([task.reward(with_y), task.reward(with_y_prime)], dtype=torch.float32).T
+            run.spent["reward_calls"] += 2 * len(at_state)
+            states = [d.prompts[h] for d, h in zip(with_y, turns)]
+            answers = [[d.responses[h], d_.responses[h]] for d, d_, h in zip(with_y, with_y_prime, turns)]
+            context_full = sum(d.context_full for d in both + (contexts if args.contexts == "onpolicy" else []))
+        run.lap("reward")
+        identical = torch.tensor([y == y_prime for y, y_prime in answers])
         preferred, keep = preference_pairs(scores, identical)
-        if args.schedule_over == "token_budget":
-            tokens = utils.sum_over_ranks({"before": before, "after": spent["policy_tokens"] + spent["user_tokens"]})
-            scheduler.start_iteration(tokens["before"], tokens["after"], steps_per_iteration)
+        if args.run.schedule_over == "token_budget":
+            scheduler.start_iteration(*run.tokens_this_iteration(), steps_per_iteration)
 
-        # 4. log-probs of the two turn-h answers under pi_t (training forward) and the reference
-        t0 = time.time()
+        # 4. log-probs of y and y' at s_h under pi_t (training forward) and the reference policy
         input_ids, attention_mask, response_mask = (t.to(device) for t in utils.batch_for_logprobs(
-            [p for p in pair_prompts for _ in range(2)], [r for pair in responses for r in pair],
-            tokenizer.pad_token_id))
+            [s for s in states for _ in range(2)], [a for pair in answers for a in pair], tokenizer.pad_token_id))
         chunk = 2 * args.micro_batch_pairs
         old_lp = utils.token_logprobs_in_chunks(policy, input_ids, attention_mask, response_mask, args.temperature,
                                                 chunk).sum(-1).view(-1, 2)
-        ref_lp = old_lp if reference is None else utils.token_logprobs_in_chunks(
-            reference, input_ids, attention_mask, response_mask, args.temperature, chunk).sum(-1).view(-1, 2)
+        ref_lp = old_lp if ref_policy is None else utils.token_logprobs_in_chunks(
+            ref_policy, input_ids, attention_mask, response_mask, args.temperature, chunk).sum(-1).view(-1, 2)
         # DPO needs a preference; REBEL regresses any score difference, a tie included (as refuel.py)
         weights = (keep if args.loss == "dpo" else ~identical & torch.isfinite(scores).all(1)).float()
         rewards = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
-        timings["old_logprobs"] = time.time() - t0
+        run.lap("old_logprobs")
 
         # 5. fit the policy to the preferences, in minibatches of accumulated micro-batches
-        t0 = time.time()
         # the DPO diagnostics are read at each training forward, so they average over the iteration's steps as TRL's
         # do over a logging interval; every rank runs a micro-batch, so each has every name for the all-reduce
         losses, diagnostics = [], {}
         for epoch in range(args.num_epochs):
-            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
-            order = torch.randperm(len(responses), generator=shuffle)
-            for mb_start in range(0, len(responses), args.minibatch_pairs):
+            shuffle = torch.Generator().manual_seed(utils.sample_seed(seed, iteration, rank, epoch))
+            order = torch.randperm(len(answers), generator=shuffle)
+            for mb_start in range(0, len(answers), args.minibatch_pairs):
                 mb = order[mb_start : mb_start + args.minibatch_pairs]
                 mb_weight = weights[mb].sum().clamp(min=1)
                 for micro_start in range(0, len(mb), args.micro_batch_pairs):
@@ -610,59 +442,23 @@ if __name__ == "__main__":
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-        timings["train"] = time.time() - t0
+        run.lap("train")
 
         # 6. push the new weights into this rank's engine, and check that they arrived
-        t0 = time.time()
-        sync_metrics = engines.sync_weights(engine, policy, probe_ids, probe_answer_start, device,
-                                            args.sync_tolerance, args.sync_bucket_mb)
-        timings["sync"] = time.time() - t0
+        sync_metrics = run.sync_weights(policy)
+        run.lap("sync")
 
-        # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
+        # record metrics (averaged over ranks; counts summed); the run adds the budget and the evaluation
         metrics = utils.mean_over_ranks({
             "reward/score": scores.flatten().tolist(), f"loss/{args.loss}": losses, "policy/grad_norm": grad_norm,
             "data/branch_turn": [h + 1 for h in turns], "data/pairs_kept": keep.float().tolist(),
-            **{f"sync/{k}": v for k, v in sync_metrics.items()}, **{f"time/{k}": v for k, v in timings.items()},
-            **diagnostics,
-        })
+            **{f"sync/{k}": v for k, v in sync_metrics.items()}, **diagnostics})
         metrics.update(utils.sum_over_ranks({
-            "skipped/identical_pairs": identical.sum().item(),
-            "skipped/context_full_dialogues": context_full,
-            "skipped/tied_pairs": (~keep & ~identical).sum().item(),
-            **{f"budget/{k}": v for k, v in spent.items()}}))
-        metrics["budget/generated_tokens"] = metrics["budget/policy_tokens"] + metrics["budget/user_tokens"]
+            "skipped/identical_pairs": identical.sum().item(), "skipped/context_full_dialogues": context_full,
+            "skipped/tied_pairs": (~keep & ~identical).sum().item()}))
         metrics["policy/lr"] = scheduler.get_last_lr()[0]
-        over_budget = args.token_budget is not None and metrics["budget/generated_tokens"] >= args.token_budget
-        last = iteration == args.num_iterations or over_budget
-        if iteration % args.eval_every == 0 or last:
-            metrics.update(dialogues.eval_metrics(evaluate(), initial_scores))
-        logger.log(metrics, iteration=iteration)
-        shown = {"reward": metrics["reward/score"], "loss": metrics[f"loss/{args.loss}"],
-                 "kept": metrics["data/pairs_kept"]}
-        if f"eval/score_turn{horizon}" in metrics:
-            shown[f"eval_turn{horizon}"] = metrics[f"eval/score_turn{horizon}"]
-            if rank == 0:
-                utils.plot_curves(logger.read(), os.path.join(run_dir, "curves.png"))
-        budget_progress = None if args.token_budget is None else (metrics["budget/generated_tokens"], args.token_budget)
-        utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1, shown, timings,
-                                         budget_progress))
-        if iteration % args.save_every == 0 or last:
-            checkpoints.save_checkpoint(run_dir, iteration, {"policy": (policy, optimizer)}, {
-                "iteration": iteration, "scheduler": scheduler.state_dict(), "initial_scores": initial_scores,
-                "recorded": recorded if args.contexts == "initial" else None, "spent": spent}, tokenizer,
-                bucket_bytes=int(args.sync_bucket_mb * 2**20))
-        if over_budget:
-            utils.print0(f"token budget reached: {metrics['budget/generated_tokens']:.0f} >= {args.token_budget}")
-            break
+        run.end_iteration(iteration, metrics, {"reward": metrics["reward/score"], "loss": metrics[f"loss/{args.loss}"],
+                                               "kept": metrics["data/pairs_kept"]}, {"policy": (policy, optimizer)},
+                          {"policy": scheduler}, {"recorded": recorded if args.contexts == "initial" else None})
 
-    # TRY NOT TO MODIFY: the summary
-    if rank == 0:
-        logged = logger.read()
-        final = next(m for m in reversed(logged) if f"eval/score_turn{horizon}" in m)
-        rows = {name: [m[f"eval/score_turn{t}"] for t in range(1, horizon + 1)]
-                for name, m in [("initial policy", logged[0]), (f"after iteration {final['iteration']}", final)]}
-        rows.update(task.reference_scores)
-        utils.print0(f"\nscore by turn\n{utils.score_table(rows)}\n\n"
-                     f"run folder: {run_dir} (metrics.jsonl, curves.png, checkpoints/)")
-    logger.close()
-    utils.shutdown(engine, *task.engines)
+    run.summary()

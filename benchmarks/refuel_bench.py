@@ -25,6 +25,7 @@ import common
 
 sys.path.insert(0, common.REPO)
 import engines  # noqa: E402
+import lifecycle  # noqa: E402
 import utils  # noqa: E402
 from tasks.guess_number import GuessNumber, warm_start_policy  # noqa: E402
 
@@ -168,7 +169,7 @@ if __name__ == "__main__":
     args = common.parse_args(parser)
     path = os.path.join(args.output_dir, "refuel_bench.json")
     if not args.report:
-        utils.quiet_third_party(verbose=False)
+        lifecycle.quiet_third_party(verbose=False)
         common.save_results(path, measure(args))
         plot(common.load_results(path), os.path.join(args.output_dir, "refuel_bench.png"))
     print(report(common.load_results(path)))

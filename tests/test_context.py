@@ -15,6 +15,7 @@ import dpo_multiturn
 import ma_ppo
 import rebel
 import refuel
+import lifecycle
 import utils
 from tasks.chat import LLMUser
 
@@ -37,7 +38,7 @@ def config_folders(tmp_path_factory):
 
 def preset_values(script, preset: str) -> dict:
     """Every flag of `preset` over the script's defaults, flat (the task's flags included)."""
-    return {**utils.flat_args(script.Args()), **script.PRESETS[preset]}
+    return {**lifecycle.flat_args(script.Args()), **script.PRESETS[preset]}
 
 
 MULTI_TURN = [(script, name) for script in (refuel, dpo_multiturn) for name in script.PRESETS]
@@ -126,10 +127,10 @@ def test_device_defaults_follow_the_device():
         bf16, gradient_checkpointing, engine_sleep = None, True, None
 
     flags = Flags()
-    utils.device_defaults(flags, torch.device("cuda", 0))
+    lifecycle.device_defaults(flags, torch.device("cuda", 0))
     assert (flags.bf16, flags.gradient_checkpointing, flags.engine_sleep) == (True, True, True)
     flags = Flags()
-    utils.device_defaults(flags, torch.device("cpu"))
+    lifecycle.device_defaults(flags, torch.device("cpu"))
     assert (flags.bf16, flags.gradient_checkpointing, flags.engine_sleep) == (False, True, False)  # a given flag stays
 
 
@@ -159,8 +160,8 @@ def test_auto_under_torchrun_with_a_cuda_build_and_no_gpu_stops():
 
 
 def test_environment_names_device_dtype_and_versions(process_group):
-    environment = utils.environment(torch.device("cpu"), 1, bf16=False)
+    environment = lifecycle.environment(torch.device("cpu"), 1, bf16=False)
     assert environment["device"] == "cpu" and environment["dtype"] == "fp32"
     assert environment["torch"] == torch.__version__ and environment["vllm"] == "0.32.0"
-    line = utils.environment_line(environment)
+    line = lifecycle.environment_line(environment)
     assert line.startswith("device cpu x 1 ranks | fp32 | torch ") and "vLLM 0.32.0" in line

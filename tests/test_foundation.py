@@ -14,6 +14,7 @@ import tyro
 
 import checkpoints
 import tasks
+import lifecycle
 import utils
 from tasks import TaskArgs, load_task
 
@@ -104,28 +105,28 @@ class RunArgs:
 
 
 def test_a_run_folder_is_never_reused_and_resume_refuses_changed_flags(tmp_path, process_group):
-    run_dir = utils.prepare_run_dir(str(tmp_path), "r", RunArgs(), resume=False)
+    run_dir = lifecycle.prepare_run_dir(str(tmp_path), "r", RunArgs(), resume=False)
     saved = json.load(open(os.path.join(run_dir, "args.json")))
     assert saved["lr"] == 1e-3 and saved["task"] == "guess_number"  # nested task flags are saved flat
     with pytest.raises(SystemExit, match="exists: continue it with --resume"):
-        utils.prepare_run_dir(str(tmp_path), "r", RunArgs(), resume=False)
+        lifecycle.prepare_run_dir(str(tmp_path), "r", RunArgs(), resume=False)
     with pytest.raises(SystemExit, match=r"--lr 0.001 -> 0.002.*--task 'guess_number' -> 'chat'"):
-        utils.prepare_run_dir(str(tmp_path), "r", RunArgs(lr=2e-3, task_args=TaskArgs(task="chat")), resume=True)
-    utils.prepare_run_dir(str(tmp_path), "r", RunArgs(track=True), resume=True)  # bookkeeping flags may change
+        lifecycle.prepare_run_dir(str(tmp_path), "r", RunArgs(lr=2e-3, task_args=TaskArgs(task="chat")), resume=True)
+    lifecycle.prepare_run_dir(str(tmp_path), "r", RunArgs(track=True), resume=True)  # bookkeeping flags may change
     with open(os.path.join(run_dir, "args.json"), "w") as f:  # a run started before --lr existed
         json.dump({k: v for k, v in saved.items() if k != "lr"}, f)
-    utils.prepare_run_dir(str(tmp_path), "r", RunArgs(), resume=True)  # the new flag at its default: fine
+    lifecycle.prepare_run_dir(str(tmp_path), "r", RunArgs(), resume=True)  # the new flag at its default: fine
     with pytest.raises(SystemExit, match=r"--lr None -> 0.002"):
-        utils.prepare_run_dir(str(tmp_path), "r", RunArgs(lr=2e-3), resume=True)
+        lifecycle.prepare_run_dir(str(tmp_path), "r", RunArgs(lr=2e-3), resume=True)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(saved, f)
     assert json.load(open(os.path.join(run_dir, "args.json"))) == saved  # the original settings are kept
     with pytest.raises(SystemExit, match="no run named 'other'"):
-        utils.prepare_run_dir(str(tmp_path), "other", RunArgs(), resume=True)
+        lifecycle.prepare_run_dir(str(tmp_path), "other", RunArgs(), resume=True)
 
 
 def test_metrics_file_never_holds_an_iteration_twice(tmp_path, process_group):
-    logger = utils.MetricsLogger(str(tmp_path), config={}, track=False, project="p", entity=None, run_name="r",
+    logger = lifecycle.MetricsLogger(str(tmp_path), config={}, track=False, project="p", entity=None, run_name="r",
                                  resume=False)
     for i in range(3):
         logger.log({"x": i}, iteration=i)
@@ -164,7 +165,7 @@ def test_curves_and_the_summary_table(tmp_path):
     metrics = [{"iteration": 0, "eval/score_turn1": 0.1, "eval/score_turn2": 0.3, "reference/optimal_turn1": 0.5,
                 "reference/optimal_turn2": 1.0}, {"iteration": 1, "reward/score": 0.2},
                {"iteration": 2, "eval/score_turn1": 0.2, "eval/score_turn2": 0.6}]
-    utils.plot_curves(metrics, str(tmp_path / "curves.png"))
+    lifecycle.plot_curves(metrics, str(tmp_path / "curves.png"))
     from matplotlib.image import imread
 
     image = (imread(tmp_path / "curves.png")[..., :3] * 255).round().astype(int)
@@ -174,7 +175,7 @@ def test_curves_and_the_summary_table(tmp_path):
     for panel in (image[:, :400], image[:, 400:]):
         for color in ((31, 119, 180), (44, 160, 44)):
             assert (panel == color).all(-1).sum() > 200, color
-    table = utils.score_table({"initial": [0.1, 0.3], "optimal": [0.5, 1.0]}).splitlines()
+    table = lifecycle.score_table({"initial": [0.1, 0.3], "optimal": [0.5, 1.0]}).splitlines()
     assert table[0].split("|")[1:] == [" turn  1 ", " turn  2"] and table[2].endswith("0.500 |   1.000")
 
 
@@ -227,7 +228,7 @@ def test_the_progress_line_counts_down_the_budget_when_it_stops_the_run_first():
     import time
 
     started = time.time() - 30  # 3 iterations in 30 s: 10 s an iteration
-    line = utils.progress_line(3, 1000, started, 0, {"reward": 0.5}, {"rollout": 1.0}, budget=(300, 1000))
+    line = lifecycle.progress_line(3, 1000, started, 0, {"reward": 0.5}, {"rollout": 1.0}, budget=(300, 1000))
     # 100 tokens an iteration: 7 more iterations spend the rest of the budget, long before the 1000th
     assert line.startswith("iteration 3/1000 (budget 30%) | reward 0.5 | rollout 1.0s | eta 1m1")
-    assert utils.progress_line(3, 4, started, 0, {}, {}, budget=(300, 1000)).endswith("eta 0m10s")
+    assert lifecycle.progress_line(3, 4, started, 0, {}, {}, budget=(300, 1000)).endswith("eta 0m10s")

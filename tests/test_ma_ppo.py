@@ -21,10 +21,10 @@ from ma_ppo import (
     macro_gae,
     macro_segments,
     macro_weights,
-    micro_batch_share,
     per_macro,
     policy_loss,
     to_tokens,
+    token_weights,
     value_loss,
 )
 
@@ -141,9 +141,10 @@ def test_one_token_macros_are_token_level_ppo_exactly():
     # and the losses are PPO's: with the same per-token advantages, the same numbers
     logp, old = torch.randn(1, 9), torch.randn(1, 9)
     token_advantages = torch.tensor([[0, 0] + expected + [0]], dtype=torch.float32)
+    mean = token_weights(actions.float(), actions.float(), "sample")
     loss, _ = policy_loss(logp, old, to_tokens(advantages, segments[None]).float(), actions.float(), 0.2)
     reference, _ = policy_loss(logp, old, token_advantages, actions.float(), 0.2)
-    assert loss.item() == pytest.approx(reference.item(), abs=1e-6)
+    assert (mean * loss).sum().item() == pytest.approx((mean * reference).sum().item(), abs=1e-6)
 
 
 def test_clipped_losses_by_hand():
@@ -151,12 +152,15 @@ def test_clipped_losses_by_hand():
     # ratios e^0.5 = 1.65 (clipped to 1.2) with A = 1, e^-0.5 = 0.61 (clipped to 0.8) with A = -1
     logp, old = torch.tensor([[0.5, -0.5, 3.0]]), torch.zeros(1, 3)
     loss, clipped = policy_loss(logp, old, torch.tensor([[1.0, -1.0, 5.0]]), mask, 0.2)
-    # token 0: max(-1.6487, -1.2) = -1.2; token 1: max(0.6065, 0.8) = 0.8; mean = -0.2
-    assert loss.item() == pytest.approx(-0.2) and clipped.item() == 1.0
+    # token 0: max(-1.6487, -1.2) = -1.2; token 1: max(0.6065, 0.8) = 0.8; both clipped; token 2 is no action
+    assert loss[0, :2].tolist() == pytest.approx([-1.2, 0.8]) and (clipped * mask).tolist() == [[1.0, 1.0, 0.0]]
+    mean = token_weights(mask, mask, "sample")
+    assert mean.tolist() == [[0.5, 0.5, 0.0]] and (mean * loss).sum().item() == pytest.approx(-0.2)
     # values 1.0 and 0.0, old 0.5 and 0.5, returns 0 and 0, clip 0.2: token 0 max(1.0, 0.49) = 1.0; token 1
-    # max(0.0, 0.09) = 0.09; half the mean: 0.2725
-    v_loss = value_loss(torch.tensor([[1.0, 0.0, 7.0]]), torch.tensor([[0.5, 0.5, 0.0]]), torch.zeros(1, 3), mask, 0.2)
-    assert v_loss.item() == pytest.approx(0.2725)
+    # max(0.0, 0.09) = 0.09; halved: 0.5 and 0.045, whose mean is 0.2725
+    v_loss = value_loss(torch.tensor([[1.0, 0.0, 7.0]]), torch.tensor([[0.5, 0.5, 0.0]]), torch.zeros(1, 3), 0.2)
+    assert v_loss[0, :2].tolist() == pytest.approx([0.5, 0.045])
+    assert (mean * v_loss).sum().item() == pytest.approx(0.2725)
 
 
 # The official code (ernie-research/MA-RLHF, applications/DeepSpeed-Chat/dschat/rlhf/ppo_trainer.py), written out
@@ -345,11 +349,11 @@ def test_losses_average_each_sample_as_the_official_run():
     for averaging in ("sample", "token"):
         actor[averaging] = critic[averaging] = 0.0
         for rows in ([0, 1, 2], [3]):
-            share = micro_batch_share(mask[rows], mask, averaging)
-            loss, _ = policy_loss(ours["new"][rows], ours["lp"][rows], token_a[rows], mask[rows], 0.2, averaging)
-            actor[averaging] += share * loss
-            critic[averaging] += share * value_loss(ours["new"][rows], ours["values"][rows], token_a[rows],
-                                                    mask[rows], 0.2, averaging)
+            weight = token_weights(mask[rows], mask, averaging)  # as the loop: each token's weight in the minibatch
+            loss, _ = policy_loss(ours["new"][rows], ours["lp"][rows], token_a[rows], mask[rows], 0.2)
+            actor[averaging] += (weight * loss).sum()
+            critic[averaging] += (weight * value_loss(ours["new"][rows], ours["values"][rows], token_a[rows],
+                                                      0.2)).sum()
     expected_actor = expected_critic = 0.0
     for i, o in enumerate(official):
         start, columns = o["start"], slice(prompts[i], prompts[i] + responses[i])

@@ -77,7 +77,7 @@ def test_setting_two(tmp_path, script_env, tiny_model, tiny_reward_model, preset
     # 3 training pairs (1 of 4 held out) in one minibatch of 4, 4 epochs: 4 optimizer steps of 12. Linear decay of
     # 3e-7 without warmup leaves 2/3 of it (a cosine would leave 3/4; a warmup of 0.1, 0.8)
     saved = torch.load(tmp_path / "r" / "checkpoints" / "iteration_000001" / "rank0.pt", weights_only=False)
-    assert saved["trainer_state"]["scheduler"]["last_epoch"] == 4
+    assert saved["trainer_state"]["schedulers"]["policy"]["last_epoch"] == 4
     assert metrics[1]["policy/lr"] == pytest.approx(2e-7, rel=1e-6)
     assert ("reward/kl" in metrics[1]) == (kl > 0)  # the KL term's reference is loaded only with a kl_coef
     # the dataset's dialogues have 1 or 2 user turns: the dataset user ends them there, before H = 5
