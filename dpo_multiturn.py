@@ -230,7 +230,8 @@ def recorded_that_fit(recorded: list[dialogues.Episode], tokenizer, horizon: int
 def offline_data(args: Args, task, tokenizer, turn_tokens: int, max_model_len: int) -> tuple[list | None, dict]:
     """The data a run without generated states trains from: a preference dataset's (prompt, chosen, rejected) token
     ids, or (`--contexts offline`) the task's recorded dialogues cut to the states that fit (`recorded_that_fit`,
-    in place), with their counts for the first log line. Refuses `--contexts offline` on a task with no recorded dialogue."""
+    in place), with their counts for the first log line. Refuses `--contexts offline` on a task with no recorded
+    dialogue."""
     if args.contexts == "offline" and not task.recorded:
         raise SystemExit(f"--contexts offline: task {args.task_args.task!r} has no recorded dialogues (the chat task "
                          "records the rows of --prompt_column that hold assistant turns, as UltraInteract's "
@@ -335,11 +336,11 @@ if __name__ == "__main__":
             args.lr_schedule, args.num_iterations * steps_per_iteration, args.warmup_ratio))
     engine = run.start_engine(plan, tokenizer)  # pi_t's rollout engine, colocated on this rank
 
-    def play(openings: list[dialogues.Episode], horizons: list[int], seed: tuple,
+    def play(openings: list[dialogues.Episode], horizons: list[int], seed_parts: tuple,
              keys: list[tuple] | None = None) -> list[dialogues.Episode]:
         return dialogues.rollout_dialogues(openings, engine, tokenizer=tokenizer, user=task.user, horizons=horizons,
-                                           max_tokens=args.max_new_tokens, temperature=args.temperature, seed=seed,
-                                           keys=keys)
+                                           max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                           seed=seed_parts, keys=keys)
 
     saved = run.resume_or_start({"policy": (policy, optimizer)}, {"policy": scheduler}, first_metrics=recorded_counts)
     recorded = task.recorded if saved is None else saved["recorded"] or task.recorded
@@ -366,7 +367,8 @@ if __name__ == "__main__":
             contexts = recorded
             if args.contexts == "onpolicy":
                 openings = [task.train[i] for i in rng.choice(len(task.train), args.pairs_per_rank)]
-                contexts = play([copy.deepcopy(e) for e in openings], [horizon] * len(openings), (seed, iteration, rank))
+                contexts = play([copy.deepcopy(e) for e in openings], [horizon] * len(openings),
+                                (seed, iteration, rank))
                 run.count_generated(contexts, [0] * len(contexts))
             # a dialogue that ran out of context ends with a state it could not answer: not a state to train on
             chosen_states = training_states(rng, [d.turns if d.context_full else user_turns(d) for d in contexts],
@@ -424,7 +426,7 @@ if __name__ == "__main__":
                     rows = torch.stack([2 * pairs, 2 * pairs + 1], 1).flatten().to(device)
                     new_lp = utils.token_logprobs(policy, input_ids[rows], attention_mask[rows], response_mask[rows],
                                                   args.temperature).sum(-1).view(-1, 2)
-                    w = weights[pairs].to(device)
+                    weight = weights[pairs].to(device)
                     if args.loss == "dpo":
                         # column 0 of the gathered pairs is the preferred answer
                         pick = torch.stack([preferred[pairs], 1 - preferred[pairs]], 1).to(device)
@@ -432,12 +434,12 @@ if __name__ == "__main__":
                             *new_lp.gather(1, pick).unbind(1), *ref_lp[pairs].to(device).gather(1, pick).unbind(1),
                             args.beta)
                         for name, values in per_pair_diagnostics.items():
-                            diagnostics.setdefault(name, []).extend(values.detach()[w > 0].tolist())
+                            diagnostics.setdefault(name, []).extend(values.detach()[weight > 0].tolist())
                     else:
                         per_pair = rebel_loss(new_lp, old_lp[pairs].to(device), rewards[pairs].to(device), args.eta)
                     # pairs of weight 0 still run the forward, so that every rank makes the same FSDP2 collectives
-                    ((w * per_pair).sum() / mb_weight).backward()
-                    losses += per_pair.detach()[w > 0].tolist()
+                    ((weight * per_pair).sum() / mb_weight).backward()
+                    losses += per_pair.detach()[weight > 0].tolist()
                 grad_norm = utils.clip_grad_norm(policy, args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()

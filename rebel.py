@@ -184,12 +184,12 @@ if __name__ == "__main__":
     check_args(args)
     run = lifecycle.start_run(args)  # processes, device, run folder, seeds
     device, seed, rank = run.device, args.run.seed, run.rank
-    # the policy, its engine's context (a prompt and its answer), and the prompts (before the models: bad data
-    # fails fast)
+    # the policy, its engine's context (a prompt and its answer), the prompts (before the models: bad data fails fast)
     tokenizer = run.use_policy(args.model, max_model_len=args.max_prompt_tokens + args.max_new_tokens)
     chats, prompts, eval_chats, eval_prompts, skipped = load_prompt_split(args, tokenizer)
-    plan = run.check_memory(rows=2 * args.micro_batch_pairs,
-                            sequence_tokens=max(map(len, prompts)) + args.max_new_tokens, response_tokens=args.max_new_tokens, reference=args.kl_coef > 0,
+    longest = max(map(len, prompts)) + args.max_new_tokens  # a pair's rows: a prompt and one answer
+    plan = run.check_memory(rows=2 * args.micro_batch_pairs, sequence_tokens=longest,
+                            response_tokens=args.max_new_tokens, reference=args.kl_coef > 0,
                             reward_model=args.reward_model, trust_remote_code=args.trust_remote_code)
 
     # models: the policy and the frozen reference, both sharded with FSDP2 as they load

@@ -122,7 +122,8 @@ def refuel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, q: torch.Tensor, eta
 
 
 def branch_q(scores: torch.Tensor, turn_finished: torch.Tensor, old_lp: torch.Tensor, ref_lp: torch.Tensor | None,
-             identical: torch.Tensor, kl_coef: float, penalty_reward: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+             identical: torch.Tensor, kl_coef: float,
+             penalty_reward: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Q(s_h, y) and Q(s_h, y') of each pair, which the log-ratio difference is regressed onto, and its weight.
 
     Tensors [pairs, 2]. Q is the score of the branch's finished dialogue (a single Monte-Carlo return), or
@@ -293,9 +294,10 @@ if __name__ == "__main__":
         openings = [task.train[i] for i in rng.choice(len(task.train), args.pairs_per_rank)]
         h_prime, drawn_turns = sample_horizons(rng, len(openings), horizon, args.horizon_sampling)
         with_y, with_y_prime, branch_turns = rollout_pairs(
-            [copy.deepcopy(e) for e in openings], engine, tokenizer=tokenizer, user=task.user, horizons=h_prime.tolist(),
-            branch_turns=drawn_turns.tolist(), redraw=functools.partial(redraw_past_the_end, rng),
-            max_tokens=args.max_new_tokens, temperature=args.temperature, seed=(seed, iteration, rank))
+            [copy.deepcopy(e) for e in openings], engine, tokenizer=tokenizer, user=task.user,
+            horizons=h_prime.tolist(), branch_turns=drawn_turns.tolist(),
+            redraw=functools.partial(redraw_past_the_end, rng), max_tokens=args.max_new_tokens,
+            temperature=args.temperature, seed=(seed, iteration, rank))
         if args.run.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()
         run.lap("rollout")

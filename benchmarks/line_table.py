@@ -3,10 +3,10 @@
     python benchmarks/line_table.py          # the table, and whether each script meets its target
 
 A main block's non-blank lines are split by statement (a comment line goes with the statement below it), the
-iteration loop's statements one by one (an `if`, branch by branch): a statement is plumbing when it calls the run's life (`run.<step>(...)`,
-`run.spent`, `lifecycle.`), checks flags, times a phase (`t0`, `timings`), puts an engine to sleep or records
-metrics; every other statement (the models, the optimizer, the rollout, the targets, the loss, the update) is the
-algorithm, reading a run's attribute (`run.device`, `run.policy_path`) included.
+iteration loop's statements one by one (an `if`, branch by branch): a statement is plumbing when it calls the
+run's life (`run.<step>(...)`, `run.spent`, `lifecycle.`), checks flags, times a phase (`t0`, `timings`), puts an
+engine to sleep or records metrics; every other statement (the models, the optimizer, the rollout, the targets, the
+loss, the update) is the algorithm, reading a run's attribute (`run.device`, `run.policy_path`) included.
 """
 
 import ast
