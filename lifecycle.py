@@ -3,6 +3,7 @@
 A script's main block reads
 
     args = lifecycle.parse_args(Args, PRESETS)    # the command line, over a preset's values
+    check_args(args)                              # the script's own checks, then lifecycle.check_run_args
     run = lifecycle.start_run(args)               # processes, device, run folder, seeds; the environment line
     task, tokenizer = run.load_task()             # openings that fit, the user, the reward; the policy's tokenizer
     plan = run.check_memory(...)                  # this rank's memory plan, checked before anything large loads
