@@ -130,13 +130,16 @@ def test_multiturn_comparison_tunes_then_reports_paired_seeds_at_an_equal_budget
 
 
 def test_ma_ppo_bench(tmp_path, tiny_model, script_env):
-    out = bench("ma_ppo_bench", "--seeds", "1", "2", "--num_iterations", "1", "--variants", "ppo", "randomized",
+    """Two variants on one seed (two ma_ppo.py runs). The report over several seeds (intervals, paired differences,
+    the seeds that reach a target) is checked without runs, on the committed results of 5 seeds
+    (test_benchmark_settings.py: test_the_ma_ppo_docs_quote_the_committed_results_report)."""
+    out = bench("ma_ppo_bench", "--seeds", "1", "--num_iterations", "1", "--variants", "ppo", "randomized",
                 "--output_dir", str(tmp_path), "--", "--model", tiny_model, "--dialogues_per_rank", "8",
                 "--minibatch_dialogues", "4", "--micro_batch_dialogues", "4", env=script_env, timeout=1200)
     found = results(tmp_path, "ma_ppo_bench_digits")
-    assert found["seeds"] == [1, 2] and found["task"] == "digits" and list(found["runs"]) == ["ppo", "randomized"]
+    assert found["seeds"] == [1] and found["task"] == "digits" and list(found["runs"]) == ["ppo", "randomized"]
     for variant, runs in found["runs"].items():
-        assert [r["seed"] for r in runs] == [1, 2]
+        assert [r["seed"] for r in runs] == [1]
         for run in runs:
             assert "--max_new_tokens 48" in run["command"] and len(run["curve"]) == 2  # iterations 0 and 1
             assert all(math.isfinite(s) and -2.5 <= s <= 2.5 for s in run["curve"])
@@ -190,8 +193,12 @@ def test_scale_bench(tmp_path, tiny_model, script_env):
     assert os.path.getsize(os.path.join(tmp_path, "scale.png")) > 0
     assert [r["case"] for r in memory["results"]] == ["sync_full", "sync_stream", "train", "train_checkpointed"]
     assert all(r["peak_bytes"] > 0 and r["seconds"] > 0 and r["parameters"] > 0 for r in memory["results"])
-    for part in ("anchor", "memory"):
-        assert_report_reprints("scale_bench", tmp_path, out.stdout, script_env, "--part", part)
+    # `--report` reprints both parts' tables from their JSON files alone (one report process: scale_bench.py imports
+    # torch and vLLM, which costs more than the report); the run printed its progress between the two parts
+    report = bench("scale_bench", "--output_dir", str(tmp_path), "--report", env=script_env).stdout
+    blocks = [block.strip() for block in report.split("\n\n") if block.strip()]
+    assert "| engine starts | 6 |" in report and "MiB sync buckets" in report
+    assert sum("|---|" in block for block in blocks) >= 2 and all(block in out.stdout for block in blocks)
 
 
 def test_load_bench(tmp_path, tiny_model, script_env):
