@@ -178,3 +178,30 @@ def difficulty_task_verbose_run(tmp_path_factory, tiny_model, script_env):
                                       os.path.join(REPO, "tests", "difficulty_task.py") + ":make_task",
                                       "--task_arg", "difficulty=5", "--verbose")
     return metrics, console, os.path.join(output_dir, "r")
+
+
+def run_side_by_side(commands: dict, env: dict, log_dir, jobs: int = 2, timeout: float = 900) -> dict:
+    """Runs the independent `commands` ({name: argv}), at most `jobs` at a time: most of a script start is Python
+    imports on one core, so on 2 cores two starts side by side take little more than one. Each one's stdout and
+    stderr go to files in log_dir (not pipes: a full pipe would stall a process).
+    Returns {name: (exit status, stdout, stderr)}, in the order given."""
+    names, running, done = list(commands), {}, {}
+    logs = {name: (os.path.join(str(log_dir), f"{i}.out"), os.path.join(str(log_dir), f"{i}.err"))
+            for i, name in enumerate(names)}
+    deadline = time.time() + timeout
+    while len(done) < len(names):
+        for name in names:
+            if len(running) < jobs and name not in running and name not in done:
+                with open(logs[name][0], "w") as out, open(logs[name][1], "w") as err:
+                    running[name] = subprocess.Popen(commands[name], stdout=out, stderr=err, env=env)
+        for name, process in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                with open(logs[name][0]) as out, open(logs[name][1]) as err:
+                    done[name] = (process.returncode, out.read(), err.read())
+        if time.time() > deadline:
+            for process in running.values():
+                process.kill()
+            raise AssertionError(f"still running after {timeout} s: {sorted(running)}")
+        time.sleep(0.2)
+    return {name: done[name] for name in names}
