@@ -141,3 +141,67 @@ def user_server(tiny_model, script_env):
     yield url
     os.killpg(server.pid, 9)
     server.wait()
+
+
+def run_toy_refuel(output_dir, env, tiny_model, *extra) -> tuple[list[dict], str]:
+    """refuel.py for one iteration at toy size (4 pairs, 4-token turns, the tiny model, vLLM rollouts) with `extra`
+    flags: its metrics records and its console (stdout and stderr)."""
+    import json
+
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "refuel.py"), "--output_dir", str(output_dir), "--run_name", "r",
+         "--num_iterations", "1", "--pairs_per_rank", "4", "--minibatch_pairs", "2", "--micro_batch_pairs", "2",
+         "--max_new_tokens", "4", "--eval_every", "1", "--kv_cache_gib", "0.0625", "--model", tiny_model,
+         "--rollout_backend", "vllm", *extra],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(output_dir, "r", "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f], result.stdout + result.stderr
+
+
+# Two toy refuel.py runs on plug-in tasks, each started once and checked by two test files (a script start costs
+# 15-25 s of imports on 2 cores): test_console reads their consoles, test_refuel_tasks their metrics.
+
+@pytest.fixture(scope="session")
+def custom_task_run(tmp_path_factory, tiny_model, script_env):
+    """refuel.py on tests/custom_task.py (a fork's task, no script edited), uniform h, default console."""
+    return run_toy_refuel(tmp_path_factory.mktemp("custom_task_run"), script_env, tiny_model, "--task",
+                          os.path.join(REPO, "tests", "custom_task.py") + ":make_task", "--horizon_sampling", "uniform")
+
+
+@pytest.fixture(scope="session")
+def difficulty_task_verbose_run(tmp_path_factory, tiny_model, script_env):
+    """refuel.py on tests/difficulty_task.py with its own parameter set (`--task_arg difficulty=5`), with --verbose;
+    also returns its run folder."""
+    output_dir = tmp_path_factory.mktemp("difficulty_task_run")
+    metrics, console = run_toy_refuel(output_dir, script_env, tiny_model, "--task",
+                                      os.path.join(REPO, "tests", "difficulty_task.py") + ":make_task",
+                                      "--task_arg", "difficulty=5", "--verbose")
+    return metrics, console, os.path.join(output_dir, "r")
+
+
+def run_side_by_side(commands: dict, env: dict, log_dir, jobs: int = 2, timeout: float = 900) -> dict:
+    """Runs the independent `commands` ({name: argv}), at most `jobs` at a time: most of a script start is Python
+    imports on one core, so on 2 cores two starts side by side take little more than one. Each one's stdout and
+    stderr go to files in log_dir (not pipes: a full pipe would stall a process).
+    Returns {name: (exit status, stdout, stderr)}, in the order given."""
+    names, running, done = list(commands), {}, {}
+    logs = {name: (os.path.join(str(log_dir), f"{i}.out"), os.path.join(str(log_dir), f"{i}.err"))
+            for i, name in enumerate(names)}
+    deadline = time.time() + timeout
+    while len(done) < len(names):
+        for name in names:
+            if len(running) < jobs and name not in running and name not in done:
+                with open(logs[name][0], "w") as out, open(logs[name][1], "w") as err:
+                    running[name] = subprocess.Popen(commands[name], stdout=out, stderr=err, env=env)
+        for name, process in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                with open(logs[name][0]) as out, open(logs[name][1]) as err:
+                    done[name] = (process.returncode, out.read(), err.read())
+        if time.time() > deadline:
+            for process in running.values():
+                process.kill()
+            raise AssertionError(f"still running after {timeout} s: {sorted(running)}")
+        time.sleep(0.2)
+    return {name: done[name] for name in names}

@@ -1,7 +1,8 @@
 """One REBEL optimizer step on a fixed batch of 4 pairs, split over however many ranks torchrun starts.
 
 Writes the global loss and the updated weights to argv[2] (rank 0), so that runs on 1 and 2 ranks can be
-compared: FSDP2 must average the ranks' gradients into the same step as one rank on the whole batch.
+compared: FSDP2 must average the ranks' gradients into the same step as one rank on the whole batch. The tests take
+the one-rank step in their own process (`one_step`, on their one-process group) and the 2-rank one under torchrun.
 """
 
 import os
@@ -16,9 +17,10 @@ import helpers  # noqa: E402
 import utils  # noqa: E402
 from rebel import rebel_loss  # noqa: E402
 
-if __name__ == "__main__":
-    model_path, out_path = sys.argv[1], sys.argv[2]
-    rank, world_size, device = utils.init_distributed()
+
+def one_step(model_path: str, rank: int, world_size: int, device) -> dict:
+    """The step on this rank's share of the pairs: {"loss": the global loss, "weights": the updated weights, whole}
+    (a collective: every rank calls it)."""
     model = utils.shard_model(utils.load_causal_lm(model_path, torch.float32, device), bf16=False)
     # SGD: the step is linear in the averaged gradient (Adam would amplify the rounding of near-zero gradients)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -40,9 +42,15 @@ if __name__ == "__main__":
 
     global_loss = loss.detach().clone()
     dist.all_reduce(global_loss)
-    weights = helpers.full_state_dict(model)
+    return {"loss": global_loss.item() / world_size, "weights": helpers.full_state_dict(model)}
+
+
+if __name__ == "__main__":
+    model_path, out_path = sys.argv[1], sys.argv[2]
+    rank, world_size, device = utils.init_distributed()
+    step = one_step(model_path, rank, world_size, device)
     if rank == 0:
-        torch.save({"loss": global_loss.item() / world_size, "weights": weights}, out_path)
+        torch.save(step, out_path)
     dist.destroy_process_group()
     # skip the interpreter's finalization: there, gloo's worker threads sometimes abort a finished process
     # ("terminate called without an active exception", about one run in six on 2 cores with this torch)

@@ -3,7 +3,10 @@
 shapes, what a weight sync would stream, and the bytes of each fp32 bucket a checkpoint's Hugging Face export
 (`checkpoints.save_hf_folder`) would gather, as JSON. No weights are allocated.
 
-Usage: python tests/simulate_fsdp.py CONFIG_JSON RANK WORLD_SIZE
+Each CONFIG_JSON:RANK is one simulated rank, in turn in this one process (a fresh fake process group each: a
+process start costs more than all the simulations), one JSON line each, in the order given.
+
+Usage: python tests/simulate_fsdp.py WORLD_SIZE CONFIG_JSON:RANK [CONFIG_JSON:RANK ...]
 """
 
 import json
@@ -20,8 +23,8 @@ import engines  # noqa: E402
 import memory_plan  # noqa: E402
 import utils  # noqa: E402
 
-if __name__ == "__main__":
-    config, rank, world_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def simulate(config: str, rank: int, world_size: int) -> dict:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     model = utils.shard_model(memory_plan.meta_model(config), bf16=True, gradient_checkpointing=True)
     local = {name: list(p.to_local().shape) for name, p in model.named_parameters()}
@@ -29,6 +32,14 @@ if __name__ == "__main__":
                 for name, t in engines.stream_weights(model, torch.bfloat16, 2**29)]
     exported = [[(name, t.numel() * t.element_size()) for name, t in bucket]
                 for bucket in utils.gathered_buckets(checkpoints.hf_export_tensors(model), torch.float32, 2**29)]
-    print(json.dumps({"local": local, "streamed": streamed, "exported": exported,
-                      "meta": all(p.device.type == "meta" for p in model.parameters())}))
+    result = {"local": local, "streamed": streamed, "exported": exported,
+              "meta": all(p.device.type == "meta" for p in model.parameters())}
     dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    world_size = int(sys.argv[1])
+    for case in sys.argv[2:]:
+        config, _, rank = case.rpartition(":")
+        print(json.dumps({"config": config, "rank": int(rank), **simulate(config, int(rank), world_size)}))

@@ -2,11 +2,11 @@
 
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 import tyro
+from conftest import run_side_by_side
 
 import dpo_multiturn
 import ma_ppo
@@ -97,27 +97,44 @@ def test_refuel_refuses_a_task_it_cannot_import(task, message):
         refuel.check_args(tyro.cli(refuel.Args, args=["--task", task]))
 
 
-@pytest.mark.slow
-def test_a_bad_task_stops_the_script_before_anything_loads(tmp_path, script_env):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "refuel.py"), "--task", "guess",
-                             "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
-                            env=script_env)
-    assert result.returncode != 0 and "unknown task 'guess'" in result.stderr
-    assert os.listdir(tmp_path) == []  # no run folder: nothing started
+MISSING_DATA = {  # a data file that is not there, for each script's own data flag
+    "refuel.py": (["--task", "chat", "--dataset"], "prompts.jsonl"),
+    "ma_ppo.py": (["--task", "chat", "--dataset"], "prompts.csv"),
+    "rebel.py": (["--dataset"], "prompts.json"),
+    "dpo_multiturn.py": (["--preference_dataset"], "pairs.parquet"),
+}
+
+
+@pytest.fixture(scope="module")
+def refused_starts(tmp_path_factory, script_env, tiny_model):
+    """The scripts started with a bad task or a missing data file, two at a time (a script start costs 15-25 s of
+    imports on one core, its refusal nothing). {case: (its output folder, the missing file or None, exit status,
+    stdout, stderr)}."""
+    folders, missing, commands = {}, {}, {}
+    folders["bad task"] = tmp_path_factory.mktemp("bad_task")
+    missing["bad task"] = None
+    commands["bad task"] = [sys.executable, os.path.join(REPO, "refuel.py"), "--task", "guess", "--output_dir",
+                            str(folders["bad task"])]
+    for script, (flag, name) in MISSING_DATA.items():
+        folders[script] = tmp_path_factory.mktemp(f"missing_{name.replace('.', '_')}")
+        missing[script] = str(folders[script] / "no_such_folder" / name)
+        commands[script] = [sys.executable, os.path.join(REPO, script), *flag, missing[script], "--model", tiny_model,
+                            "--output_dir", str(folders[script] / "runs")]
+    finished = run_side_by_side(commands, script_env, tmp_path_factory.mktemp("refused_logs"), timeout=600)
+    return {case: (folders[case], missing[case], *finished[case]) for case in commands}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,flag,name", [
-    ("refuel.py", ["--task", "chat", "--dataset"], "prompts.jsonl"),
-    ("ma_ppo.py", ["--task", "chat", "--dataset"], "prompts.csv"),
-    ("rebel.py", ["--dataset"], "prompts.json"),
-    ("dpo_multiturn.py", ["--preference_dataset"], "pairs.parquet"),
-])
-def test_a_missing_data_file_is_one_line_naming_it(tmp_path, script_env, tiny_model, script, flag, name):
+def test_a_bad_task_stops_the_script_before_anything_loads(refused_starts):
+    folder, _, returncode, _, stderr = refused_starts["bad task"]
+    assert returncode != 0 and "unknown task 'guess'" in stderr
+    assert os.listdir(folder) == []  # no run folder: nothing started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", list(MISSING_DATA))
+def test_a_missing_data_file_is_one_line_naming_it(refused_starts, script):
     """Not a traceback from every rank, and never a hub request for a repository named like a file."""
-    missing = str(tmp_path / "no_such_folder" / name)
-    result = subprocess.run([sys.executable, os.path.join(REPO, script), *flag, missing, "--model", tiny_model,
-                             "--output_dir", str(tmp_path / "runs")], capture_output=True, text=True, timeout=300,
-                            env=script_env)
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert f"{missing}: no such file" in result.stderr.splitlines()
+    _, missing, returncode, _, stderr = refused_starts[script]
+    assert returncode != 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert f"{missing}: no such file" in stderr.splitlines()

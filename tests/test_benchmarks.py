@@ -1,5 +1,5 @@
-"""Each benchmark at toy size, as a subprocess: the tiny random model, one seed, one iteration, a few dialogues, and
-the guessing game evaluated on 64 games instead of 1024. Checks the results JSON and the plot, and that `--report`
+"""Each benchmark at toy size, as a subprocess (two at a time, started by one module fixture): the tiny random model,
+one seed, one iteration, a few dialogues, and the guessing game evaluated on 64 games instead of 1024. Checks the results JSON and the plot, and that `--report`
 prints the tables the run printed, from the JSON alone. The numbers mean nothing at this size; the code paths are
 the benchmarks' own."""
 
@@ -58,10 +58,77 @@ def is_score(value):
     return math.isfinite(value) and 0 <= value <= 1
 
 
-def test_refuel_bench(tmp_path, tiny_model, script_env):
-    out = bench("refuel_bench", "--seeds", "1", "--num_iterations", "1", "--first_guess_games", "16", "--output_dir",
-                str(tmp_path), "--", "--model", tiny_model, "--task", SMALL_GAME, "--pairs_per_rank", "8",
-                "--minibatch_pairs", "4", "--micro_batch_pairs", "4", env=script_env)
+def chat_flags(tiny_model):
+    """The chat settings' own sizes: the tiny model in SmolLM2's place, a few tokens and evaluation prompts."""
+    return ["--", "--model", tiny_model, "--user_max_tokens", "4", "--max_new_tokens", "4", "--num_eval_prompts", "4"]
+
+
+def harvest_comparison_flags(output_dir, tiny_model):
+    """The harvest game at toy size: two methods (REFUEL with a grid of two etas, DPO-MT with one cell) on the
+    tuning seed, one reported seed (six runs with REFUEL's extra row)."""
+    return ["--task", SMALL_HARVEST, "--methods", "REFUEL", "DPO-MT", "--lrs", "1e-3", "--etas", "2", "5",
+            "--betas", "0.1", "--tuning_seed", "0", "--seeds", "1", "--token_budget", "150", "--pairs_per_rank", "8",
+            "--num_recorded_dialogues", "8", "--output_dir", str(output_dir), "--runs_dir",
+            str(output_dir / "runs"), "--", "--model", tiny_model, "--minibatch_pairs", "4", "--micro_batch_pairs",
+            "4"]
+
+
+@pytest.fixture(scope="module")
+def bench_runs(tmp_path_factory, tiny_model, script_env):
+    """Every benchmark run of this file, each in an output folder of its own, two at a time: each benchmark runs
+    its scripts one after the other, one process on one core for most of their time (Python imports, a toy run), so
+    two side by side on 2 cores take little more than one. The longest first. {name: (folder, exit status,
+    stdout, stderr)}; the tests check them, and run the cheap `--report` (and the comparison's second pass) after."""
+    from conftest import run_side_by_side  # here: the benchmarked scripts import this file for its small games
+
+    chat = chat_flags(tiny_model)
+    folders = {name: tmp_path_factory.mktemp(name) for name in (
+        "multiturn_comparison", "scale_bench", "ma_ppo_bench", "chat_comparison", "refuel_bench", "chat_ma_ppo_bench",
+        "rebel_bench", "load_bench")}
+    flags = {
+        "multiturn_comparison": harvest_comparison_flags(folders["multiturn_comparison"], tiny_model),
+        "scale_bench": ["--model", tiny_model, "--repeats", "1", "--anchor_dialogues", "2", "--anchor_horizon", "2"],
+        # two variants on one seed (two ma_ppo.py runs). The report over several seeds (intervals, paired
+        # differences, the seeds that reach a target) is checked without runs, on the committed results of 5 seeds
+        # (test_benchmark_settings.py: test_the_ma_ppo_docs_quote_the_committed_results_report)
+        "ma_ppo_bench": ["--seeds", "1", "--num_iterations", "1", "--variants", "ppo", "randomized", "--",
+                         "--model", tiny_model, "--dialogues_per_rank", "8", "--minibatch_dialogues", "4",
+                         "--micro_batch_dialogues", "4"],
+        "chat_comparison": ["--task", "chat", "--methods", "DPO-LT", "--lrs", "1e-3", "--betas", "0.1", "--seeds", "1",
+                            "--token_budget", "200", "--pairs_per_rank", "4", "--num_recorded_dialogues", "4", *chat,
+                            "--minibatch_pairs", "4", "--micro_batch_pairs", "4"],
+        "refuel_bench": ["--seeds", "1", "--num_iterations", "1", "--first_guess_games", "16", "--", "--model",
+                         tiny_model, "--task", SMALL_GAME, "--pairs_per_rank", "8", "--minibatch_pairs", "4",
+                         "--micro_batch_pairs", "4"],
+        "chat_ma_ppo_bench": ["--task", "chat", "--variants", "ppo", "--seeds", "1", "--num_iterations", "1", *chat,
+                              "--dialogues_per_rank", "4", "--minibatch_dialogues", "4", "--micro_batch_dialogues", "4",
+                              "--critic_warmup_steps", "0"],
+        "rebel_bench": ["--seeds", "1", "--num_iterations", "1", "--model", tiny_model, "--num_prompts", "2",
+                        "--max_new_tokens", "8", "--repeats", "1", "--", "--pairs_per_rank", "2", "--minibatch_pairs",
+                        "2", "--micro_batch_pairs", "2", "--max_new_tokens", "8", "--num_eval_prompts", "2",
+                        "--num_epochs", "1"],
+        "load_bench": ["--model", tiny_model],
+    }
+    script = {"chat_comparison": "multiturn_comparison", "chat_ma_ppo_bench": "ma_ppo_bench"}
+    commands = {}
+    for name, given in flags.items():
+        if "--output_dir" not in given:  # among the benchmark's own flags, before `--` and the script's flags
+            split = given.index("--") if "--" in given else len(given)
+            given = [*given[:split], "--output_dir", str(folders[name]), *given[split:]]
+        commands[name] = [sys.executable, os.path.join(REPO, "benchmarks", f"{script.get(name, name)}.py"), *given]
+    finished = run_side_by_side(commands, script_env, tmp_path_factory.mktemp("bench_logs"), timeout=3600)
+    return {name: (folders[name], *finished[name]) for name in commands}
+
+
+def bench_run(bench_runs, name):
+    """A benchmark run of `bench_runs`: its output folder and its stdout, after checking that it succeeded."""
+    folder, returncode, stdout, stderr = bench_runs[name]
+    assert returncode == 0, stderr[-5000:]
+    return folder, stdout
+
+
+def test_refuel_bench(bench_runs, script_env):
+    tmp_path, stdout = bench_run(bench_runs, "refuel_bench")
     found = results(tmp_path, "refuel_bench")
     assert found["seeds"] == [1] and sorted(found["runs"]) == ["paper", "uniform"]
     for sampling, runs in found["runs"].items():
@@ -72,15 +139,12 @@ def test_refuel_bench(tmp_path, tiny_model, script_env):
         assert initial["reference/binary search (optimal)_turn3"] == 1.0
     assert {k: len(v) for k, v in found["first_guesses"].items()} == {
         "initial policy": 16, "REFUEL, paper h": 16, "REFUEL, uniform h": 16}
-    assert "| turn h | initial policy |" in out.stdout
-    assert_report_reprints("refuel_bench", tmp_path, out.stdout, script_env)
+    assert "| turn h | initial policy |" in stdout
+    assert_report_reprints("refuel_bench", tmp_path, stdout, script_env)
 
 
-def test_rebel_bench(tmp_path, tiny_model, script_env):
-    out = bench("rebel_bench", "--seeds", "1", "--num_iterations", "1", "--model", tiny_model, "--num_prompts", "2",
-                "--max_new_tokens", "8", "--repeats", "1", "--output_dir", str(tmp_path), "--", "--pairs_per_rank",
-                "2", "--minibatch_pairs", "2", "--micro_batch_pairs", "2", "--max_new_tokens", "8",
-                "--num_eval_prompts", "2", "--num_epochs", "1", env=script_env)
+def test_rebel_bench(bench_runs, script_env):
+    tmp_path, stdout = bench_run(bench_runs, "rebel_bench")
     found = results(tmp_path, "rebel_bench")
     for calls in found["throughput"]["calls"].values():
         assert len(calls) == 1 and calls[0]["tokens"] == 16 and calls[0]["seconds"] > 0  # 2 prompts x 8 tokens
@@ -89,20 +153,18 @@ def test_rebel_bench(tmp_path, tiny_model, script_env):
     assert [m["iteration"] for m in run["metrics"]] == [0, 1]
     assert all(math.isfinite(m["eval/score_turn1"]) for m in run["metrics"])
     assert all(run["metrics"][1][f"time/{p}"] >= 0 for p in ("rollout", "reward", "old_logprobs", "train", "sync"))
-    assert "vLLM / transformers tokens/s" in out.stdout and "### (c) Learning check (seeds 1;" in out.stdout
-    assert_report_reprints("rebel_bench", tmp_path, out.stdout, script_env)
+    assert "vLLM / transformers tokens/s" in stdout and "### (c) Learning check (seeds 1;" in stdout
+    assert_report_reprints("rebel_bench", tmp_path, stdout, script_env)
 
 
-def test_multiturn_comparison_tunes_then_reports_paired_seeds_at_an_equal_budget(tmp_path, tiny_model, script_env):
+def test_multiturn_comparison_tunes_then_reports_paired_seeds_at_an_equal_budget(bench_runs, tiny_model,
+                                                                                  script_env):
     """The harvest game at toy size: two methods (REFUEL with a grid of two etas, DPO-MT with one cell) on the
     tuning seed, one reported seed, REFUEL's extra row with the paper's h; then the same command again reads every
     finished run."""
+    tmp_path, stdout = bench_run(bench_runs, "multiturn_comparison")  # six runs
+    flags = harvest_comparison_flags(tmp_path, tiny_model)
     runs_dir = str(tmp_path / "runs")
-    flags = ["--task", SMALL_HARVEST, "--methods", "REFUEL", "DPO-MT", "--lrs", "1e-3", "--etas", "2", "5",
-             "--betas", "0.1", "--tuning_seed", "0", "--seeds", "1", "--token_budget", "150", "--pairs_per_rank", "8",
-             "--num_recorded_dialogues", "8", "--output_dir", str(tmp_path), "--runs_dir", runs_dir, "--",
-             "--model", tiny_model, "--minibatch_pairs", "4", "--micro_batch_pairs", "4"]
-    out = bench("multiturn_comparison", *flags, env=script_env, timeout=1800)  # six runs
     name = "multiturn_comparison_test_benchmarks_py_small_harvest_game"
     found = results(tmp_path, name)
     assert found["seeds"] == [1] and found["tuning_seed"] == 0 and found["token_budget"] == 150
@@ -118,8 +180,8 @@ def test_multiturn_comparison_tunes_then_reports_paired_seeds_at_an_equal_budget
         assert "--schedule_over token_budget" in run["command"] and f"--lr {chosen['lr']}" in run["command"]
         assert all(0 <= run[when][t] <= 1 for when in ("initial", "final") for t in ("1", "2", "3"))
         assert "--horizon_sampling paper" in run["command"] if "paper" in method else "uniform" in run["command"]
-    assert "| REFUEL − DPO-MT |" in out.stdout and "| DPO-MT (chosen) |" in out.stdout
-    assert_report_reprints("multiturn_comparison", tmp_path, out.stdout, script_env, "--task", SMALL_HARVEST)
+    assert "| REFUEL − DPO-MT |" in stdout and "| DPO-MT (chosen) |" in stdout
+    assert_report_reprints("multiturn_comparison", tmp_path, stdout, script_env, "--task", SMALL_HARVEST)
     # a finished run keeps its metrics, not its checkpoints
     assert all(not os.path.exists(os.path.join(runs_dir, d, "checkpoints")) and
                os.path.exists(os.path.join(runs_dir, d, "metrics.jsonl")) for d in os.listdir(runs_dir)
@@ -129,14 +191,13 @@ def test_multiturn_comparison_tunes_then_reports_paired_seeds_at_an_equal_budget
     assert "python refuel.py" not in again.stderr and results(tmp_path, name)["runs"] == found["runs"]
 
 
-def test_ma_ppo_bench(tmp_path, tiny_model, script_env):
-    out = bench("ma_ppo_bench", "--seeds", "1", "2", "--num_iterations", "1", "--variants", "ppo", "randomized",
-                "--output_dir", str(tmp_path), "--", "--model", tiny_model, "--dialogues_per_rank", "8",
-                "--minibatch_dialogues", "4", "--micro_batch_dialogues", "4", env=script_env, timeout=1200)
+def test_ma_ppo_bench(bench_runs, script_env):
+    """Two variants on one seed (two ma_ppo.py runs; the report over several seeds: test_benchmark_settings.py)."""
+    tmp_path, stdout = bench_run(bench_runs, "ma_ppo_bench")
     found = results(tmp_path, "ma_ppo_bench_digits")
-    assert found["seeds"] == [1, 2] and found["task"] == "digits" and list(found["runs"]) == ["ppo", "randomized"]
+    assert found["seeds"] == [1] and found["task"] == "digits" and list(found["runs"]) == ["ppo", "randomized"]
     for variant, runs in found["runs"].items():
-        assert [r["seed"] for r in runs] == [1, 2]
+        assert [r["seed"] for r in runs] == [1]
         for run in runs:
             assert "--max_new_tokens 48" in run["command"] and len(run["curve"]) == 2  # iterations 0 and 1
             assert all(math.isfinite(s) and -2.5 <= s <= 2.5 for s in run["curve"])
@@ -144,34 +205,27 @@ def test_ma_ppo_bench(tmp_path, tiny_model, script_env):
             assert run["samples"] == [0, 8] and run["updates"] == [0, 2] and run["seconds"][1] > 0
     assert "--ngram 1" in found["runs"]["ppo"][0]["command"]
     assert "--termination randomized" in found["runs"]["randomized"][0]["command"]
-    assert "| MA-PPO, randomized lengths |" in out.stdout and "speed-up" in out.stdout
-    assert_report_reprints("ma_ppo_bench", tmp_path, out.stdout, script_env)
+    assert "| MA-PPO, randomized lengths |" in stdout and "speed-up" in stdout
+    assert_report_reprints("ma_ppo_bench", tmp_path, stdout, script_env)
 
 
-def test_the_chat_settings_of_both_comparisons(tmp_path, tiny_model, script_env):
+def test_the_chat_settings_of_both_comparisons(bench_runs):
     """`multiturn_comparison.py --task chat` and `ma_ppo_bench.py --task chat` with their own flags (the LLM user,
     horizon 3, the win rate reported), the tiny model in SmolLM2's place, a few dialogues."""
-    small = ["--", "--model", tiny_model, "--user_max_tokens", "4", "--max_new_tokens", "4", "--num_eval_prompts", "4"]
-    out = bench("multiturn_comparison", "--task", "chat", "--methods", "DPO-LT", "--lrs", "1e-3", "--betas", "0.1",
-                "--seeds", "1", "--token_budget", "200", "--pairs_per_rank", "4", "--num_recorded_dialogues", "4",
-                "--output_dir", str(tmp_path), *small, "--minibatch_pairs", "4", "--micro_batch_pairs", "4",
-                env=script_env, timeout=1200)
+    tmp_path, stdout = bench_run(bench_runs, "chat_comparison")
     found = results(tmp_path, "multiturn_comparison_chat")
     assert found["measure"] == "winrate_vs_initial" and list(found["runs"]) == ["DPO-LT"]
     [run] = found["runs"]["DPO-LT"]
     assert "--horizon 3" in run["command"] and run["stopped_by_budget"] and run["initial"] == {"1": 0.5, "2": 0.5,
                                                                                              "3": 0.5}
-    assert all(0 <= v <= 1 for v in run["final"].values()) and "final win rate against the initial policy" in out.stdout
-    out = bench("ma_ppo_bench", "--task", "chat", "--variants", "ppo", "--seeds", "1", "--num_iterations", "1",
-                "--output_dir", str(tmp_path), *small, "--dialogues_per_rank", "4", "--minibatch_dialogues", "4",
-                "--micro_batch_dialogues", "4", "--critic_warmup_steps", "0", env=script_env)
+    assert all(0 <= v <= 1 for v in run["final"].values()) and "final win rate against the initial policy" in stdout
+    tmp_path, _ = bench_run(bench_runs, "chat_ma_ppo_bench")
     [run] = results(tmp_path, "ma_ppo_bench_chat")["runs"]["ppo"]
     assert "--horizon 3" in run["command"] and run["samples"] == [0, 4] and len(run["curve"]) == 2
 
 
-def test_scale_bench(tmp_path, tiny_model, script_env):
-    out = bench("scale_bench", "--model", tiny_model, "--repeats", "1", "--anchor_dialogues", "2", "--anchor_horizon",
-                "2", "--output_dir", str(tmp_path), env=script_env)
+def test_scale_bench(bench_runs, script_env):
+    tmp_path, stdout = bench_run(bench_runs, "scale_bench")
     anchor = results(tmp_path, "scale_anchor")
     assert anchor["work"]["dialogues"] == 2 and anchor["work"]["horizon"] == 2
     assert anchor["identical_to_fresh"]["fresh"] == 4
@@ -183,23 +237,27 @@ def test_scale_bench(tmp_path, tiny_model, script_env):
     # branch joining at turn 2
     assert anchor["fresh"]["calls"] == anchor["two passes"]["calls"] == {"policy": [2, 2, 2, 1], "user": [2, 1]}
     assert anchor["one pass"]["calls"] == {"policy": [3, 4], "user": [3]}
-    assert "| engine starts | 6 |" in out.stdout  # a new engine for each of the 6 role turns of the fresh design
+    assert "| engine starts | 6 |" in stdout  # a new engine for each of the 6 role turns of the fresh design
 
     with open(os.path.join(tmp_path, "scale_bench.json")) as f:
         memory = json.load(f)
     assert os.path.getsize(os.path.join(tmp_path, "scale.png")) > 0
     assert [r["case"] for r in memory["results"]] == ["sync_full", "sync_stream", "train", "train_checkpointed"]
     assert all(r["peak_bytes"] > 0 and r["seconds"] > 0 and r["parameters"] > 0 for r in memory["results"])
-    for part in ("anchor", "memory"):
-        assert_report_reprints("scale_bench", tmp_path, out.stdout, script_env, "--part", part)
+    # `--report` reprints both parts' tables from their JSON files alone (one report process: scale_bench.py imports
+    # torch and vLLM, which costs more than the report); the run printed its progress between the two parts
+    report = bench("scale_bench", "--output_dir", str(tmp_path), "--report", env=script_env).stdout
+    blocks = [block.strip() for block in report.split("\n\n") if block.strip()]
+    assert "| engine starts | 6 |" in report and "MiB sync buckets" in report
+    assert sum("|---|" in block for block in blocks) >= 2 and all(block in stdout for block in blocks)
 
 
-def test_load_bench(tmp_path, tiny_model, script_env):
-    out = bench("load_bench", "--model", tiny_model, "--output_dir", str(tmp_path), env=script_env)
+def test_load_bench(bench_runs, script_env):
+    tmp_path, stdout = bench_run(bench_runs, "load_bench")
     with open(os.path.join(tmp_path, "load_bench.json")) as f:
         measured = json.load(f)["results"]
     assert [r["case"] for r in measured] == ["whole", "sharded"]
     # both loads end with the same shards: rank 0's eighth of every tensor's rows
     assert measured[0]["local_bytes"] == measured[1]["local_bytes"] > 0
     assert all(r["peak_bytes"] > 0 and r["seconds"] > 0 for r in measured)
-    assert_report_reprints("load_bench", tmp_path, out.stdout, script_env)
+    assert_report_reprints("load_bench", tmp_path, stdout, script_env)

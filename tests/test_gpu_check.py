@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_side_by_side
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = ["--rows", "2", "--prompt_tokens", "24", "--response_tokens", "8", "--large_hidden_size", "128",
@@ -19,12 +20,33 @@ ITERATIONS = ["iteration_000001", "iteration_000002"]
 
 def run_check(output_dir, env, *flags) -> tuple[int, dict]:
     """The check's exit status and its report."""
-    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--output_dir",
-                             str(output_dir), *flags], timeout=600, env=env, capture_output=True, text=True)
+    result = subprocess.run(check_command(output_dir, *flags), timeout=600, env=env, capture_output=True, text=True)
+    return result.returncode, check_report(output_dir, result.stdout[-2000:] + result.stderr[-3000:])
+
+
+def check_command(output_dir, *flags) -> list[str]:
+    return [sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--output_dir", str(output_dir), *flags]
+
+
+def check_report(output_dir, console: str) -> dict:
     path = os.path.join(output_dir, "gpu_check.json")
-    assert os.path.exists(path), result.stdout[-2000:] + result.stderr[-3000:]
+    assert os.path.exists(path), console
     with open(path) as f:
-        return result.returncode, json.load(f)
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def cpu_checks(tmp_path_factory, script_env):
+    """The two checks on the CPU, side by side (most of each is one process on one core, so the other core would
+    wait): every stage at toy size, and one whose training stage fails (a negative width fails it at its third
+    case, the first of the larger model) with the engine stage after it. {name: (exit status, report)}."""
+    flags = {"every stage": ["--allow_cpu", *TOY],
+             "failed stage": ["--allow_cpu", *TOY, "--large_intermediate_size", "-1", "--stages", "training,engine"]}
+    folders = {name: tmp_path_factory.mktemp(name.replace(" ", "_")) for name in flags}
+    finished = run_side_by_side({name: check_command(folders[name], *flags[name]) for name in flags}, script_env,
+                                tmp_path_factory.mktemp("check_logs"), timeout=900)
+    return {name: (returncode, check_report(folders[name], stdout[-2000:] + stderr[-3000:]))
+            for name, (returncode, stdout, stderr) in finished.items()}
 
 
 def assert_training_cases(training):
@@ -57,8 +79,8 @@ def assert_run_then_resume(stage, backend):
 
 
 @pytest.mark.slow  # starts vLLM and four refuel.py processes: about 2.5 minutes on 2 cores
-def test_every_stage_runs_and_records_on_the_cpu(tmp_path, script_env):
-    returncode, report = run_check(tmp_path, script_env, "--allow_cpu", *TOY)
+def test_every_stage_runs_and_records_on_the_cpu(cpu_checks):
+    returncode, report = cpu_checks["every stage"]
     stages = report["stages"]
     assert list(stages) == ["preflight", "training", "engine", "refuel", "refuel_transformers"]
     assert returncode == 0, {name: stage.get("error") for name, stage in stages.items()}
@@ -87,11 +109,10 @@ def test_every_stage_runs_and_records_on_the_cpu(tmp_path, script_env):
     assert_run_then_resume(stages["refuel_transformers"], "transformers")
 
 
-@pytest.mark.slow  # starts vLLM
-def test_a_failed_stage_keeps_what_ran_and_the_later_stages_run(tmp_path, script_env):
+@pytest.mark.slow  # starts vLLM (alongside the check of every stage)
+def test_a_failed_stage_keeps_what_ran_and_the_later_stages_run(cpu_checks):
     # a negative width fails the training stage at its third case, the first of the larger model
-    returncode, report = run_check(tmp_path, script_env, "--allow_cpu", *TOY, "--large_intermediate_size", "-1",
-                                   "--stages", "training,engine")
+    returncode, report = cpu_checks["failed stage"]
     stages = report["stages"]
     assert returncode == 1
     assert stages["preflight"]["status"] == "ok" and stages["preflight"]["environment"]["device"] == "cpu"

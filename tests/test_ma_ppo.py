@@ -521,17 +521,25 @@ def test_the_official_tldr_preset_at_toy_scale(tmp_path, script_env, tiny_model,
     assert 1 <= metrics[1]["macro/per_dialogue"] <= 2 and "eval/score_turn1" in metrics[1]
 
 
+# the guessing game with 64 evaluation games instead of 1,024 (an evaluation of 1,024 took most of a run's time; the
+# resume is checked the same way on 64)
+SMALL_EVAL = ["--task_arg", "num_eval=64"]
+
+
 @pytest.mark.slow
 def test_multi_turn_resume_after_kill_continues_the_same_schedule(tmp_path, script_env, kill_run):
-    subprocess.run(command(str(tmp_path), "full"), check=True, timeout=900, env=script_env)
+    """The guessing game (several turns with the game's user), killed after its first checkpoint and resumed: the
+    resumed iterations log what the uninterrupted run's did."""
+    subprocess.run(command(str(tmp_path), "full", *SMALL_EVAL), check=True, timeout=900, env=script_env)
     run_dir = tmp_path / "killed"
-    process = subprocess.Popen(command(str(tmp_path), "killed"), env=script_env)
+    process = subprocess.Popen(command(str(tmp_path), "killed", *SMALL_EVAL), env=script_env)
     deadline = time.time() + 900
     while not (run_dir / "checkpoints" / "iteration_000001").is_dir():
         assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.5)
     kill_run(process)
-    subprocess.run(command(str(tmp_path), "killed", "--resume"), check=True, timeout=900, env=script_env)
+    subprocess.run(command(str(tmp_path), "killed", *SMALL_EVAL, "--resume"), check=True, timeout=900,
+                   env=script_env)
     resumed, uninterrupted = read_metrics(run_dir), read_metrics(tmp_path / "full")
     assert [m["iteration"] for m in resumed] == [0, 1, 2, 3]
     assert uninterrupted[1]["data/turns_played"] > 1  # dialogues with the user, several turns

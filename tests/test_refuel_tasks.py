@@ -36,16 +36,17 @@ def test_chat_task_with_an_llm_user_and_a_reward_model(tmp_path, tiny_model, tin
     # the KL term is 0: pi_t is the reference in the first iteration)
 
 
-def test_a_plugged_in_task_needs_no_edit(tmp_path, tiny_model, script_env):
-    metrics = run(tmp_path, script_env, "--task", os.path.join(REPO, "tests", "custom_task.py") + ":make_task",
-                  "--model", tiny_model, "--horizon_sampling", "uniform")
+def test_a_plugged_in_task_needs_no_edit(custom_task_run):
+    """tests/custom_task.py:make_task trains with refuel.py as it is (the run is shared with test_console.py)."""
+    metrics, _ = custom_task_run
+    assert [m["iteration"] for m in metrics] == [0, 1]
     assert metrics[1]["data/turns_played"] == 3 and "eval/score_turn3" in metrics[1]
 
 
-@pytest.mark.slow
-def test_a_plugged_in_tasks_own_parameter_is_set_from_the_command_line(tmp_path, tiny_model, script_env):
-    metrics = run(tmp_path, script_env, "--task", os.path.join(REPO, "tests", "difficulty_task.py") + ":make_task",
-                  "--task_arg", "difficulty=5", "--model", tiny_model)
+def test_a_plugged_in_tasks_own_parameter_is_set_from_the_command_line(difficulty_task_verbose_run):
+    """`--task_arg difficulty=5` reaches tests/difficulty_task.py's factory (the run, with --verbose, is shared with
+    test_console.py)."""
+    metrics, _, run_dir = difficulty_task_verbose_run
     assert metrics[0]["reference/difficulty_turn1"] == 5 and metrics[0]["reference/difficulty_turn2"] == 5
-    with open(os.path.join(tmp_path, "r", "args.json")) as f:
+    with open(os.path.join(run_dir, "args.json")) as f:
         assert json.load(f)["task_arg"] == ["difficulty=5"]  # part of what was trained: a resume may not change it

@@ -37,15 +37,24 @@ SIMULATED = {
 }
 
 
-@pytest.mark.slow  # starts simulate_fsdp.py for two of the 8 ranks
+@pytest.fixture(scope="module")
+def simulated_ranks():
+    """Ranks 0 and 7 of 8 for each config, simulated by one simulate_fsdp.py process: {(config, rank): result}."""
+    cases = [f"{os.path.join(HERE, 'data', config)}:{rank}" for config in sorted(SIMULATED) for rank in (0, 7)]
+    out = subprocess.run([sys.executable, os.path.join(HERE, "simulate_fsdp.py"), "8", *cases],
+                         capture_output=True, text=True, timeout=600, check=True)
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"config"')]
+    assert [f"{r['config']}:{r['rank']}" for r in results] == cases
+    return {(os.path.basename(r["config"]), r["rank"]): r for r in results}
+
+
+@pytest.mark.slow  # starts simulate_fsdp.py (once for both configs) for two of the 8 ranks
 @pytest.mark.parametrize("config", sorted(SIMULATED))
-def test_simulated_8_ranks_shards_sync_and_plan(config):
+def test_simulated_8_ranks_shards_sync_and_plan(config, simulated_ranks):
     expected = SIMULATED[config]
     path = os.path.join(HERE, "data", config)
     for rank in (0, 7):
-        out = subprocess.run([sys.executable, os.path.join(HERE, "simulate_fsdp.py"), path, str(rank), "8"],
-                             capture_output=True, text=True, timeout=300, check=True)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result = simulated_ranks[(config, rank)]
         assert result["meta"]  # nothing was allocated
         local = result["local"]
         # every dimension divides by 8: each rank holds exactly an eighth, the embedding in 16,032-row slices
