@@ -2,6 +2,7 @@
 checked here on a hand-made main block."""
 
 import os
+import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,3 +43,10 @@ def test_statements_are_labelled_by_what_they_call(tmp_path):
 def test_every_script_meets_its_line_targets():
     text, ok = line_table.table()
     assert ok, text
+
+
+def test_the_readme_command_prints_the_table():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "line_table.py")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| refuel.py |" in result.stdout and "utils.py:" in result.stdout
