@@ -29,8 +29,14 @@ that the load of a shared machine hits them alike; os.getloadavg() is recorded b
       and a backward over every row's prompt and answer, per epoch) against the peak, over the update phase's
       seconds.
 
-The defaults (4 prompts x 2 answers of 32 tokens, 4 iterations, 3 repeats; multi-turn 8 openings x 2, 3 iterations,
-2 repeats) take about 15 minutes on 2 CPU cores. Writes peer_bench.json and peer_bench.png to --output_dir.
+The defaults are 4 prompts x 2 answers of 32 tokens, 4 iterations, 3 repeats, and multi-turn 8 openings x 2, 3
+iterations, 2 repeats. docs/peer_bench.json was measured smaller, to fit a 2-core machine that other test suites were
+loading (load average 7-15), in 45 minutes:
+
+    .venv/bin/python benchmarks/peer_bench.py --pairs 2 --max_new_tokens 16 --epochs 1 --num_iterations 3 \
+        --repeats 3 --penalty_reward None --multi_repeats 1 --multi_pairs 4 --multi_iterations 2
+
+Writes peer_bench.json and peer_bench.png to --output_dir.
 
     .venv/bin/python benchmarks/peer_bench.py [--repeats 3] [--num_iterations 4] [--output_dir docs]
     .venv/bin/python benchmarks/peer_bench.py --report      # the tables again, from docs/peer_bench.json
@@ -166,11 +172,12 @@ def single_turn_sides(args: argparse.Namespace, work: str, repeat: int) -> dict:
                    str(args.pairs), "--max_new_tokens", str(args.max_new_tokens), "--num_epochs", str(args.epochs),
                    "--temperature", str(args.temperature), "--lr", str(args.lr), "--kl_coef", str(args.kl_coef),
                    "--eval_every", str(args.num_iterations), "--save_every", str(args.num_iterations),
-                   "--device", "cpu"]
+                   "--penalty_reward", str(args.penalty_reward), "--device", "cpu"]
     config = {"model": args.model, "max_new_tokens": args.max_new_tokens, "pairs": args.pairs,
               "iterations": args.num_iterations, "seed": args.seed, "epochs": args.epochs,
               "temperature": args.temperature, "lr": args.lr, "adam_eps": 1e-5, "max_grad_norm": 1.0,
-              "kl_coef": args.kl_coef, "penalty_reward": -1.0, "reward_function": "tasks.chat:brevity_reward",
+              "kl_coef": args.kl_coef, "penalty_reward": args.penalty_reward,
+              "reward_function": "tasks.chat:brevity_reward",
               "max_model_len": 256 + args.max_new_tokens}
     return {
         "rebel.py": lambda: script_side("rebel.py", rebel_flags, work, f"rebel_{repeat}", REBEL_TIMES),
@@ -316,7 +323,8 @@ def report_single(results: dict) -> str:
     lines = [f"### (1) rebel.py against TRL's RLOO (k = 2), {len(runs['rebel.py'])} repeats, alternating\n",
              f"`{results['model_facts']['name']}`, {st['pairs']} prompts x 2 answers of at most {st['max_new_tokens']} "
              f"tokens per iteration, {st['num_iterations']} iterations, {st['epochs']} epochs, temperature "
-             f"{st['temperature']}, lr {st['lr']} (linear decay), KL coefficient {st['kl_coef']}, fp32, torch threads "
+             f"{st['temperature']}, lr {st['lr']} (linear decay), KL coefficient {st['kl_coef']}, penalty for an "
+             f"answer that never ends {st['penalty_reward']}, fp32, torch threads "
              f"{st['torch_threads']}. Means over iterations 2+ of each run, then mean ± sd (min-max) over the "
              "repeats.\n"]
     head = ["seconds per iteration"] + ok
@@ -483,6 +491,8 @@ if __name__ == "__main__":
     parser.add_argument("--temperature", type=float, default=0.7, help="(1): sampling temperature (rebel.py's)")
     parser.add_argument("--lr", type=float, default=1e-5, help="(1): learning rate (rebel.py's)")
     parser.add_argument("--kl_coef", type=float, default=0.05, help="(1): KL coefficient (rebel.py's)")
+    parser.add_argument("--penalty_reward", type=lambda v: None if v == "None" else float(v), default=-1.0,
+                        help="(1): the score of an answer that never ends (rebel.py's -1); None keeps its score")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--multi_repeats", type=int, default=2, help="(2): runs of each side; 0 skips (2)")
     parser.add_argument("--multi_iterations", type=int, default=3, help="(2): iterations of each run")
@@ -505,7 +515,7 @@ if __name__ == "__main__":
         single = alternate(lambda w, r: single_turn_sides(args, w, r), sides, args.repeats, work, probes)
         prompt_tokens = rebel_prompt_tokens(args)
         settings = {k: getattr(args, k) for k in ("pairs", "max_new_tokens", "num_iterations", "epochs",
-                                                  "temperature", "lr", "kl_coef", "seed")}
+                                                  "temperature", "lr", "kl_coef", "penalty_reward", "seed")}
         settings["torch_threads"] = torch.get_num_threads()
         results = {"single": {"settings": settings, "runs": single, "prompt_tokens_per_iteration": prompt_tokens,
                               "work_check": work_check(single, prompt_tokens)}}
