@@ -315,6 +315,22 @@ def fmt(values: list[float], digits: int = 2) -> str:
             f"({min(values):.{digits}f}-{max(values):.{digits}f})")
 
 
+def seconds_table(runs: dict, names: list[str], tokens_label: str, rates: bool) -> str:
+    """One column per side in `names`: each phase's seconds, the iteration's, the generated tokens, (with `rates`)
+    the tokens per second of the rollout phase and of the whole iteration, and the peak resident memory."""
+    def row(label: str, key: str, digits: int = 2) -> list[str]:
+        return [label] + [fmt([per_run(r)[key] for r in runs[n]], digits) for n in names]
+
+    body = [[p] + [fmt([per_run(r)["phases"][p] for r in runs[n]]) for n in names] for p in PHASES]
+    body.append(["**iteration**"] + [f"**{fmt([per_run(r)['seconds'] for r in runs[n]])}**" for n in names])
+    body.append(row(tokens_label, "generated_tokens", 1))
+    if rates:
+        body.append(row("generated tokens/s, rollout phase", "generation_tokens_per_second", 1))
+        body.append(row("generated tokens/s, whole iteration", "tokens_per_second", 1))
+    body.append(row("peak resident memory (GiB)", "peak_rss_gib"))
+    return common.table(["seconds per iteration"] + names, body)
+
+
 def report_single(results: dict) -> str:
     s = results["single"]
     st = s["settings"]
@@ -327,17 +343,7 @@ def report_single(results: dict) -> str:
              f"answer that never ends {st['penalty_reward']}, fp32, torch threads "
              f"{st['torch_threads']}. Means over iterations 2+ of each run, then mean ± sd (min-max) over the "
              "repeats.\n"]
-    head = ["seconds per iteration"] + ok
-    body = [[p] + [fmt([per_run(r)["phases"][p] for r in runs[n]]) for n in ok] for p in PHASES]
-    body.append(["**iteration**"] + [f"**{fmt([per_run(r)['seconds'] for r in runs[n]])}**" for n in ok])
-    body.append(["generated tokens per iteration"] + [fmt([per_run(r)["generated_tokens"] for r in runs[n]], 1)
-                                                       for n in ok])
-    body.append(["generated tokens/s, rollout phase"] + [fmt([per_run(r)["generation_tokens_per_second"]
-                                                               for r in runs[n]], 1) for n in ok])
-    body.append(["generated tokens/s, whole iteration"] + [fmt([per_run(r)["tokens_per_second"] for r in runs[n]], 1)
-                                                            for n in ok])
-    body.append(["peak resident memory (GiB)"] + [fmt([per_run(r)["peak_rss_gib"] for r in runs[n]]) for n in ok])
-    lines.append(common.table(head, body))
+    lines.append(seconds_table(runs, ok, "generated tokens per iteration", rates=True))
     lines.append("")
     ratio_rows = []
     for other in ok[1:]:
@@ -373,13 +379,7 @@ def report_multi(results: dict) -> str:
              f"sides (refuel.py: {st['pairs']} pairs; GRPO: {st['pairs']} openings x 2), horizon 3, 8 tokens a turn, "
              f"temperature 0.8, lr {st['lr']}, {st['num_iterations']} iterations, {len(runs['refuel.py'])} repeats, "
              "alternating.\n"]
-    head = ["seconds per iteration"] + ok
-    body = [[p] + [fmt([per_run(r)["phases"][p] for r in runs[n]]) for n in ok] for p in PHASES]
-    body.append(["**iteration**"] + [f"**{fmt([per_run(r)['seconds'] for r in runs[n]])}**" for n in ok])
-    body.append(["generated tokens per iteration (policy)"] + [fmt([per_run(r)["generated_tokens"] for r in runs[n]], 1)
-                                                                for n in ok])
-    body.append(["peak resident memory (GiB)"] + [fmt([per_run(r)["peak_rss_gib"] for r in runs[n]]) for n in ok])
-    lines.append(common.table(head, body))
+    lines.append(seconds_table(runs, ok, "generated tokens per iteration (policy)", rates=False))
     lines.append("")
     if len(ok) == 2:
         r = ratios(runs, MULTI[0], MULTI[1])
