@@ -232,10 +232,16 @@ def context_window(model_path: str, *, max_prompt_tokens: int, horizon: int, max
         "in skipped/context_full_dialogues)")
 
 
-def openings_that_fit(openings: list[Episode], tokenizer, max_tokens: int) -> tuple[list[Episode], int]:
-    """The openings whose templated prompt has at most `max_tokens` tokens, and how many were left out."""
-    fits = [e for e in openings if len(utils.chat_token_ids(tokenizer, e.messages, True)) <= max_tokens]
-    return fits, len(openings) - len(fits)
+def openings_that_fit(openings: list[Episode], tokenizer, max_tokens: int) -> tuple[list[Episode], int, int]:
+    """The openings whose templated prompt has at most `max_tokens` tokens, how many were left out, and the longest
+    kept prompt's length. Openings with the same messages are templated once: a game's openings often are (the
+    guessing game's 4,096 are one text, the secret being the user's), and templating each took seconds a rank."""
+    keys, lengths = [json.dumps(e.messages) for e in openings], {}
+    for key, e in zip(keys, openings):
+        if key not in lengths:
+            lengths[key] = len(utils.chat_token_ids(tokenizer, e.messages, True))
+    kept = [(e, lengths[key]) for key, e in zip(keys, openings) if lengths[key] <= max_tokens]
+    return [e for e, _ in kept], len(openings) - len(kept), max((n for _, n in kept), default=0)
 
 
 def generated_tokens(episodes: list[Episode], tokenizer, first_turns: list[int]) -> tuple[int, int]:

@@ -436,13 +436,13 @@ class Run:
         except ValueError as e:  # bad data or task flags (a missing file, no usable row): one line, no traceback
             raise SystemExit(str(e))
         tokenizer = utils.load_tokenizer(self.policy_path)
-        task.train, too_long = dialogues.openings_that_fit(task.train, tokenizer, args.max_prompt_tokens)
-        task.eval, too_long_eval = dialogues.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
+        task.train, too_long, longest_opening = dialogues.openings_that_fit(task.train, tokenizer,
+                                                                             args.max_prompt_tokens)
+        task.eval, too_long_eval, _ = dialogues.openings_that_fit(task.eval, tokenizer, args.max_prompt_tokens)
         if not task.train or not task.eval:
             raise SystemExit(f"no training or no evaluation opening fits --max_prompt_tokens {args.max_prompt_tokens}")
         self.task, self.horizon, self.tokenizer = task, task.horizon, tokenizer
         self.turn_tokens = args.max_new_tokens + args.task_args.user_max_tokens + dialogues.TEMPLATE_TOKENS_PER_TURN
-        longest_opening = max(len(utils.chat_token_ids(tokenizer, e.messages, True)) for e in task.train)
         self.dialogue_tokens = min(longest_opening + task.horizon * self.turn_tokens, self.max_model_len)
         self.first_metrics = {
             **{f"reference/{name}_turn{t}": v for name, scores in task.reference_scores.items()
