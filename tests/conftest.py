@@ -76,11 +76,17 @@ def script_env():
 
 @pytest.fixture(scope="session")
 def kill_run():
-    """SIGKILLs a launched run and every process under it, as a crashed node would. torchrun starts each worker
-    in a session of its own, so killing torchrun's process group alone leaves the workers running on."""
+    """`kill(process, checkpoint=None)`: SIGKILLs a launched run and every process under it, as a crashed node
+    would, once the `checkpoint` folder exists if one is named (failing if the run ends or 900 s pass first).
+    torchrun starts each worker in a session of its own, so killing torchrun's process group alone leaves the
+    workers running on."""
     import psutil
 
-    def kill(process):
+    def kill(process, checkpoint=None):
+        deadline = time.time() + 900
+        while checkpoint is not None and not os.path.isdir(checkpoint):
+            assert process.poll() is None and time.time() < deadline, f"the run ended before {checkpoint}"
+            time.sleep(0.5)
         root = psutil.Process(process.pid)
         tree = root.children(recursive=True) + [root]
         for p in tree:

@@ -1,7 +1,7 @@
 """Each benchmark at toy size, as a subprocess (two at a time, started by one module fixture): the tiny random model,
-one seed, one iteration, a few dialogues, and the guessing game evaluated on 64 games instead of 1024. Checks the results JSON and the plot, and that `--report`
-prints the tables the run printed, from the JSON alone. The numbers mean nothing at this size; the code paths are
-the benchmarks' own."""
+one seed, one iteration, a few dialogues, and the guessing game evaluated on 64 games instead of 1024. Checks the
+results JSON and the plot, and that `--report` prints the tables the run printed, from the JSON alone. The numbers
+mean nothing at this size; the code paths are the benchmarks' own."""
 
 import json
 import math

@@ -6,11 +6,11 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_side_by_side
 
 import dialogues
 import utils
@@ -140,13 +140,28 @@ def read_metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
+OTHER_MODES = {"rebel-mt-onpolicy-future": ["--turns", "sampled", "--contexts", "onpolicy", "--target", "future",
+                                             "--loss", "rebel"],
+               "dpo-mt-offline-budget": ["--turns", "all", "--contexts", "offline", "--token_budget", "100",
+                                         "--schedule_over", "token_budget"]}
+
+
+@pytest.fixture(scope="module")
+def other_mode_runs(tmp_path_factory, script_env):
+    """The runs of OTHER_MODES side by side (2 ranks each leave a core mostly idle): {mode: (exit status, stderr,
+    output folder)}."""
+    folders = {mode: tmp_path_factory.mktemp(mode) for mode in OTHER_MODES}
+    commands = {mode: command(str(folders[mode]), "r", *flags) for mode, flags in OTHER_MODES.items()}
+    finished = run_side_by_side(commands, script_env, tmp_path_factory.mktemp("mode_logs"))
+    return {mode: (returncode, stderr, folders[mode]) for mode, (returncode, _, stderr) in finished.items()}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [["--turns", "sampled", "--contexts", "onpolicy", "--target", "future", "--loss",
-                                    "rebel"], ["--turns", "all", "--contexts", "offline", "--token_budget", "100",
-                                    "--schedule_over", "token_budget"]],
-                         ids=["rebel-mt-onpolicy-future", "dpo-mt-offline-budget"])
-def test_two_ranks_in_other_modes(tmp_path, script_env, flags):
-    subprocess.run(command(str(tmp_path), "r", *flags), check=True, timeout=900, env=script_env)
+@pytest.mark.parametrize("mode", list(OTHER_MODES))
+def test_two_ranks_in_other_modes(other_mode_runs, mode):
+    returncode, stderr, tmp_path = other_mode_runs[mode]
+    assert returncode == 0, stderr[-5000:]
+    flags = OTHER_MODES[mode]
     metrics = read_metrics(tmp_path / "r")
     for m in metrics[1:]:
         assert m["sync/logprob_gap"] < 1e-3 and m["budget/generated_tokens"] > 0
@@ -173,16 +188,14 @@ def test_two_ranks_in_other_modes(tmp_path, script_env, flags):
 
 @pytest.mark.slow
 def test_resume_after_kill_continues_the_same_schedule(tmp_path, script_env, kill_run):
-    """DPO-LT on pi_0's dialogues (the defaults): the recorded dialogues travel in the checkpoint."""
-    subprocess.run(command(str(tmp_path), "full"), check=True, timeout=900, env=script_env)
+    """DPO-LT on pi_0's dialogues (the defaults): the recorded dialogues travel in the checkpoint. The
+    uninterrupted run goes side by side with the killed one and its resume (2 ranks each leave a core mostly idle)."""
+    uninterrupted_run = subprocess.Popen(command(str(tmp_path), "full"), env=script_env)
     run_dir = tmp_path / "killed"
-    process = subprocess.Popen(command(str(tmp_path), "killed"), env=script_env)
-    deadline = time.time() + 900
-    while not (run_dir / "checkpoints" / "iteration_000001").is_dir():
-        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.5)
-    kill_run(process)
+    kill_run(subprocess.Popen(command(str(tmp_path), "killed"), env=script_env),
+             run_dir / "checkpoints" / "iteration_000001")
     subprocess.run(command(str(tmp_path), "killed", "--resume"), check=True, timeout=900, env=script_env)
+    assert uninterrupted_run.wait(timeout=900) == 0
     resumed, uninterrupted = read_metrics(run_dir), read_metrics(tmp_path / "full")
     assert [m["iteration"] for m in resumed] == [0, 1, 2, 3]
     for a, b in zip(resumed[2:], uninterrupted[2:]):

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -530,16 +529,13 @@ SMALL_EVAL = ["--task_arg", "num_eval=64"]
 def test_multi_turn_resume_after_kill_continues_the_same_schedule(tmp_path, script_env, kill_run):
     """The guessing game (several turns with the game's user), killed after its first checkpoint and resumed: the
     resumed iterations log what the uninterrupted run's did."""
-    subprocess.run(command(str(tmp_path), "full", *SMALL_EVAL), check=True, timeout=900, env=script_env)
+    uninterrupted_run = subprocess.Popen(command(str(tmp_path), "full", *SMALL_EVAL), env=script_env)  # beside
     run_dir = tmp_path / "killed"
-    process = subprocess.Popen(command(str(tmp_path), "killed", *SMALL_EVAL), env=script_env)
-    deadline = time.time() + 900
-    while not (run_dir / "checkpoints" / "iteration_000001").is_dir():
-        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.5)
-    kill_run(process)
+    kill_run(subprocess.Popen(command(str(tmp_path), "killed", *SMALL_EVAL), env=script_env),
+             run_dir / "checkpoints" / "iteration_000001")
     subprocess.run(command(str(tmp_path), "killed", *SMALL_EVAL, "--resume"), check=True, timeout=900,
                    env=script_env)
+    assert uninterrupted_run.wait(timeout=900) == 0
     resumed, uninterrupted = read_metrics(run_dir), read_metrics(tmp_path / "full")
     assert [m["iteration"] for m in resumed] == [0, 1, 2, 3]
     assert uninterrupted[1]["data/turns_played"] > 1  # dialogues with the user, several turns

@@ -6,10 +6,10 @@ the test, check the new numbers are right, and record them with the reason in th
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from conftest import run_side_by_side
 
 pytestmark = pytest.mark.slow  # every test here starts a script
 
@@ -41,13 +41,25 @@ PINNED = {
 }
 
 
+@pytest.fixture(scope="module")
+def pinned_runs(tiny_model, tmp_path_factory, script_env):
+    """Each script's pinned run, two at a time (most of a script start is Python imports on one core):
+    {script: (exit status, stderr, its run folder)}."""
+    folders = {script: tmp_path_factory.mktemp(script.removesuffix(".py")) for script in PINNED}
+    commands = {script: [sys.executable, os.path.join(REPO, script), "--model", tiny_model, "--seed", "1",
+                         "--num_iterations", "1", "--output_dir", str(folders[script]), "--run_name", "pinned",
+                         *flags] for script, (flags, _) in PINNED.items()}
+    finished = run_side_by_side(commands, script_env, tmp_path_factory.mktemp("pinned_logs"), timeout=1200)
+    return {script: (returncode, stderr, folders[script] / "pinned")
+            for script, (returncode, _, stderr) in finished.items()}
+
+
 @pytest.mark.parametrize("script", sorted(PINNED))
-def test_first_update_is_pinned(script, tiny_model, tmp_path, script_env):
-    flags, expected = PINNED[script]
-    subprocess.run([sys.executable, os.path.join(REPO, script), "--model", tiny_model, "--seed", "1",
-                    "--num_iterations", "1", "--output_dir", str(tmp_path), "--run_name", "pinned", *flags],
-                   check=True, timeout=600, env=script_env)
-    with open(tmp_path / "pinned" / "metrics.jsonl") as f:
+def test_first_update_is_pinned(script, pinned_runs):
+    returncode, stderr, run_dir = pinned_runs[script]
+    assert returncode == 0, stderr[-5000:]
+    with open(run_dir / "metrics.jsonl") as f:
         first = [json.loads(line) for line in f][1]
+    expected = PINNED[script][1]
     got = {key: first[key] for key in expected}
     assert got == {key: pytest.approx(value, rel=1e-4) for key, value in expected.items()}, got

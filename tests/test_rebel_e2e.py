@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -41,10 +40,15 @@ def read_metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_model, prompt_file, tmp_path_factory, script_env):
+def full_run(tiny_model, prompt_file, tmp_path_factory, script_env, kill_run):
+    """The uninterrupted run's folder. Beside it (2 ranks leave a core mostly idle) the same run goes into the same
+    output folder as "killed", and is killed after its checkpoint of iteration 2, for the resume test."""
     output_dir = str(tmp_path_factory.mktemp("runs"))
     env = {**script_env, "WANDB_MODE": "offline"}
-    subprocess.run(command(tiny_model, prompt_file, output_dir, "full", "--track"), check=True, timeout=600, env=env)
+    uninterrupted = subprocess.Popen(command(tiny_model, prompt_file, output_dir, "full", "--track"), env=env)
+    kill_run(subprocess.Popen(command(tiny_model, prompt_file, output_dir, "killed"), env=script_env),
+             os.path.join(output_dir, "killed", "checkpoints", "iteration_000002"))
+    assert uninterrupted.wait(timeout=600) == 0
     return os.path.join(output_dir, "full")
 
 
@@ -97,17 +101,10 @@ def test_hf_checkpoint_loads_in_vllm(full_run, script_env):
     assert "parity ok" in result.stdout
 
 
-def test_resume_after_kill_continues_the_same_schedule(full_run, tiny_model, prompt_file, tmp_path, script_env,
-                                                       kill_run):
-    output_dir = str(tmp_path)
+def test_resume_after_kill_continues_the_same_schedule(full_run, tiny_model, prompt_file, script_env):
+    """The run `full_run` killed after its checkpoint of iteration 2, resumed."""
+    output_dir = os.path.dirname(full_run)
     run_dir = os.path.join(output_dir, "killed")
-    process = subprocess.Popen(command(tiny_model, prompt_file, output_dir, "killed"), env=script_env)
-    deadline = time.time() + 600
-    while not os.path.isdir(os.path.join(run_dir, "checkpoints", "iteration_000002")):
-        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.5)
-    kill_run(process)
-
     subprocess.run(command(tiny_model, prompt_file, output_dir, "killed", "--resume"), check=True, timeout=600,
                    env=script_env)
     resumed, uninterrupted = read_metrics(run_dir), read_metrics(full_run)

@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -33,9 +32,14 @@ def read_metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, script_env):
+def full_run(tmp_path_factory, script_env, kill_run):
+    """The uninterrupted run's folder. Beside it (2 ranks leave a core mostly idle) the same run goes into the same
+    output folder as "killed", and is killed after its first checkpoint, for the resume test."""
     output_dir = str(tmp_path_factory.mktemp("runs"))
-    subprocess.run(command(output_dir, "full"), check=True, timeout=900, env=script_env)
+    uninterrupted = subprocess.Popen(command(output_dir, "full"), env=script_env)
+    kill_run(subprocess.Popen(command(output_dir, "killed"), env=script_env),
+             os.path.join(output_dir, "killed", "checkpoints", "iteration_000001"))
+    assert uninterrupted.wait(timeout=900) == 0
     return os.path.join(output_dir, "full")
 
 
@@ -56,15 +60,10 @@ def test_iterations_log_regression_diagnostics_and_per_turn_eval(full_run):
         "iteration_000001", "iteration_000002", "iteration_000003"]
 
 
-def test_resume_after_kill_continues_the_same_schedule(full_run, tmp_path, script_env, kill_run):
-    output_dir = str(tmp_path)
+def test_resume_after_kill_continues_the_same_schedule(full_run, script_env):
+    """The run `full_run` killed after its first checkpoint, resumed."""
+    output_dir = os.path.dirname(full_run)
     run_dir = os.path.join(output_dir, "killed")
-    process = subprocess.Popen(command(output_dir, "killed"), env=script_env)
-    deadline = time.time() + 900
-    while not os.path.isdir(os.path.join(run_dir, "checkpoints", "iteration_000001")):
-        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.5)
-    kill_run(process)
     subprocess.run(command(output_dir, "killed", "--resume"), check=True, timeout=900, env=script_env)
     resumed, uninterrupted = read_metrics(run_dir), read_metrics(full_run)
     assert [m["iteration"] for m in resumed] == [0, 1, 2, 3]
