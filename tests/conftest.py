@@ -149,41 +149,52 @@ def user_server(tiny_model, script_env):
     server.wait()
 
 
-def run_toy_refuel(output_dir, env, tiny_model, *extra) -> tuple[list[dict], str]:
+def toy_refuel_command(output_dir, tiny_model, *extra) -> list[str]:
     """refuel.py for one iteration at toy size (4 pairs, 4-token turns, the tiny model, vLLM rollouts) with `extra`
-    flags: its metrics records and its console (stdout and stderr)."""
+    flags, into `output_dir`/r."""
+    return [sys.executable, os.path.join(REPO, "refuel.py"), "--output_dir", str(output_dir), "--run_name", "r",
+            "--num_iterations", "1", "--pairs_per_rank", "4", "--minibatch_pairs", "2", "--micro_batch_pairs", "2",
+            "--max_new_tokens", "4", "--eval_every", "1", "--kv_cache_gib", "0.0625", "--model", tiny_model,
+            "--rollout_backend", "vllm", *extra]
+
+
+@pytest.fixture(scope="session")
+def plugin_task_runs(tmp_path_factory, tiny_model, script_env):
+    """Two toy refuel.py runs on plug-in tasks, side by side, each started once and checked by two test files (a
+    script start costs 15-25 s of imports on 2 cores): test_console reads their consoles, test_refuel_tasks their
+    metrics. "custom": tests/custom_task.py (a fork's task, no script edited), uniform h, default console;
+    "difficulty": tests/difficulty_task.py with its own parameter set (`--task_arg difficulty=5`), with --verbose.
+    {name: (metrics records, console (stdout and stderr), run folder)}."""
     import json
 
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "refuel.py"), "--output_dir", str(output_dir), "--run_name", "r",
-         "--num_iterations", "1", "--pairs_per_rank", "4", "--minibatch_pairs", "2", "--micro_batch_pairs", "2",
-         "--max_new_tokens", "4", "--eval_every", "1", "--kv_cache_gib", "0.0625", "--model", tiny_model,
-         "--rollout_backend", "vllm", *extra],
-        capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(os.path.join(output_dir, "r", "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f], result.stdout + result.stderr
-
-
-# Two toy refuel.py runs on plug-in tasks, each started once and checked by two test files (a script start costs
-# 15-25 s of imports on 2 cores): test_console reads their consoles, test_refuel_tasks their metrics.
-
-@pytest.fixture(scope="session")
-def custom_task_run(tmp_path_factory, tiny_model, script_env):
-    """refuel.py on tests/custom_task.py (a fork's task, no script edited), uniform h, default console."""
-    return run_toy_refuel(tmp_path_factory.mktemp("custom_task_run"), script_env, tiny_model, "--task",
-                          os.path.join(REPO, "tests", "custom_task.py") + ":make_task", "--horizon_sampling", "uniform")
+    folders = {name: tmp_path_factory.mktemp(f"{name}_task_run") for name in ("custom", "difficulty")}
+    tasks = os.path.join(REPO, "tests")
+    commands = {
+        "custom": toy_refuel_command(folders["custom"], tiny_model, "--task",
+                                     os.path.join(tasks, "custom_task.py") + ":make_task", "--horizon_sampling",
+                                     "uniform"),
+        "difficulty": toy_refuel_command(folders["difficulty"], tiny_model, "--task",
+                                         os.path.join(tasks, "difficulty_task.py") + ":make_task", "--task_arg",
+                                         "difficulty=5", "--verbose")}
+    runs = {}
+    for name, (returncode, stdout, stderr) in run_side_by_side(commands, script_env,
+                                                               tmp_path_factory.mktemp("task_logs")).items():
+        assert returncode == 0, stderr[-3000:]
+        with open(os.path.join(folders[name], "r", "metrics.jsonl")) as f:
+            runs[name] = ([json.loads(line) for line in f], stdout + stderr, os.path.join(folders[name], "r"))
+    return runs
 
 
 @pytest.fixture(scope="session")
-def difficulty_task_verbose_run(tmp_path_factory, tiny_model, script_env):
-    """refuel.py on tests/difficulty_task.py with its own parameter set (`--task_arg difficulty=5`), with --verbose;
-    also returns its run folder."""
-    output_dir = tmp_path_factory.mktemp("difficulty_task_run")
-    metrics, console = run_toy_refuel(output_dir, script_env, tiny_model, "--task",
-                                      os.path.join(REPO, "tests", "difficulty_task.py") + ":make_task",
-                                      "--task_arg", "difficulty=5", "--verbose")
-    return metrics, console, os.path.join(output_dir, "r")
+def custom_task_run(plugin_task_runs):
+    """The "custom" run of `plugin_task_runs`: its metrics and console."""
+    return plugin_task_runs["custom"][:2]
+
+
+@pytest.fixture(scope="session")
+def difficulty_task_verbose_run(plugin_task_runs):
+    """The "difficulty" run of `plugin_task_runs`: its metrics, console and run folder."""
+    return plugin_task_runs["difficulty"]
 
 
 def run_side_by_side(commands: dict, env: dict, log_dir, jobs: int = 2, timeout: float = 900) -> dict:
