@@ -12,6 +12,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# One intra-op thread in this process and in every script the tests start (they inherit it): the toy models' ops
+# are too small to share between threads, and the tests run scripts side by side on 2 cores, where each one's
+# second thread would spin waiting for a core the other holds (a toy refuel.py run took 43 s beside another
+# process with 2 threads, 22 s with one)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import engines  # noqa: E402
 import utils  # noqa: E402
