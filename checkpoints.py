@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 import utils
@@ -36,7 +36,7 @@ def save_checkpoint(run_dir: str, iteration: int, trained: dict[str, tuple[torch
     """Writes `runs/<run>/checkpoints/iteration_<n>/`, atomically (a temporary folder renamed when complete).
 
     - `dcp/`: every trained model's and optimizer's shards (torch.distributed.checkpoint; MA-PPO has two); with
-      LoRA only what trains (`model_state`): adapters, a critic's value head, their optimizer state;
+      LoRA only what trains (`trained_state`): adapters, a critic's value head, their optimizer state;
     - `hf/`: the `export` model in Hugging Face format, fp32 (`save_hf_folder`: gathered `bucket_bytes` at a time);
       with LoRA its adapter folder (`save_adapter_folder`), and with `export_merged` the merged model in `hf_merged/`;
     - `rank<r>.pt`: each rank's random states and the loop's own state (schedulers, data order, counters);
@@ -52,7 +52,7 @@ def save_checkpoint(run_dir: str, iteration: int, trained: dict[str, tuple[torch
     state = {}
     for name, (model, optimizer) in trained.items():
         model.reshard()  # a forward without backward leaves FSDP2's root parameters unsharded
-        state[f"model/{name}"], state[f"optim/{name}"] = get_state_dict(model, optimizer, options=model_state(model))
+        state[f"model/{name}"], state[f"optim/{name}"] = trained_state(model, optimizer)
     dcp.save(state, checkpoint_id=os.path.join(tmp, "dcp"))
     exported = trained[export][0]
     if utils.lora_layers(exported):
@@ -75,13 +75,13 @@ def save_checkpoint(run_dir: str, iteration: int, trained: dict[str, tuple[torch
     return final
 
 
-def model_state(model: torch.nn.Module):
-    """What a checkpoint holds of `model` (`StateDictOptions`): every weight; with LoRA only those that train (the
-    frozen base is the model's own folder, read again on resume)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    frozen = any(not p.requires_grad for p in model.parameters())
-    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+def trained_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model's and the optimizer's state dicts as a checkpoint holds them (`get_state_dict`): every weight, or
+    with LoRA only those that train, a frozen weight left out under every name it has (a tied head too: the base
+    model's own folder holds them, read again on resume)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_state.items() if k not in frozen}, optimizer_state
 
 
 def save_adapter_folder(model: torch.nn.Module, folder: str, tokenizer) -> None:
@@ -173,11 +173,12 @@ def load_checkpoint(path: str, trained: dict[str, tuple[torch.nn.Module, torch.o
     state = {}
     for name, (model, optimizer) in trained.items():
         model.reshard()
-        state[f"model/{name}"], state[f"optim/{name}"] = get_state_dict(model, optimizer, options=model_state(model))
+        state[f"model/{name}"], state[f"optim/{name}"] = trained_state(model, optimizer)
     dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
     for name, (model, optimizer) in trained.items():
+        frozen = any(not p.requires_grad for p in model.parameters())  # with LoRA the base is not in the checkpoint
         set_state_dict(model, optimizer, model_state_dict=state[f"model/{name}"],
-                       optim_state_dict=state[f"optim/{name}"], options=model_state(model))
+                       optim_state_dict=state[f"optim/{name}"], options=StateDictOptions(strict=not frozen))
     saved = torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=False)
     random.setstate(saved["rng"]["python"])
     np.random.set_state(saved["rng"]["numpy"])
