@@ -161,6 +161,32 @@ def test_plan_for_llama3_8b_on_one_80gib_gpu_counts_adapters_apart_from_the_froz
         memory_plan.check_fits(full, 80 * 2**30)
 
 
+def test_the_printed_8b_plans_are_those_in_docs_scale():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import lora_plan
+
+    with open(os.path.join(REPO, "docs", "scale.md")) as f:
+        doc = f.read()
+    for text in (lora_plan.plan_text(LORA, True), lora_plan.plan_text(LORA, False), lora_plan.plan_text(None, True),
+                 lora_plan.presets_table(), lora_plan.sync_table()):
+        assert text in doc
+    assert lora_plan.plan_text(LORA, True).endswith("fits one 80 GiB device")
+    without = lora_plan.plan_text(LORA, False)
+    assert without.startswith("memory plan") and "does not fit" in without
+
+
+def test_lora_dropout_acts_only_in_forwards_that_take_gradients(process_group, tiny_model):
+    policy = checkpoints.load_sharded_causal_lm(tiny_model, process_group[2], bf16=False,
+                                                lora=checkpoints.LoraArgs(lora_rank=8, lora_dropout=0.5))
+    trained_step(policy, lr=0.1)  # B away from zero, so that the adapters' input matters
+    scored = logprobs(policy, *batch())
+    assert torch.equal(logprobs(policy, *batch()), scored)  # no dropout without gradients: deterministic
+    with torch.no_grad():
+        assert torch.equal(utils.token_logprobs(policy, *batch(), 1.0), scored)
+    torch.manual_seed(0)
+    assert not torch.equal(utils.token_logprobs(policy, *batch(), 1.0).detach(), scored)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the four scripts with --lora_rank 8: two iterations, a checkpoint after each, then the second replayed from
 # the first's checkpoint
