@@ -275,12 +275,12 @@ class LoraArgs:
 
     lora_rank: int = 0
     """rank r of the adapters (peft's LoRA); 0 trains every weight (full fine-tuning). Common values: 8 to 64
-    (TRL's and OpenRLHF's examples use 8 to 32 for 7-8B models)"""
+    (peft's default: 8)"""
     lora_alpha: float = 16.0
-    """the adapters' update is scaled by alpha / r. Common values: 16, or twice the rank"""
+    """the adapters' update is scaled by alpha / r. Common values: 16 to 32, or twice the rank (peft's default: 8)"""
     lora_dropout: float = 0.0
     """dropout on the adapters' input in the training forwards (those that take gradients; the scoring forwards,
-    old log-probs and sync checks, never drop). Common values: 0 to 0.1 (peft's examples: 0.05)"""
+    old log-probs and sync checks, never drop). Common values: 0 to 0.1 (peft's default: 0)"""
     lora_target_modules: tuple[str, ...] = ("all-linear",)
     """the linear layers that get adapters, by name (`q_proj v_proj`, the LoRA paper's choice); `all-linear`: every
     linear projection of the attention and MLP blocks (for Llama q/k/v/o_proj and gate/up/down_proj)"""
