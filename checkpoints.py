@@ -13,6 +13,7 @@ Copy it along with the script you fork; it is not a library.
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -23,18 +24,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 import utils
 
 
 def save_checkpoint(run_dir: str, iteration: int, trained: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
-                    trainer_state: dict, tokenizer, export: str = "policy", bucket_bytes: int = 2**29) -> str:
+                    trainer_state: dict, tokenizer, export: str = "policy", bucket_bytes: int = 2**29,
+                    export_merged: bool = False) -> str:
     """Writes `runs/<run>/checkpoints/iteration_<n>/`, atomically (a temporary folder renamed when complete).
 
-    - `dcp/`: every trained model's and optimizer's shards (torch.distributed.checkpoint; MA-PPO has two);
+    - `dcp/`: every trained model's and optimizer's shards (torch.distributed.checkpoint; MA-PPO has two); with
+      LoRA only what trains (`trained_state`): adapters, a critic's value head, their optimizer state;
     - `hf/`: the `export` model in Hugging Face format, fp32 (`save_hf_folder`: gathered `bucket_bytes` at a time);
+      with LoRA its adapter folder (`save_adapter_folder`), and with `export_merged` the merged model in `hf_merged/`;
     - `rank<r>.pt`: each rank's random states and the loop's own state (schedulers, data order, counters);
     - `manifest.json`, written last: every file and its size, so `latest_checkpoint` can tell a complete one.
     """
@@ -48,9 +52,13 @@ def save_checkpoint(run_dir: str, iteration: int, trained: dict[str, tuple[torch
     state = {}
     for name, (model, optimizer) in trained.items():
         model.reshard()  # a forward without backward leaves FSDP2's root parameters unsharded
-        state[f"model/{name}"], state[f"optim/{name}"] = get_state_dict(model, optimizer)
+        state[f"model/{name}"], state[f"optim/{name}"] = trained_state(model, optimizer)
     dcp.save(state, checkpoint_id=os.path.join(tmp, "dcp"))
-    save_hf_folder(trained[export][0], os.path.join(tmp, "hf"), tokenizer, bucket_bytes)
+    exported = trained[export][0]
+    if utils.lora_layers(exported):
+        save_adapter_folder(exported, os.path.join(tmp, "hf"), tokenizer)
+    if export_merged or not utils.lora_layers(exported):
+        save_hf_folder(exported, os.path.join(tmp, "hf_merged" if export_merged else "hf"), tokenizer, bucket_bytes)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -67,11 +75,39 @@ def save_checkpoint(run_dir: str, iteration: int, trained: dict[str, tuple[torch
     return final
 
 
-def hf_export_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+def trained_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model's and the optimizer's state dicts as a checkpoint holds them (`get_state_dict`): every weight, or
+    with LoRA only those that train, a frozen weight left out under every name it has (a tied head too: the base
+    model's own folder holds them, read again on resume)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_state.items() if k not in frozen}, optimizer_state
+
+
+def save_adapter_folder(model: torch.nn.Module, folder: str, tokenizer) -> None:
+    """Writes a LoRA model's adapters as the folder `peft` saves and `PeftModel.from_pretrained(base, folder)` loads
+    (`adapter_config.json`, `adapter_model.safetensors` under peft's names, fp32), with the tokenizer. A collective
+    (the adapters are gathered, a few MB); rank 0 writes."""
+    from safetensors.torch import save_file
+
+    adapters = [(n, p) for n, p in model.named_parameters() if ".lora_" in n]
+    tensors = {}
+    for bucket in utils.gathered_buckets(adapters, torch.float32, 0):
+        tensors.update({"base_model.model." + n.replace(".default.", "."): t.cpu().contiguous() for n, t in bucket})
+    if dist.get_rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+        save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = model.peft_config["default"]
+        config.base_model_name_or_path = model.config.name_or_path
+        config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+
+def hf_export_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor | torch.nn.Module]]:
     """The named tensors `save_hf_folder` writes, in order: the state dict's parameters (a tied weight once, under
-    its first name) and persistent buffers."""
-    keys = model.state_dict().keys()
-    return [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if n in keys]
+    its first name) and persistent buffers, under the names of a model without adapters (`utils.hf_weights`: a
+    LoRA layer stands for its merged weight)."""
+    return utils.hf_weights(model)
 
 
 def save_hf_folder(model: torch.nn.Module, folder: str, tokenizer, bucket_bytes: int) -> None:
@@ -83,7 +119,7 @@ def save_hf_folder(model: torch.nn.Module, folder: str, tokenizer, bucket_bytes:
     from safetensors.torch import save_file
 
     tensors = hf_export_tensors(model)
-    count = len(utils.size_buckets([t.numel() * 4 for _, t in tensors], bucket_bytes))
+    count = len(utils.size_buckets([utils.weight_numel(t) * 4 for _, t in tensors], bucket_bytes))
     index, total = {}, 0
     if dist.get_rank() == 0:
         os.makedirs(folder, exist_ok=True)
@@ -137,11 +173,12 @@ def load_checkpoint(path: str, trained: dict[str, tuple[torch.nn.Module, torch.o
     state = {}
     for name, (model, optimizer) in trained.items():
         model.reshard()
-        state[f"model/{name}"], state[f"optim/{name}"] = get_state_dict(model, optimizer)
+        state[f"model/{name}"], state[f"optim/{name}"] = trained_state(model, optimizer)
     dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
     for name, (model, optimizer) in trained.items():
+        frozen = any(not p.requires_grad for p in model.parameters())  # with LoRA the base is not in the checkpoint
         set_state_dict(model, optimizer, model_state_dict=state[f"model/{name}"],
-                       optim_state_dict=state[f"optim/{name}"])
+                       optim_state_dict=state[f"optim/{name}"], options=StateDictOptions(strict=not frozen))
     saved = torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=False)
     random.setstate(saved["rng"]["python"])
     np.random.set_state(saved["rng"]["numpy"])
@@ -212,6 +249,9 @@ def fill_from_safetensors(model: torch.nn.Module, files: list[str]) -> list[str]
         handles = [stack.enter_context(safe_open(f, framework="pt")) for f in files]
         stored = {name: handle for handle in handles for name in handle.keys()}
         for names, tensor in state_tensors(model):
+            if any(".lora_" in n for n in names):  # adapters are no checkpoint's: `init_lora` sets them
+                continue
+            names = [n.replace(".base_layer.", ".") for n in names]  # an adapted layer's weight, as it is stored
             local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
             name = next((n for n in names if n in stored), None)
             if name is None:
@@ -223,10 +263,139 @@ def fill_from_safetensors(model: torch.nn.Module, files: list[str]) -> list[str]
     return missing
 
 
+# ----------------------------------------------------------------------------------------------------------
+# LoRA adapters (peft): added as a model loads, off for the reference
+
+
+@dataclasses.dataclass
+class LoraArgs:
+    """LoRA instead of full fine-tuning, the same in the four scripts: a script attaches them as
+    `lora: Annotated[LoraArgs, tyro.conf.arg(name="")]`, so that they read `--lora_rank`, ... on its command line.
+    The base weights stay frozen (and sharded); only the adapters (and a critic's value head) train."""
+
+    lora_rank: int = 0
+    """rank r of the adapters (peft's LoRA); 0 trains every weight (full fine-tuning). Common values: 8 to 64
+    (peft's default: 8)"""
+    lora_alpha: float = 16.0
+    """the adapters' update is scaled by alpha / r. Common values: 16 to 32, or twice the rank (peft's default: 8)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input in the training forwards (those that take gradients; the scoring forwards,
+    old log-probs and sync checks, never drop). Common values: 0 to 0.1 (peft's default: 0)"""
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+    """the linear layers that get adapters, by name (`q_proj v_proj`, the LoRA paper's choice); `all-linear`: every
+    linear projection of the attention and MLP blocks (for Llama q/k/v/o_proj and gate/up/down_proj)"""
+    export_merged: bool = False
+    """with LoRA a checkpoint's `hf/` is the adapter folder `peft` loads (`PeftModel.from_pretrained`); this also
+    writes the merged model, a plain Hugging Face folder, to `hf_merged/`"""
+
+
+def check_lora_args(lora: LoraArgs) -> list[str]:
+    """What is wrong with the LoRA flags, one message per problem."""
+    return [message for bad, message in [
+        (lora.lora_rank < 0, "--lora_rank must be >= 0 (0: full fine-tuning)"),
+        (lora.lora_alpha <= 0, "--lora_alpha must be > 0: it scales the adapters' update"),
+        (not 0 <= lora.lora_dropout < 1, "--lora_dropout must be in [0, 1)"),
+        (not lora.lora_target_modules, "--lora_target_modules needs at least one name"),
+        (lora.export_merged and lora.lora_rank == 0, "--export_merged needs --lora_rank > 0 (full fine-tuning "
+                                                     "exports the whole model already)"),
+    ] if bad]
+
+
+class TrainingDropout(torch.nn.Dropout):
+    """Dropout only in forwards that take gradients: the scripts run their models in eval mode, and a forward
+    without gradients (old log-probs, the reference, the sync checks) must be deterministic."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(x, self.p, training=torch.is_grad_enabled())
+
+
+def add_lora(model: torch.nn.Module, lora: LoraArgs | None) -> torch.nn.Module:
+    """Adds LoRA adapters (`peft.inject_adapter_in_model`, in place: the model keeps its class and names, its
+    adapted layers' weights under `<layer>.base_layer.weight`) to the decoder layers' linear layers that
+    `lora.lora_target_modules` names, and freezes every other weight but a task head (a critic's value head, which
+    the base checkpoint does not train). Works on the meta device; `init_lora` gives the adapters their values.
+    A model without decoder layers of linear layers, or a name none of them has, is refused."""
+    if lora is None or lora.lora_rank == 0:
+        return model
+    import peft
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in layers.named_modules() if isinstance(m, torch.nn.Linear)}) \
+        if layers is not None else []
+    if not names:
+        raise SystemExit(f"--lora_rank: {type(model).__name__} has no decoder layers of linear layers "
+                         "(model.model.layers) for LoRA adapters; train it with --lora_rank 0")
+    targets = names if "all-linear" in lora.lora_target_modules else list(lora.lora_target_modules)
+    unknown = sorted(set(targets) - set(names))
+    if unknown:
+        raise SystemExit(f"--lora_target_modules: {type(model).__name__} has no linear layers named {unknown} in its "
+                         f"decoder layers; it has {names}")
+    # a regular expression (peft matches it against whole module names): the decoder layers' linear layers only
+    pattern = rf"model\.layers\.\d+\..*\.({'|'.join(targets)})"
+    config = peft.LoraConfig(r=lora.lora_rank, lora_alpha=lora.lora_alpha, target_modules=pattern,
+                             lora_dropout=lora.lora_dropout)
+    peft.inject_adapter_in_model(config, model)
+    for layer in utils.lora_layers(model).values():
+        if lora.lora_dropout > 0:
+            layer.lora_dropout["default"] = TrainingDropout(lora.lora_dropout)
+    output = model.get_output_embeddings()
+    for name, parameter in model.named_parameters():
+        if not name.startswith("model.") and (output is None or parameter is not output.weight):
+            parameter.requires_grad_(True)  # a task head: new, or a reward model's, trained whole
+    return model
+
+
+@torch.no_grad()
+def init_lora(model: torch.nn.Module, seed: int = 0) -> None:
+    """Gives the adapters peft's initial values on every rank alike whatever the number of ranks: A uniform as
+    `kaiming_uniform_(a=sqrt(5))` from one generator (`seed`) in the model's order, B zero, so that the adapted
+    model starts as the base model. Each rank copies its own rows of A; sharded or not."""
+    generator = torch.Generator().manual_seed(seed)
+    for layer in utils.lora_layers(model).values():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        full = torch.empty(a.shape)
+        torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+        if isinstance(a, DTensor):
+            a, full = a.to_local(), full[slice(*rank_rows(a.shape[0]))]
+        a.copy_(full)
+        b.zero_()
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """The model without its adapters inside the block: the base model, i.e. the initial policy."""
+    layers = utils.lora_layers(model).values()
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+class WithoutAdapters:
+    """A LoRA model with its adapters off, called like a model, without gradients: the initial policy as a
+    reference without a second copy of the weights."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, **inputs):
+        with adapters_disabled(self.model):
+            return self.model(**inputs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a model loaded into FSDP2 shards
+
+
 def load_sharded(path: str, auto_class, device: torch.device | str, *, bf16: bool, gradient_checkpointing: bool = False,
-                 config=None) -> tuple[torch.nn.Module, list[str]]:
+                 config=None, lora: LoraArgs | None = None) -> tuple[torch.nn.Module, list[str]]:
     """`auto_class` (an `AutoModelFor...`) of the folder or hub id `path` (with `config`, default its own) in fp32,
-    sharded by `utils.shard_model`, and the names of the weights the checkpoint lacks, which start at zero.
+    with `lora` adapters when its rank is above 0 (`add_lora`, `init_lora`), sharded by `utils.shard_model`, and
+    the names of the weights the checkpoint lacks, which start at zero.
 
     The model is built on the meta device, sharded, given memory for this rank's shards only (`to_empty`), and
     filled with this rank's rows of each tensor (`fill_from_safetensors`): a rank's host memory grows with its
@@ -247,7 +416,10 @@ def load_sharded(path: str, auto_class, device: torch.device | str, *, bf16: boo
             for name, parameter in model.named_parameters():
                 if name in missing:
                     parameter.zero_()
+        add_lora(model, lora)
+        init_lora(model)
         return utils.shard_model(model.to(device), bf16, gradient_checkpointing), sorted(missing)
+    add_lora(model, lora)
     utils.shard_model(model, bf16, gradient_checkpointing)
     model.to_empty(device=device)
     for name in derived:
@@ -255,6 +427,7 @@ def load_sharded(path: str, auto_class, device: torch.device | str, *, bf16: boo
         with torch.device(device):
             model.set_submodule(name, type(module)(module.config))
     missing = fill_from_safetensors(model, files)
+    init_lora(model)
     if model.can_generate():
         # from_pretrained reads generation_config.json (EOS ids, sampling defaults) too; a folder without one keeps
         # the generation config derived from the model config, as there
@@ -264,13 +437,21 @@ def load_sharded(path: str, auto_class, device: torch.device | str, *, bf16: boo
 
 
 def load_sharded_causal_lm(path: str, device: torch.device | str, *, bf16: bool,
-                           gradient_checkpointing: bool = False) -> torch.nn.Module:
-    """The causal LM of `path`, FSDP2-sharded in fp32, each rank reading only its own rows (`load_sharded`); a
-    checkpoint that lacks a weight is refused."""
+                           gradient_checkpointing: bool = False, lora: LoraArgs | None = None) -> torch.nn.Module:
+    """The causal LM of `path`, FSDP2-sharded in fp32, each rank reading only its own rows (`load_sharded`), with
+    `lora` adapters when its rank is above 0; a checkpoint that lacks a weight is refused."""
     from transformers import AutoModelForCausalLM
 
     model, missing = load_sharded(path, AutoModelForCausalLM, device, bf16=bf16,
-                                  gradient_checkpointing=gradient_checkpointing)
+                                  gradient_checkpointing=gradient_checkpointing, lora=lora)
     if missing:
         raise ValueError(f"{path} has no weights for {missing}")
     return model
+
+
+def load_reference(policy: torch.nn.Module, path: str, device: torch.device | str, *, bf16: bool):
+    """The frozen reference policy pi_0 of `policy` (loaded from `path`): with LoRA the policy itself with its adapters
+    off (`WithoutAdapters`), no second copy; else a second sharded copy of `path` without gradients."""
+    if utils.lora_layers(policy):
+        return WithoutAdapters(policy)
+    return load_sharded_causal_lm(path, device, bf16=bf16).requires_grad_(False)

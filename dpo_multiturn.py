@@ -48,7 +48,7 @@ import checkpoints
 import dialogues
 import lifecycle
 import utils
-from lifecycle import RunArgs
+from lifecycle import LoraArgs, RunArgs
 from tasks import TaskArgs, task_factory
 
 
@@ -128,6 +128,8 @@ class Args:
     run: Annotated[RunArgs, tyro.conf.arg(name="")] = dataclasses.field(
         default_factory=lambda: RunArgs(exp_name="dpo_multiturn"))
     """seed, devices and engines, token budget, run folder, tracking (lifecycle.RunArgs)"""
+    lora: Annotated[LoraArgs, tyro.conf.arg(name="")] = dataclasses.field(default_factory=LoraArgs)
+    """full fine-tuning, or LoRA adapters on the frozen base: --lora_rank, ... (checkpoints.LoraArgs)"""
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -294,7 +296,7 @@ def check_args(args: Args) -> None:
     ] if bad]
     if problems:
         raise SystemExit("\n".join(problems))
-    lifecycle.check_run_args(args.run)
+    lifecycle.check_run_args(args.run, args.lora)
     task_factory(args.task_args.task)
 
 
@@ -319,21 +321,17 @@ if __name__ == "__main__":
     plan = run.check_memory(rows=2 * args.micro_batch_pairs, sequence_tokens=sequence_tokens,
                             response_tokens=response_tokens, reference=uses_ref_policy)
 
-    # models: the policy and (DPO against pi_0) the frozen reference policy, sharded with FSDP2 as they load
-    policy = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16,
+    # models: the policy (with --lora_rank: adapters on its frozen base) and (DPO against pi_0) the frozen reference
+    # policy, sharded with FSDP2 as they load; with LoRA it is the policy with its adapters off, no second copy
+    policy = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16, lora=args.lora,
                                                 gradient_checkpointing=args.run.gradient_checkpointing)
-    ref_policy = None
-    if uses_ref_policy:
-        ref_policy = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16)
-        ref_policy.requires_grad_(False)
+    ref_policy = checkpoints.load_reference(policy, run.policy_path, device, bf16=args.run.bf16) \
+        if uses_ref_policy else None
     steps_per_iteration = args.num_epochs * -(-args.pairs_per_rank // args.minibatch_pairs)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
+    optimizer = torch.optim.AdamW(utils.trainable(policy), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
-    if args.run.schedule_over == "token_budget":
-        scheduler = utils.BudgetSchedule(optimizer, args.lr_schedule, args.warmup_ratio, args.run.token_budget)
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, utils.lr_lambda(
-            args.lr_schedule, args.num_iterations * steps_per_iteration, args.warmup_ratio))
+    scheduler = lifecycle.lr_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
+                                       args.num_iterations * steps_per_iteration, args.run)
     engine = run.start_engine(plan, tokenizer)  # pi_t's rollout engine, colocated on this rank
 
     def play(openings: list[dialogues.Episode], horizons: list[int], seed_parts: tuple,

@@ -252,12 +252,18 @@ def make_engine(model_path: str, device: torch.device, *, max_model_len: int, se
 # weight sync: the trainer's weights into the engine, streamed, then checked
 
 
-def weights_to_sync(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The tensors an engine needs, in the model's order: the state dict's parameters (a tied head under its own
-    name too: vLLM's reload waits for `lm_head.weight`) and persistent buffers. Non-persistent buffers such as
-    rotary `inv_freq` are derived from the config and are not handed over."""
-    keys = model.state_dict().keys()
-    return [(n, t) for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()] if n in keys]
+def weights_to_sync(model: torch.nn.Module) -> list[tuple[str, torch.Tensor | torch.nn.Module]]:
+    """The tensors an engine needs, in the model's order, under the names of a model without adapters: the state
+    dict's parameters (a tied head under its own name too: vLLM's reload waits for `lm_head.weight`) and persistent
+    buffers. Non-persistent buffers such as rotary `inv_freq` are derived from the config and are not handed over.
+
+    With LoRA only what training changes: the weights of the blocks (attention, MLP) that hold adapters, each
+    adapted layer as its merged weight (`utils.gathered_buckets` merges it on this rank's rows), its unadapted
+    siblings as they are, because vLLM fuses q/k/v and gate/up into one tensor that reloads only whole; every other
+    tensor (embeddings, norms, head) is frozen and stays the engine's own."""
+    weights = utils.hf_weights(model, remove_duplicate=False)
+    blocks = {name.rsplit(".", 1)[0] for name in utils.lora_layers(model)}
+    return [(n, t) for n, t in weights if n.rsplit(".", 2)[0] in blocks] if blocks else weights
 
 
 def stream_weights(model: torch.nn.Module, dtype: torch.dtype, bucket_bytes: int):
@@ -333,7 +339,7 @@ def check_weights_match(engine, model: torch.nn.Module) -> int:
     tensors are gathered one at a time (a collective: all ranks call this in step; every rank gathers them all
     before it raises).
     """
-    trainer_weights = dict(weights_to_sync(model))
+    trainer_weights = dict(utils.hf_weights(model, remove_duplicate=False))  # with LoRA the frozen ones too
     held = engine.read_weights([n for n in readback_names(len(model.model.layers)) if n in trainer_weights])
     if not held:
         raise WeightSyncError("the rollout engine holds none of the tensors the weight check reads back")

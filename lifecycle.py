@@ -40,6 +40,7 @@ import engines
 import memory_plan
 import tasks
 import utils
+from checkpoints import LoraArgs  # attached to each script's Args as RunArgs is; defined where models load
 
 
 @dataclasses.dataclass
@@ -118,7 +119,7 @@ class RunArgs:
 
 # flags that may change on `--resume`: they do not touch what is trained nor its schedule
 RESUMABLE_CHANGES = {"resume", "track", "wandb_project", "wandb_entity", "verbose", "eval_every", "save_every",
-                     "collective_timeout_minutes",
+                     "collective_timeout_minutes", "export_merged",
                      "user_url", "user_timeout", "user_retries"}
 
 
@@ -156,9 +157,11 @@ def flat_args(args) -> dict:
     return flat
 
 
-def check_run_args(flags: RunArgs) -> None:
-    """Run flags that cannot work are refused before anything loads (each script's `check_args` calls this)."""
-    problems = [message for bad, message in [
+def check_run_args(flags: RunArgs, lora: LoraArgs | None = None) -> None:
+    """Run flags (and LoRA flags, `checkpoints.check_lora_args`) that cannot work are refused before anything loads
+    (each script's `check_args` calls this)."""
+    problems = checkpoints.check_lora_args(lora) if lora is not None else []
+    problems += [message for bad, message in [
         (flags.schedule_over == "token_budget" and flags.token_budget is None,
          "--schedule_over token_budget needs --token_budget"),
         (flags.resume and flags.run_name is None, "--resume needs --run_name of the run to continue"),
@@ -166,6 +169,14 @@ def check_run_args(flags: RunArgs) -> None:
     ] if bad]
     if problems:
         raise SystemExit("\n".join(problems))
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_ratio: float, steps: int, flags: RunArgs):
+    """The learning-rate schedule of `optimizer` (`schedule` after a linear warmup over `warmup_ratio` of it): over
+    `steps` optimizer steps, or with `--schedule_over token_budget` over the budget (`utils.BudgetSchedule`)."""
+    if flags.schedule_over == "token_budget":
+        return utils.BudgetSchedule(optimizer, schedule, warmup_ratio, flags.token_budget)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, utils.lr_lambda(schedule, steps, warmup_ratio))
 
 
 def quiet_third_party(verbose: bool) -> None:
@@ -487,7 +498,7 @@ class Run:
             response_tokens=response_tokens, reference=reference, critic=critic,
             engine_memory_share=self.flags.engine_memory_share, engine_sleep=self.flags.engine_sleep,
             max_model_len=self.max_model_len, reward_model=reward_model, trust_remote_code=trust_remote_code,
-            user_model=user_model)
+            user_model=user_model, lora=self.args.lora)
 
     def start_engine(self, plan: memory_plan.MemoryPlan, tokenizer, probe_prompt: list[int] | None = None):
         """The policy's rollout engine on this rank, with the plan's memory share, and the fixed probe sequence
@@ -610,7 +621,8 @@ class Run:
                 self.folder, iteration, trained, {
                     "iteration": iteration, "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
                     "initial_scores": self.initial_scores, "spent": self.spent, **(state or {})},
-                self.tokenizer, export=self.serve, bucket_bytes=int(flags.sync_bucket_mb * 2**20))
+                self.tokenizer, export=self.serve, bucket_bytes=int(flags.sync_bucket_mb * 2**20),
+                export_merged=self.args.lora.export_merged)
         if self.budget_spent:
             utils.print0(f"token budget reached: {metrics['budget/generated_tokens']:.0f} >= {flags.token_budget}")
 

@@ -45,7 +45,7 @@ import checkpoints
 import dialogues
 import lifecycle
 import utils
-from lifecycle import RunArgs
+from lifecycle import LoraArgs, RunArgs
 from tasks import TaskArgs, task_factory
 
 CLAUSE_ENDS = (".", ",", ";", ":", "!", "?", "\n")
@@ -140,6 +140,8 @@ class Args:
     run: Annotated[RunArgs, tyro.conf.arg(name="")] = dataclasses.field(
         default_factory=lambda: RunArgs(exp_name="ma_ppo"))
     """seed, devices and engines, token budget, run folder, tracking (lifecycle.RunArgs)"""
+    lora: Annotated[LoraArgs, tyro.conf.arg(name="")] = dataclasses.field(default_factory=LoraArgs)
+    """full fine-tuning, or LoRA adapters on the frozen base: --lora_rank, ... (checkpoints.LoraArgs)"""
 
 
 @dataclasses.dataclass
@@ -314,7 +316,7 @@ def token_weights(mask: torch.Tensor, minibatch_mask: torch.Tensor, averaging: s
 
 
 def load_critic(path: str, from_reward_model: bool, device: torch.device | str = "cpu", *, bf16: bool = False,
-                gradient_checkpointing: bool = False, policy_tokenizer=None,
+                gradient_checkpointing: bool = False, policy_tokenizer=None, lora: LoraArgs | None = None,
                 trust_remote_code: bool = False) -> torch.nn.Module:
     """A value head (one output, no bias) on a transformer, `AutoModelForTokenClassification`, FSDP2-sharded in fp32
     (`checkpoints.load_sharded`: each rank reads only its own rows of the checkpoint).
@@ -337,7 +339,7 @@ def load_critic(path: str, from_reward_model: bool, device: torch.device | str =
     # a weight the checkpoint lacks starts at zero: at transformers' init scale a head's noise between neighbouring
     # tokens, far larger than score differences, would set the first advantages (docs/ma_ppo.md, "The critic")
     critic, missing = checkpoints.load_sharded(path, AutoModelForTokenClassification, device, bf16=bf16,
-                                               gradient_checkpointing=gradient_checkpointing, config=config)
+                                               gradient_checkpointing=gradient_checkpointing, config=config, lora=lora)
     if from_reward_model and missing:
         raise SystemExit(f"--critic_init reward_model: {path} has no weights for {sorted(missing)} "
                          "of a value head; it is not a one-output sequence-classification model of a head named "
@@ -433,7 +435,7 @@ def check_args(args: Args) -> None:
     ] if bad]
     if problems:
         raise SystemExit("\n".join(problems))
-    lifecycle.check_run_args(args.run)
+    lifecycle.check_run_args(args.run, args.lora)
     task_factory(args.task_args.task)
 
 
@@ -450,25 +452,23 @@ if __name__ == "__main__":
                             response_tokens=run.dialogue_tokens, reference=True, critic=True)
 
     # models: actor, critic (a value head on a transformer), frozen reference, each sharded with FSDP2 as it loads
-    actor = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16,
+    # (with --lora_rank: adapters on frozen bases, each its own; the reference is the actor with its adapters off)
+    actor = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16, lora=args.lora,
                                                gradient_checkpointing=args.run.gradient_checkpointing)
     critic_from_rm = critic_initialisation(args) == "reward_model"  # as the official critic
     critic = load_critic(args.task_args.reward_model if critic_from_rm else run.policy_path, critic_from_rm, device,
-                         bf16=args.run.bf16, gradient_checkpointing=args.run.gradient_checkpointing,
+                         bf16=args.run.bf16, gradient_checkpointing=args.run.gradient_checkpointing, lora=args.lora,
                          policy_tokenizer=tokenizer, trust_remote_code=args.task_args.trust_remote_code)
-    reference = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16)
-    reference.requires_grad_(False)
+    reference = checkpoints.load_reference(actor, run.policy_path, device, bf16=args.run.bf16)
     # each model's schedule over its own steps: the actor takes none during the critic's warmup
     steps = args.num_iterations * steps_per_iteration(args)
     optimizers, schedulers = {}, {}
     for name, model, lr, model_steps in (("actor", actor, args.lr, steps - args.critic_warmup_steps),
                                          ("critic", critic, args.critic_lr, steps)):
-        optimizers[name] = torch.optim.AdamW(model.parameters(), lr=lr, betas=args.adam_betas,
+        optimizers[name] = torch.optim.AdamW(utils.trainable(model), lr=lr, betas=args.adam_betas,
                                              weight_decay=args.weight_decay)
-        schedulers[name] = (
-            utils.BudgetSchedule(optimizers[name], args.lr_schedule, args.warmup_ratio, args.run.token_budget)
-            if args.run.schedule_over == "token_budget" else torch.optim.lr_scheduler.LambdaLR(
-                optimizers[name], utils.lr_lambda(args.lr_schedule, model_steps, args.warmup_ratio)))
+        schedulers[name] = lifecycle.lr_scheduler(optimizers[name], args.lr_schedule, args.warmup_ratio, model_steps,
+                                                  args.run)
     trained = {"actor": (actor, optimizers["actor"]), "critic": (critic, optimizers["critic"])}
     engine = run.start_engine(plan, tokenizer)  # the actor's rollout engine, colocated on this rank
     run.resume_or_start(trained, schedulers, serve="actor")

@@ -39,16 +39,17 @@ class MemoryPlan:
     """Bytes per rank (rank 0, which holds the largest shard when a dimension does not divide evenly)."""
 
     parameters: int
-    """parameters of the model (tied weights once)"""
+    """parameters of the model (tied weights once; with LoRA the base model's)"""
     weights: int
-    """fp32 master weight shard"""
+    """fp32 master weight shard (with LoRA the frozen base's and the adapters')"""
     optimizer: int
-    """AdamW's two fp32 moments for the shard"""
+    """AdamW's two fp32 moments for the shard of what trains (every weight, or with LoRA the adapters)"""
     reference: int
-    """the frozen reference policy's shard (0 without a KL term)"""
+    """the frozen reference policy's shard (0 without a KL term, and with LoRA: the policy without its adapters)"""
     critic: int
-    """a critic of the policy's shape trained beside it (MA-PPO): its fp32 shard, gradients and AdamW state, and its
-    root gathered in the compute dtype (0 without one)"""
+    """a critic of the policy's shape trained beside it (MA-PPO): its fp32 shard, the gradients and AdamW state of
+    what trains (with LoRA its own adapters and value head), and its root gathered in the compute dtype (0 without
+    one)"""
     reward_model: int
     """the task's reward model, whole on every rank in the compute dtype (`dialogues.RewardModel`; 0 without one)"""
     gathered_root: int
@@ -79,6 +80,11 @@ class MemoryPlan:
     """vLLM's `gpu_memory_utilization` for the policy's engine, as `policy_engine_share` chose it"""
     kv_bytes_per_token: int = 0
     """KV cache bytes of one token in the policy's engine"""
+    trainable: int = 0
+    """parameters that train (all of them; with LoRA the adapters'): not a term"""
+    sync_bytes: int = 0
+    """what one weight sync moves into the engine, in the compute dtype (with LoRA the adapted blocks' merged
+    weights only): streamed in buckets, so not a term"""
 
     RESIDENT = ("weights", "optimizer", "reference", "critic", "reward_model", "gathered_root", "user_engine")
     """held in both phases"""
@@ -106,13 +112,14 @@ class MemoryPlan:
         return self.phase(self.ROLLOUT + self.TRAINING)
 
 
-def meta_model(config):
-    """The causal LM of a transformers config (or a folder / hub id) on the meta device: shapes, no memory."""
+def meta_model(config, lora: checkpoints.LoraArgs | None = None):
+    """The causal LM of a transformers config (or a folder / hub id) on the meta device, with `lora` adapters when
+    its rank is above 0: shapes, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(config) if isinstance(config, str) else config
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return checkpoints.add_lora(AutoModelForCausalLM.from_config(config), lora)
 
 
 def meta_reward_model(path: str, trust_remote_code: bool = False):
@@ -137,7 +144,7 @@ def shard_numel(shape: torch.Size, world_size: int) -> int:
 
 def largest_bucket(tensors: list[tuple[str, torch.Tensor]], itemsize: int, bucket_bytes: int) -> int:
     """Bytes of the largest bucket `utils.gathered_buckets` makes of `tensors` in a dtype of `itemsize` bytes."""
-    nbytes = [t.numel() * itemsize for _, t in tensors]
+    nbytes = [utils.weight_numel(t) * itemsize for _, t in tensors]
     return max(sum(nbytes[i] for i in bucket) for bucket in utils.size_buckets(nbytes, bucket_bytes))
 
 
@@ -151,11 +158,16 @@ def plan_memory(model: torch.nn.Module, *, world_size: int, bf16: bool, gradient
     lays them out), of which the last `response_tokens` columns get logits, next to an engine with a KV cache of
     `kv_cache_bytes`. Checkpoints export in buckets of `sync_bucket_bytes` too. `reward_model` and `user_model`
     (meta or real) are whole on every rank in the compute dtype, the user's engine with `user_kv_cache_bytes` of KV
-    cache; `critic` adds a trained model of the policy's shape."""
+    cache; `critic` adds a trained model of the policy's shape. A `model` with LoRA adapters (`meta_model`'s
+    `lora`) trains only those: AdamW's state and the gradients are theirs, the reference is the model itself, and
+    a sync moves only the adapted blocks."""
     compute = 2 if bf16 else 4
-    parameters = sum(p.numel() for p in model.parameters())  # tied weights once, as the engine holds them
+    parameters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)  # tied weights once
     shard = sum(shard_numel(p.shape, world_size) for p in model.parameters())
-    layer_sizes = [sum(p.numel() for p in block.parameters()) for block in model.model.layers]
+    trained = sum(shard_numel(p.shape, world_size) for p in model.parameters() if p.requires_grad)
+    reference = reference and not utils.lora_layers(model)  # with LoRA: the policy with its adapters off
+    layer_sizes = [sum(p.numel() for n, p in block.named_parameters() if ".lora_" not in n)
+                   for block in model.model.layers]
     root = parameters - sum(layer_sizes)  # embeddings, head, final norm: the root FSDP2 unit's own
     config = model.config
     hidden, layers = config.hidden_size, config.num_hidden_layers
@@ -170,23 +182,26 @@ def plan_memory(model: torch.nn.Module, *, world_size: int, bf16: bool, gradient
     logits = rows * response_tokens * config.vocab_size * (compute + 4)
     user = 0 if user_model is None else sum(p.numel() for p in user_model.parameters()) * compute + user_kv_cache_bytes
     return MemoryPlan(
-        parameters=parameters, weights=4 * shard, optimizer=8 * shard, reference=4 * shard if reference else 0,
-        critic=16 * shard + root * compute if critic else 0,
+        parameters=parameters, weights=4 * shard, optimizer=8 * trained, reference=4 * shard if reference else 0,
+        critic=4 * shard + 12 * trained + root * compute if critic else 0,
         reward_model=0 if reward_model is None else sum(p.numel() for p in reward_model.parameters()) * compute,
         gathered_root=(2 if reference else 1) * root * compute, user_engine=user,
         engine_weights=parameters * compute, kv_cache=kv_cache_bytes,
         sync_bucket=largest_bucket(engines.weights_to_sync(model), compute, sync_bucket_bytes),
         checkpoint_bucket=largest_bucket(checkpoints.hf_export_tensors(model), 4, sync_bucket_bytes),
-        gradients=4 * shard, gathered_layers=2 * max(layer_sizes) * compute,
+        gradients=4 * trained, gathered_layers=2 * max(layer_sizes) * compute,
         activations=rows * sequence_tokens * saved * compute + logits, engine_sleep=engine_sleep,
         kv_bytes_per_token=2 * layers * kv * compute,  # a key and a value per layer and KV head
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        sync_bytes=sum(utils.weight_numel(t) for _, t in engines.weights_to_sync(model)) * compute,
     )
 
 
 def format_plan(plan: MemoryPlan, world_size: int) -> str:
     """The plan as lines for the log: each term under the phase that holds it, each phase's sum, and the total."""
     engine = "the engine sleeps while the trainer trains" if plan.engine_sleep else "the engine stays awake"
-    lines = [f"memory plan per rank ({plan.parameters / 1e9:.2f}B parameters, {world_size} ranks; {engine}):"]
+    lora = f", LoRA: {plan.trainable / 1e6:.1f}M trained" if plan.trainable < plan.parameters else ""
+    lines = [f"memory plan per rank ({plan.parameters / 1e9:.2f}B parameters{lora}, {world_size} ranks; {engine}):"]
     for heading, terms in (("held throughout", plan.RESIDENT), ("rollout (engine awake)", plan.ROLLOUT),
                            ("training", plan.TRAINING)):
         lines.append(f"  {heading}:")
@@ -276,13 +291,13 @@ def run_plan(*, model_path: str, capacity: int, world_size: int, bf16: bool, gra
              kv_cache_bytes: int | None, sync_bucket_mb: float, rows: int, sequence_tokens: int, response_tokens: int,
              reference: bool, engine_memory_share: float | None, engine_sleep: bool, max_model_len: int,
              critic: bool = False, reward_model: str | None = None, user_model: str | None = None,
-             trust_remote_code: bool = False) -> MemoryPlan:
+             trust_remote_code: bool = False, lora: checkpoints.LoraArgs | None = None) -> MemoryPlan:
     """A run's plan on a device of `capacity` bytes (0: a CPU), with the policy engine's share resolved
     (`policy_engine_share`) and its KV cache sized from it as vLLM sizes it. A micro-batch is `rows` sequences of at
     most `sequence_tokens`, the last `response_tokens` of which get logits (`plan_memory`); the engine's context
     is `max_model_len`. `reward_model` and a colocated user's `user_model` (folders or hub ids; None without) are
-    counted whole. Without a KV size vLLM sizes each engine's cache from its share on a GPU; on a CPU it is fixed
-    (`engines.CPU_KV_CACHE_BYTES`)."""
+    counted whole; `lora`: the policy's (and a critic's) adapters. Without a KV size vLLM sizes each engine's cache
+    from its share on a GPU; on a CPU it is fixed (`engines.CPU_KV_CACHE_BYTES`)."""
     if kv_cache_bytes is None and not capacity:
         kv_cache_bytes = engines.CPU_KV_CACHE_BYTES
     user = None if user_model is None else meta_model(user_model)
@@ -291,7 +306,7 @@ def run_plan(*, model_path: str, capacity: int, world_size: int, bf16: bool, gra
         user_kv = max(0, int(user_engine_share(engine_memory_share) * capacity)
                       - sum(p.numel() for p in user.parameters()) * (2 if bf16 else 4))
     plan = plan_memory(
-        meta_model(model_path), world_size=world_size, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
+        meta_model(model_path, lora), world_size=world_size, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
         kv_cache_bytes=kv_cache_bytes or 0, sync_bucket_bytes=int(sync_bucket_mb * 2**20), rows=rows,
         sequence_tokens=sequence_tokens, response_tokens=response_tokens, reference=reference, critic=critic,
         reward_model=None if reward_model is None else meta_reward_model(reward_model, trust_remote_code),

@@ -32,7 +32,7 @@ import dialogues
 import lifecycle
 import tasks
 import utils
-from lifecycle import RunArgs
+from lifecycle import LoraArgs, RunArgs
 
 
 @dataclasses.dataclass
@@ -103,6 +103,8 @@ class Args:
     run: Annotated[RunArgs, tyro.conf.arg(name="")] = dataclasses.field(
         default_factory=lambda: RunArgs(exp_name="rebel", eval_every=4, save_every=4))
     """seed, devices and engines, token budget, run folder, tracking (lifecycle.RunArgs)"""
+    lora: Annotated[LoraArgs, tyro.conf.arg(name="")] = dataclasses.field(default_factory=LoraArgs)
+    """full fine-tuning, or LoRA adapters on the frozen base: --lora_rank, ... (checkpoints.LoraArgs)"""
 
 
 def rebel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, rewards: torch.Tensor, eta: float) -> torch.Tensor:
@@ -174,7 +176,7 @@ def check_args(args: Args) -> None:
     ] if bad]
     if problems:
         raise SystemExit("\n".join(problems))
-    lifecycle.check_run_args(args.run)
+    lifecycle.check_run_args(args.run, args.lora)
     if args.reward_model is None:
         tasks.import_function(args.reward_function)  # a reward that cannot be imported fails before the models load
 
@@ -192,21 +194,17 @@ if __name__ == "__main__":
                             response_tokens=args.max_new_tokens, reference=args.kl_coef > 0,
                             reward_model=args.reward_model, trust_remote_code=args.trust_remote_code)
 
-    # models: the policy and the frozen reference, both sharded with FSDP2 as they load
-    policy = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16,
+    # models: the policy (with --lora_rank: adapters on its frozen base) and the frozen reference, sharded with
+    # FSDP2 as they load; with LoRA the reference is the policy with its adapters off, no second copy
+    policy = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16, lora=args.lora,
                                                 gradient_checkpointing=args.run.gradient_checkpointing)
-    reference = None
-    if args.kl_coef > 0:
-        reference = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16)
-        reference.requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
+    reference = checkpoints.load_reference(policy, run.policy_path, device, bf16=args.run.bf16) \
+        if args.kl_coef > 0 else None
+    optimizer = torch.optim.AdamW(utils.trainable(policy), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
     steps_per_iteration = args.num_epochs * -(-args.pairs_per_rank // args.minibatch_pairs)
-    if args.run.schedule_over == "token_budget":
-        scheduler = utils.BudgetSchedule(optimizer, args.lr_schedule, args.warmup_ratio, args.run.token_budget)
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, utils.lr_lambda(
-            args.lr_schedule, args.num_iterations * steps_per_iteration, args.warmup_ratio))
+    scheduler = lifecycle.lr_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
+                                       args.num_iterations * steps_per_iteration, args.run)
 
     # reward: a reward model, or a function written in code
     if args.reward_model is not None:

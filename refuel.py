@@ -42,7 +42,7 @@ import checkpoints
 import dialogues
 import lifecycle
 import utils
-from lifecycle import RunArgs
+from lifecycle import LoraArgs, RunArgs
 from tasks import TaskArgs, task_factory
 
 
@@ -112,6 +112,8 @@ class Args:
     run: Annotated[RunArgs, tyro.conf.arg(name="")] = dataclasses.field(
         default_factory=lambda: RunArgs(exp_name="refuel"))
     """seed, devices and engines, token budget, run folder, tracking (lifecycle.RunArgs)"""
+    lora: Annotated[LoraArgs, tyro.conf.arg(name="")] = dataclasses.field(default_factory=LoraArgs)
+    """full fine-tuning, or LoRA adapters on the frozen base: --lora_rank, ... (checkpoints.LoraArgs)"""
 
 
 def refuel_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, q: torch.Tensor, eta: float) -> torch.Tensor:
@@ -240,7 +242,7 @@ def check_args(args: Args) -> None:
     ] if bad]
     if problems:
         raise SystemExit("\n".join(problems))
-    lifecycle.check_run_args(args.run)
+    lifecycle.check_run_args(args.run, args.lora)
     task_factory(args.task_args.task)  # an unknown or unimportable task fails here, not after loading models
 
 
@@ -255,13 +257,12 @@ if __name__ == "__main__":
     plan = run.check_memory(rows=2 * args.micro_batch_pairs, sequence_tokens=run.dialogue_tokens,
                             response_tokens=args.max_new_tokens, reference=args.kl_coef > 0)
 
-    # models: the policy and (with a KL term) the frozen reference, sharded with FSDP2 as they load
-    policy = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16,
+    # models: the policy (with --lora_rank: adapters on its frozen base) and (with a KL term) the frozen reference,
+    # sharded with FSDP2 as they load; with LoRA the reference is the policy with its adapters off, no second copy
+    policy = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16, lora=args.lora,
                                                 gradient_checkpointing=args.run.gradient_checkpointing)
-    reference = None
-    if args.kl_coef > 0:
-        reference = checkpoints.load_sharded_causal_lm(run.policy_path, device, bf16=args.run.bf16)
-        reference.requires_grad_(False)
+    reference = checkpoints.load_reference(policy, run.policy_path, device, bf16=args.run.bf16) \
+        if args.kl_coef > 0 else None
     num_val = min(max(1, int(args.val_fraction * args.pairs_per_rank)), args.pairs_per_rank - 1)
     num_train = args.pairs_per_rank - num_val
     steps_per_iteration = args.num_epochs * -(-num_train // args.minibatch_pairs)
@@ -270,7 +271,7 @@ if __name__ == "__main__":
         # FSDP2 leaves the root's parameters unsharded after a forward without backward (an evaluation, a sync
         # check): reshard so that the optimizer holds the sharded parameters the training steps update
         policy.reshard()
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
+        optimizer = torch.optim.AdamW(utils.trainable(policy), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                       weight_decay=args.weight_decay)
         if args.run.schedule_over == "token_budget":
             return optimizer, utils.BudgetSchedule(optimizer, args.lr_schedule, args.warmup_ratio,

@@ -273,20 +273,75 @@ def size_buckets(nbytes: list[int], bucket_bytes: int) -> list[list[int]]:
     return buckets
 
 
-def gathered_buckets(tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype, bucket_bytes: int):
+def weight_numel(entry: torch.Tensor | torch.nn.Module) -> int:
+    """Elements of a tensor, or of a linear layer's weight (an entry of `hf_weights`)."""
+    return (entry.weight if isinstance(entry, torch.nn.Module) else entry).numel()
+
+
+def gathered_buckets(tensors: list[tuple[str, torch.Tensor | torch.nn.Module]], dtype: torch.dtype,
+                     bucket_bytes: int):
     """Yields the named (FSDP2-sharded) tensors unsharded in `dtype`, as lists of at most `bucket_bytes` (a
     collective: all ranks must consume it in step). Each shard is cast before the all-gather, so the traffic and the
     gathered copy are in `dtype`; the caller drops a bucket before asking for the next, so no rank ever holds more
-    than one bucket (or the largest tensor) of the whole model."""
-    for bucket in size_buckets([t.numel() * dtype.itemsize for _, t in tensors], bucket_bytes):
+    than one bucket (or the largest tensor) of the whole model. A linear layer in place of a tensor stands for its
+    weight, merged with its LoRA adapters (`merged_weight`) on this rank's rows only when its bucket is gathered."""
+    def local(entry):  # a merged weight is computed only when its bucket is gathered: one at a time
+        return merged_weight(entry) if isinstance(entry, torch.nn.Module) else entry
+
+    sizes = [weight_numel(t) * dtype.itemsize for _, t in tensors]
+    for bucket in size_buckets(sizes, bucket_bytes):
         yield [(name, full.full_tensor() if isinstance(full, DTensor) else full)
-               for name, full in ((tensors[i][0], tensors[i][1].detach().to(dtype)) for i in bucket)]
+               for name, full in ((tensors[i][0], local(tensors[i][1]).detach().to(dtype)) for i in bucket)]
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that train, for the optimizer: all of them, or with LoRA the adapters (and a critic's head)."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     """Global gradient norm over all shards, clipped to `max_norm`; returns the norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA adapters (peft) on an FSDP2 model
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The model's LoRA layers by name (empty without adapters)."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+
+
+def merged_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's weight as the model computes with it: for a LoRA layer W + (alpha / r) B A, computed from
+    this rank's rows of W and B and the whole (small) A, fp32, sharded as W is; a plain layer's W itself."""
+    if not hasattr(layer, "base_layer"):
+        return layer.weight
+    w, a, b = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    scale = layer.scaling["default"]
+    if not isinstance(w, DTensor):
+        return w + scale * (b @ a)
+    rows = w.to_local() + scale * (b.to_local() @ a.full_tensor())  # W and B are cut along the same rows
+    return DTensor.from_local(rows, w.device_mesh, w.placements, shape=w.shape, stride=w.stride())
+
+
+def hf_weights(model: torch.nn.Module,
+               remove_duplicate: bool = True) -> list[tuple[str, torch.Tensor | torch.nn.Module]]:
+    """The model's state, in order, under the names a model without adapters has (its Hugging Face checkpoint's):
+    the state dict's parameters and persistent buffers, a tied weight once (or, `remove_duplicate=False`, under
+    each name). A LoRA layer's weight is the layer itself, which `gathered_buckets` merges; its adapters are left
+    out. Without adapters, the parameters and buffers themselves."""
+    keys, adapted = model.state_dict().keys(), lora_layers(model)
+    out = []
+    for name, tensor in [*model.named_parameters(remove_duplicate=remove_duplicate), *model.named_buffers()]:
+        if name not in keys or ".lora_" in name:
+            continue
+        layer = name.removesuffix(".base_layer.weight")
+        out.append((layer + ".weight", adapted[layer]) if layer in adapted else (name.replace(".base_layer.", "."),
+                                                                                    tensor))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""What LoRA costs against full fine-tuning, side by side in one run: rebel.py on its defaults (the embedded
+SmolLM2-135M-Instruct, brevity reward) with and without `--lora_rank 8`, alternating, per repeat: seconds per
+iteration by phase (the script's own `time/*` metrics, iterations 2 on: the first carries one-time costs) and each
+run's peak resident memory (engine and trainer share the process). One repeat of both: about 6 minutes on 2 CPU
+cores. Writes lora_bench.json to --output_dir.
+
+    .venv/bin/python benchmarks/lora_bench.py [--repeats 2] [--num_iterations 4] [--output_dir docs]
+    .venv/bin/python benchmarks/lora_bench.py --report     # the table again, from docs/lora_bench.json
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import common
+
+PHASES = ("rollout", "reward", "old_logprobs", "train", "sync")
+SIDES = {"full fine-tuning": [], "LoRA r=8": ["--lora_rank", "8"]}
+
+
+def launch(flags: list[str], work: str, name: str) -> dict:
+    """One rebel.py run to its end: its metrics after iteration 0 and its peak resident memory (ru_maxrss, from
+    wait4)."""
+    command = [sys.executable, os.path.join(common.REPO, "rebel.py"), *flags, "--output_dir", work, "--run_name", name]
+    common.log(f"{name}: {' '.join(command[1:])}")
+    with open(os.path.join(work, f"{name}.log"), "w") as log_file:
+        process = subprocess.Popen(command, cwd=common.REPO, env=common.child_env(), stdout=log_file,
+                                   stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"rebel.py failed; its log: {os.path.join(work, name + '.log')}")
+    with open(os.path.join(work, name, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f][1:]
+    return {"peak_rss_gib": usage.ru_maxrss * 1024 / 2**30,
+            "iterations": [{p: m[f"time/{p}"] for p in PHASES} for m in metrics],
+            "sync_gap": max(m["sync/logprob_gap"] for m in metrics)}
+
+
+def report(results: dict) -> str:
+    """Seconds per iteration by phase (mean over iterations 2+ and repeats), peak memory, and LoRA / full."""
+    rows, means = [], {}
+    for side, runs in results["runs"].items():
+        later = [it for run in runs for it in run["iterations"][1:]]
+        phases = {p: statistics.mean(it[p] for it in later) for p in PHASES}
+        means[side] = {"seconds": sum(phases.values()), "peak": statistics.mean(r["peak_rss_gib"] for r in runs)}
+        rows.append([side, *[round(phases[p], 2) for p in PHASES], round(means[side]["seconds"], 2),
+                     round(means[side]["peak"], 2), f"{max(r['sync_gap'] for r in runs):.1e}"])
+    lora, full = means["LoRA r=8"], means["full fine-tuning"]
+    rows.append(["LoRA / full", "", "", "", "", "", f"{lora['seconds'] / full['seconds']:.2f}x",
+                 f"{lora['peak'] / full['peak']:.2f}x", ""])
+    head = ["rebel.py", *[f"{p} (s)" for p in PHASES], "s / iteration", "peak RSS (GiB)", "largest sync gap"]
+    return common.header(results) + "\n" + common.table(head, rows)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating pairs of runs (full, LoRA)")
+    parser.add_argument("--num_iterations", type=int, default=4, help="iterations of each run")
+    common.add_output_flags(parser)
+    args = parser.parse_args()
+    path = os.path.join(args.output_dir, "lora_bench.json")
+    if not args.report:
+        work, runs = tempfile.mkdtemp(prefix="lora_bench_"), {side: [] for side in SIDES}
+        for repeat in range(args.repeats):
+            for k, (side, flags) in enumerate(SIDES.items()):
+                runs[side].append(launch(["--num_iterations", str(args.num_iterations), "--eval_every",
+                                          str(args.num_iterations), *flags], work, f"r{repeat}_{k}"))
+        common.save_results(path, {"repeats": args.repeats, "num_iterations": args.num_iterations, "runs": runs,
+                                   "finished": time.strftime("%H:%M")})
+    print(report(common.load_results(path)))
