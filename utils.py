@@ -315,10 +315,8 @@ def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def merged_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """A linear layer's weight as the model computes with it: for a LoRA layer W + (alpha / r) B A, computed from
-    this rank's rows of W and B and the whole (small) A, fp32, sharded as W is; a plain layer's W itself."""
-    if not hasattr(layer, "base_layer"):
-        return layer.weight
+    """A LoRA layer's weight as the model computes with it, W + (alpha / r) B A, computed from this rank's rows of W
+    and B and the whole (small) A, fp32, sharded as W is."""
     w, a, b = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
     scale = layer.scaling["default"]
     if not isinstance(w, DTensor):
@@ -339,8 +337,10 @@ def hf_weights(model: torch.nn.Module,
         if name not in keys or ".lora_" in name:
             continue
         layer = name.removesuffix(".base_layer.weight")
-        out.append((layer + ".weight", adapted[layer]) if layer in adapted else (name.replace(".base_layer.", "."),
-                                                                                    tensor))
+        if layer in adapted:
+            out.append((layer + ".weight", adapted[layer]))
+        else:
+            out.append((name.replace(".base_layer.", "."), tensor))
     return out
 
 
