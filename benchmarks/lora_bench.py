@@ -1,10 +1,13 @@
 """What LoRA costs against full fine-tuning, side by side in one run: rebel.py on its defaults (the embedded
 SmolLM2-135M-Instruct, brevity reward) with and without `--lora_rank 8`, alternating, per repeat: seconds per
 iteration by phase (the script's own `time/*` metrics, iterations 2 on: the first carries one-time costs) and each
-run's peak resident memory (engine and trainer share the process). One repeat of both: about 6 minutes on 2 CPU
-cores. Writes lora_bench.json to --output_dir.
+run's peak resident memory (engine and trainer share the process). Both sides train at a learning rate of 1e-12,
+so that neither policy moves: they then sample the same answers and do the same work in every phase, and the ratio
+is what the adapters cost (at rebel.py's own rate full fine-tuning moves far more than LoRA, and the answers'
+lengths, with them the rollout and log-prob phases, drift apart). One repeat of both: about 6 minutes on 2 CPU
+cores. Flags after `--` go to both runs (a `--lr` there replaces 1e-12). Writes lora_bench.json and lora_bench.png to --output_dir.
 
-    .venv/bin/python benchmarks/lora_bench.py [--repeats 2] [--num_iterations 4] [--output_dir docs]
+    .venv/bin/python benchmarks/lora_bench.py [--repeats 2] [--num_iterations 4] [--output_dir docs] [-- rebel.py flags]
     .venv/bin/python benchmarks/lora_bench.py --report     # the table again, from docs/lora_bench.json
 """
 
@@ -21,6 +24,8 @@ import common
 
 PHASES = ("rollout", "reward", "old_logprobs", "train", "sync")
 SIDES = {"full fine-tuning": [], "LoRA r=8": ["--lora_rank", "8"]}
+SAME_WORK = ["--lr", "1e-12"]
+"""a learning rate at which neither side's policy moves, so that both sample the same answers"""
 
 
 def launch(flags: list[str], work: str, name: str) -> dict:
@@ -57,19 +62,45 @@ def report(results: dict) -> str:
     return common.header(results) + "\n" + common.table(head, rows)
 
 
+def plot(results: dict, path: str) -> None:
+    """Seconds per iteration stacked by phase, and peak memory, per side (means over iterations 2+ and repeats)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sides = list(results["runs"])
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(8, 3.2))
+    bottom = [0.0] * len(sides)
+    for phase in PHASES:
+        heights = [statistics.mean(it[phase] for run in results["runs"][side] for it in run["iterations"][1:])
+                   for side in sides]
+        time_ax.bar(sides, heights, bottom=bottom, label=phase)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    time_ax.set_ylabel("seconds per iteration")
+    time_ax.legend(fontsize=7)
+    memory_ax.bar(sides, [statistics.mean(r["peak_rss_gib"] for r in results["runs"][side]) for side in sides])
+    memory_ax.set_ylabel("peak resident memory (GiB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2, help="alternating pairs of runs (full, LoRA)")
     parser.add_argument("--num_iterations", type=int, default=4, help="iterations of each run")
     common.add_output_flags(parser)
-    args = parser.parse_args()
+    args = common.parse_args(parser)
     path = os.path.join(args.output_dir, "lora_bench.json")
     if not args.report:
         work, runs = tempfile.mkdtemp(prefix="lora_bench_"), {side: [] for side in SIDES}
         for repeat in range(args.repeats):
             for k, (side, flags) in enumerate(SIDES.items()):
                 runs[side].append(launch(["--num_iterations", str(args.num_iterations), "--eval_every",
-                                          str(args.num_iterations), *flags], work, f"r{repeat}_{k}"))
+                                          str(args.num_iterations), *SAME_WORK, *flags, *args.script_flags], work,
+                                         f"r{repeat}_{k}"))
         common.save_results(path, {"repeats": args.repeats, "num_iterations": args.num_iterations, "runs": runs,
                                    "finished": time.strftime("%H:%M")})
+        plot(common.load_results(path), os.path.join(args.output_dir, "lora_bench.png"))
     print(report(common.load_results(path)))

@@ -84,7 +84,7 @@ def bench_runs(tmp_path_factory, tiny_model, script_env):
     chat = chat_flags(tiny_model)
     folders = {name: tmp_path_factory.mktemp(name) for name in (
         "multiturn_comparison", "scale_bench", "ma_ppo_bench", "chat_comparison", "refuel_bench", "chat_ma_ppo_bench",
-        "rebel_bench", "load_bench")}
+        "rebel_bench", "load_bench", "lora_learning", "lora_bench")}
     flags = {
         "multiturn_comparison": harvest_comparison_flags(folders["multiturn_comparison"], tiny_model),
         "scale_bench": ["--model", tiny_model, "--repeats", "1", "--anchor_dialogues", "2", "--anchor_horizon", "2"],
@@ -108,6 +108,13 @@ def bench_runs(tmp_path_factory, tiny_model, script_env):
                         "2", "--micro_batch_pairs", "2", "--max_new_tokens", "8", "--num_eval_prompts", "2",
                         "--num_epochs", "1"],
         "load_bench": ["--model", tiny_model],
+        # one learning rate a side: two tuning runs, then one reported seed a side
+        "lora_learning": ["--seeds", "1", "--num_iterations", "1", "--full_lrs", "1e-3", "--lora_lrs", "1e-2", "--",
+                          "--model", tiny_model, "--task", SMALL_GAME, "--pairs_per_rank", "8", "--minibatch_pairs",
+                          "4", "--micro_batch_pairs", "4"],
+        "lora_bench": ["--repeats", "1", "--num_iterations", "2", "--", "--model", tiny_model, "--pairs_per_rank", "2",
+                       "--minibatch_pairs", "2", "--micro_batch_pairs", "2", "--max_new_tokens", "8",
+                       "--num_eval_prompts", "2", "--num_epochs", "1"],
     }
     script = {"chat_comparison": "multiturn_comparison", "chat_ma_ppo_bench": "ma_ppo_bench"}
     commands = {}
@@ -261,3 +268,32 @@ def test_load_bench(bench_runs, script_env):
     assert measured[0]["local_bytes"] == measured[1]["local_bytes"] > 0
     assert all(r["peak_bytes"] > 0 and r["seconds"] > 0 for r in measured)
     assert_report_reprints("load_bench", tmp_path, stdout, script_env)
+
+
+def test_lora_learning_tunes_each_side_then_pairs_them_by_seed(bench_runs, script_env):
+    tmp_path, stdout = bench_run(bench_runs, "lora_learning")
+    found = results(tmp_path, "lora_learning")
+    assert found["chosen"] == {"full fine-tuning": 1e-3, "LoRA r=8": 1e-2}
+    for side, lora_flag in (("full fine-tuning", False), ("LoRA r=8", True)):
+        tuned, reported = found["grid"][side], found["runs"][side]
+        assert [r["seed"] for r in tuned] == [0] and [r["seed"] for r in reported] == [1]
+        for run in tuned + reported:
+            assert ("--lora_rank 8" in run["command"]) == lora_flag and "--horizon_sampling uniform" in run["command"]
+            initial, final = run["metrics"]
+            assert final["iteration"] == 1 and all(is_score(final[f"eval/score_turn{t}"]) for t in (1, 2, 3))
+    # the same seed starts both sides from the same policy on the same evaluation games
+    assert found["runs"]["full fine-tuning"][0]["metrics"][0] == found["runs"]["LoRA r=8"][0]["metrics"][0]
+    assert "LoRA − full (paired)" in stdout
+    assert_report_reprints("lora_learning", tmp_path, stdout, script_env)
+
+
+def test_lora_bench(bench_runs, script_env):
+    tmp_path, stdout = bench_run(bench_runs, "lora_bench")
+    found = results(tmp_path, "lora_bench")
+    assert sorted(found["runs"]) == ["LoRA r=8", "full fine-tuning"]
+    for runs in found["runs"].values():
+        [run] = runs
+        assert run["peak_rss_gib"] > 0 and run["sync_gap"] < 1e-3 and len(run["iterations"]) == 2
+        assert all(it["train"] > 0 for it in run["iterations"])
+    assert "LoRA / full" in stdout
+    assert_report_reprints("lora_bench", tmp_path, stdout, script_env)
