@@ -6,7 +6,8 @@ user, and for each dialogue draws a turn h, answers s_h twice (y, y'), rolls bot
 horizon with pi_t and the user, and regresses the *relative future*: the two branches share their past, so
 the difference of their Monte-Carlo returns Q(s_h, y) - Q(s_h, y') is a difference of futures only,
 
-    theta_{t+1} = argmin_theta  sum ( [ln pi(y|s_h)/pi_t(y|s_h) - ln pi(y'|s_h)/pi_t(y'|s_h)] - eta (Q(s_h,y) - Q(s_h,y')) )^2
+    theta_{t+1} = argmin_theta  sum ( [ln pi(y|s_h)/pi_t(y|s_h) - ln pi(y'|s_h)/pi_t(y'|s_h)]
+                                      - eta (Q(s_h,y) - Q(s_h,y')) )^2
 
 with the log-probs summed over the tokens of turn h only. Training on states drawn from pi_t itself
 (on-policy every iteration) removes the covariate shift of training on a fixed dataset's earlier turns.
@@ -267,27 +268,24 @@ if __name__ == "__main__":
     num_train = args.pairs_per_rank - num_val
     steps_per_iteration = args.num_epochs * -(-num_train // args.minibatch_pairs)
 
-    def make_optimizer() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR | utils.BudgetSchedule]:
+    def make_optimizer() -> torch.optim.Optimizer:
         # FSDP2 leaves the root's parameters unsharded after a forward without backward (an evaluation, a sync
         # check): reshard so that the optimizer holds the sharded parameters the training steps update
         policy.reshard()
-        optimizer = torch.optim.AdamW(utils.trainable(policy), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
-                                      weight_decay=args.weight_decay)
-        if args.run.schedule_over == "token_budget":
-            return optimizer, utils.BudgetSchedule(optimizer, args.lr_schedule, args.warmup_ratio,
-                                                   args.run.token_budget)
-        steps = steps_per_iteration * (1 if args.schedule_scope == "iteration" else args.num_iterations)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(
-            optimizer, utils.lr_lambda(args.lr_schedule, steps, args.warmup_ratio))
+        return torch.optim.AdamW(utils.trainable(policy), lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
+                                 weight_decay=args.weight_decay)
 
-    optimizer, scheduler = make_optimizer()
+    schedule_steps = steps_per_iteration * (1 if args.schedule_scope == "iteration" else args.num_iterations)
+    optimizer = make_optimizer()
+    scheduler = lifecycle.lr_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, schedule_steps, args.run)
     engine = run.start_engine(plan, tokenizer)  # pi_t's rollout engine, colocated on this rank
     run.resume_or_start({"policy": (policy, optimizer)}, {"policy": scheduler})
 
     for iteration in run.iterations():
         rng = np.random.default_rng([seed, iteration, rank])
-        if args.schedule_scope == "iteration":
-            optimizer, scheduler = make_optimizer()
+        if args.schedule_scope == "iteration":  # a new optimizer and schedule each iteration
+            optimizer = make_optimizer()
+            scheduler = lifecycle.lr_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, schedule_steps, args.run)
 
         # 1. roll in with pi_t and the simulated user: each dialogue is played towards its horizon H'; at turn h
         # the state s_h is answered twice, y and y', and the branch with y' (sharing the prefix through user turn h)
