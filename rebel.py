@@ -3,7 +3,8 @@
 Online, on-policy: every update samples two responses y, y' per prompt x from the current policy pi_t and
 regresses the difference of their log-ratios onto the difference of their rewards,
 
-    theta_{t+1} = argmin_theta  sum_{(x, y, y')} ( [ln pi(y|x)/pi_t(y|x) - ln pi(y'|x)/pi_t(y'|x)] - eta (R(x,y) - R(x,y')) )^2
+    theta_{t+1} = argmin_theta  sum_{(x, y, y')} ( [ln pi(y|x)/pi_t(y|x) - ln pi(y'|x)/pi_t(y'|x)]
+                                                   - eta (R(x,y) - R(x,y')) )^2
 
 which approximates the natural-policy-gradient step pi_{t+1} ∝ pi_t exp(eta R) without a value network:
 the partition function cancels in the difference.  R is the reward-model score minus kl_coef times the
