@@ -37,12 +37,26 @@ SLOWEST_FIRST = ("test_benchmarks", "test_ma_ppo", "test_dpo_multiturn", "test_l
 its own, so with the long files handed out first the two workers end close together"""
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def test_file_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its file, or the group of files it shares runs with."""
+    stem = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return SHARED_RUNS.get(stem, stem)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist hands out whole units of `test_file_unit`, in the order the tests were collected (pytest 9 ids
+    do not take the group suffix of xdist's own `--dist loadgroup`)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return test_file_unit(nodeid)
+
+    return FileUnits(config, log)
+
+
 def pytest_collection_modifyitems(items):
-    """Every test file is one unit of work for pytest-xdist (its module fixtures start their scripts once), files
-    that share runs are one unit together, and the slowest files come first."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SHARED_RUNS.get(item.path.stem, item.path.stem)))
+    """The slowest files first (pytest-xdist then hands them out first)."""
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
 
