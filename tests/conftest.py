@@ -22,43 +22,6 @@ import engines  # noqa: E402
 import utils  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-"""pytest processes running the suite side by side (pytest.ini starts 2 with pytest-xdist)"""
-SCRIPTS_AT_A_TIME = max(1, 2 // WORKERS)
-"""the scripts one test process starts at a time: the 2 cores run 2 scripts in all, whichever way the workers split
-them (with more, each one's Python start and torch ops wait for a core)"""
-SHARED_RUNS = {"test_console": "plugin task runs", "test_refuel_tasks": "plugin task runs",
-               "test_multiturn": "user server", "test_presets": "user server"}
-"""test files that share a session fixture's script runs or server, and so run in one worker, which starts it once"""
-SLOWEST_FIRST = ("test_benchmarks", "test_ma_ppo", "test_dpo_multiturn", "test_lora", "test_presets", "test_multiturn",
-                 "test_gpu_check", "test_peer_bench", "test_refuel_e2e", "test_rebel_e2e", "test_console",
-                 "test_refuel_tasks", "test_pinned", "test_bad_input", "test_scale", "test_digits")
-"""test files by their time on one worker, slowest first: a worker takes the next file when it is nearly done with
-its own, so with the long files handed out first the two workers end close together"""
-
-
-def test_file_unit(nodeid: str) -> str:
-    """The unit of work a test belongs to: its file, or the group of files it shares runs with."""
-    stem = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
-    return SHARED_RUNS.get(stem, stem)
-
-
-def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist hands out whole units of `test_file_unit`, in the order the tests were collected (pytest 9 ids
-    do not take the group suffix of xdist's own `--dist loadgroup`)."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class FileUnits(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return test_file_unit(nodeid)
-
-    return FileUnits(config, log)
-
-
-def pytest_collection_modifyitems(items):
-    """The slowest files first (pytest-xdist then hands them out first)."""
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
 
 # A Llama-3-Instruct style chat template, written for these tests (headers, <|eot_id|> ends each turn).
 LLAMA3_TEMPLATE = (
@@ -239,7 +202,7 @@ def difficulty_task_verbose_run(plugin_task_runs):
     return plugin_task_runs["difficulty"]
 
 
-def run_side_by_side(commands: dict, env: dict, log_dir, jobs: int = SCRIPTS_AT_A_TIME, timeout: float = 900) -> dict:
+def run_side_by_side(commands: dict, env: dict, log_dir, jobs: int = 2, timeout: float = 900) -> dict:
     """Runs the independent `commands` ({name: argv}), at most `jobs` at a time: most of a script start is Python
     imports on one core, so on 2 cores two starts side by side take little more than one. Each one's stdout and
     stderr go to files in log_dir (not pipes: a full pipe would stall a process).
