@@ -106,7 +106,8 @@ def plot(results: dict, path: str) -> None:
     runs = results["runs"]
     first = next(iter(runs.values()))[0]["metrics"][0]
     turns = score_turns(first)
-    bars = {"initial policy": [(first[f"eval/score_turn{t}"], 0.0) for t in turns]}
+    bars = {"initial policy": [common.interval95([r["metrics"][0][f"eval/score_turn{t}"] for r in runs["LoRA r=8"]])
+                               for t in turns]}
     bars.update({f"REFUEL, {side}": [common.interval95([final_score(r, t) for r in side_runs]) for t in turns]
                  for side, side_runs in runs.items()})
     bars.update({name: [(first[f"reference/{name}_turn{t}"], 0.0) for t in turns] for name in REFERENCES})

@@ -9,6 +9,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import common  # noqa: E402
+import lora_bench  # noqa: E402
+import lora_learning  # noqa: E402
 import ma_ppo_bench  # noqa: E402
 import multiturn_comparison  # noqa: E402
 
@@ -60,7 +62,7 @@ def assert_docs_quote(page: str, report, results: dict[str, int]) -> None:
     for name, count in results.items():
         tables = [block for block in report(common.load_results(os.path.join(DOCS, name))).split("\n\n")
                   if block.startswith("|")]
-        assert len(tables) == 3, name
+        assert len(tables) >= count, name
         for table in tables[:count]:
             assert table in text, f"docs/{page} does not quote this table of {name}:\n{table}"
         assert os.path.exists(os.path.join(DOCS, name.replace(".json", ".png"))), f"{name} has no plot"
@@ -79,3 +81,10 @@ def test_the_ma_ppo_docs_quote_the_committed_results_report():
     assert_docs_quote("ma_ppo.md", ma_ppo_bench.report, {"ma_ppo_bench_digits.json": 3,
                                                          "ma_ppo_chat/ma_ppo_bench_chat.json": 3,
                                                          "ma_ppo_control/ma_ppo_bench_digits.json": 1})
+
+
+def test_the_lora_docs_quote_the_committed_results_report():
+    """docs/scale.md quotes `--report` on the committed LoRA results: the learning check's results and tuning
+    tables, and the cost table."""
+    assert_docs_quote("scale.md", lora_learning.report, {"lora_learning.json": 2})
+    assert_docs_quote("scale.md", lora_bench.report, {"lora_bench.json": 1})
