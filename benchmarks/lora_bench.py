@@ -46,6 +46,15 @@ def launch(flags: list[str], work: str, name: str) -> dict:
             "sync_gap": max(m["sync/logprob_gap"] for m in metrics)}
 
 
+def seconds(run: dict) -> float:
+    """A run's mean seconds per iteration over iterations 2+."""
+    return statistics.mean(sum(it[p] for p in PHASES) for it in run["iterations"][1:])
+
+
+def min_max(values: list[float]) -> tuple[float, float]:
+    return min(values), max(values)
+
+
 def report(results: dict) -> str:
     """Seconds per iteration by phase (mean over iterations 2+ and repeats), peak memory, and LoRA / full."""
     rows, means = [], {}
@@ -58,6 +67,12 @@ def report(results: dict) -> str:
     lora, full = means["LoRA r=8"], means["full fine-tuning"]
     rows.append(["LoRA / full", "", "", "", "", "", f"{lora['seconds'] / full['seconds']:.2f}x",
                  f"{lora['peak'] / full['peak']:.2f}x", ""])
+    # the same ratios repeat by repeat: a repeat's two runs ran one after the other, under the same load
+    pairs = list(zip(results["runs"]["full fine-tuning"], results["runs"]["LoRA r=8"]))
+    rows.append(["LoRA / full, per repeat (min-max)", "", "", "", "", "",
+                 "-".join(f"{x:.2f}x" for x in min_max([seconds(b) / seconds(a) for a, b in pairs])),
+                 "-".join(f"{x:.2f}x" for x in min_max([b["peak_rss_gib"] / a["peak_rss_gib"] for a, b in pairs])),
+                 ""])
     head = ["rebel.py", *[f"{p} (s)" for p in PHASES], "s / iteration", "peak RSS (GiB)", "largest sync gap"]
     return common.header(results) + "\n" + common.table(head, rows)
 
