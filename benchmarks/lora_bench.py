@@ -4,8 +4,9 @@ iteration by phase (the script's own `time/*` metrics, iterations 2 on: the firs
 run's peak resident memory (engine and trainer share the process). Both sides train at a learning rate of 1e-12,
 so that neither policy moves: they then sample the same answers and do the same work in every phase, and the ratio
 is what the adapters cost (at rebel.py's own rate full fine-tuning moves far more than LoRA, and the answers'
-lengths, with them the rollout and log-prob phases, drift apart). One repeat of both: about 6 minutes on 2 CPU
-cores. Flags after `--` go to both runs (a `--lr` there replaces 1e-12). Writes lora_bench.json and lora_bench.png to --output_dir.
+lengths, with them the rollout and log-prob phases, drift apart). One repeat of both at 3 iterations: about 2.5
+minutes on 2 idle CPU cores. Flags after `--` go to both runs (a `--lr` there replaces 1e-12). Writes
+lora_bench.json and lora_bench.png to --output_dir.
 
     .venv/bin/python benchmarks/lora_bench.py [--repeats 2] [--num_iterations 4] [--output_dir docs] [-- rebel.py flags]
     .venv/bin/python benchmarks/lora_bench.py --report     # the table again, from docs/lora_bench.json
