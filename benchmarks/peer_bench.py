@@ -14,7 +14,9 @@ that the load of a shared machine hits them alike; os.getloadavg() is recorded b
       is recorded with TRL's own error. Per iteration: seconds and their split (generation, scoring, log-probs,
       update, weight sync), prompt and generated tokens, the mean score; per run the peak resident memory (the
       process's ru_maxrss). The headline ratios are TRL / rebel.py per repeat, over iterations 2+ (iteration 1
-      carries first-call costs), as mean ± sd over the repeats.
+      carries first-call costs), as mean ± sd over the repeats. Repeat r runs every side with seed --seed + r (the
+      same prompts and sampling seeds on each side, new ones each repeat), so the repeats also tell whether a side
+      learns: the slope of its mean training score over the iterations, with a 95% interval over the repeats.
   (2) The multi-turn case: refuel.py on the guessing game against TRL's GRPOTrainer through its documented
       multi-turn entry point (`rollout_func`, benchmarks/peer_trl.py:grpo), at equal dialogues per iteration
       (refuel.py: pairs x 2, a dialogue and its branch; GRPO: the same openings x 2 generations), the same policy
@@ -30,11 +32,11 @@ that the load of a shared machine hits them alike; os.getloadavg() is recorded b
       seconds.
 
 The defaults are 4 prompts x 2 answers of 32 tokens, 4 iterations, 3 repeats, and multi-turn 8 openings x 2, 3
-iterations, 2 repeats. docs/peer_bench.json was measured smaller, to fit a 2-core machine that other test suites were
-loading (load average 7-15), in 45 minutes:
+iterations, 2 repeats. docs/peer_bench.json was measured smaller, on the otherwise idle 2-core machine, in 8.5
+minutes:
 
     .venv/bin/python benchmarks/peer_bench.py --pairs 2 --max_new_tokens 16 --epochs 1 --num_iterations 3 \
-        --repeats 3 --penalty_reward None --multi_repeats 1 --multi_pairs 4 --multi_iterations 2
+        --repeats 3 --penalty_reward None --multi_repeats 2 --multi_pairs 4 --multi_iterations 2
 
 Writes peer_bench.json and peer_bench.png to --output_dir.
 
@@ -154,27 +156,30 @@ def model_facts(name: str) -> dict:
     return {"name": name, "parameters": parameters, "weight_bytes": 4 * parameters}
 
 
-def rebel_prompt_tokens(args: argparse.Namespace) -> list[int]:
-    """Templated prompt tokens of each iteration's rebel.py batch (every prompt twice), from rebel.py's own split."""
+def rebel_prompt_tokens(args: argparse.Namespace, seed: int) -> list[int]:
+    """Templated prompt tokens of each iteration's rebel.py batch (every prompt twice) with `seed`, from rebel.py's
+    own split."""
     import rebel
     import utils
 
     tokenizer = utils.load_tokenizer(utils.resolve_model_path(args.model))
     _, prompts, _, _, _ = rebel.load_prompt_split(rebel.Args(model=args.model), tokenizer)
-    return [2 * sum(len(prompts[i]) for i in rebel.prompt_indices(len(prompts), it, args.pairs, args.seed))
+    return [2 * sum(len(prompts[i]) for i in rebel.prompt_indices(len(prompts), it, args.pairs, seed))
             for it in range(1, args.num_iterations + 1)]
 
 
 def single_turn_sides(args: argparse.Namespace, work: str, repeat: int) -> dict:
-    """The three sides of (1), as callables, run in the caller's order."""
-    rebel_flags = ["--model", args.model, "--seed", str(args.seed), "--num_iterations", str(args.num_iterations),
+    """The three sides of (1), as callables, run in the caller's order. Repeat r runs every side with seed
+    --seed + r: the same prompts and sampling seeds on every side, and a new draw of them each repeat."""
+    seed = args.seed + repeat
+    rebel_flags = ["--model", args.model, "--seed", str(seed), "--num_iterations", str(args.num_iterations),
                    "--pairs_per_rank", str(args.pairs), "--minibatch_pairs", str(args.pairs), "--micro_batch_pairs",
                    str(args.pairs), "--max_new_tokens", str(args.max_new_tokens), "--num_epochs", str(args.epochs),
                    "--temperature", str(args.temperature), "--lr", str(args.lr), "--kl_coef", str(args.kl_coef),
                    "--eval_every", str(args.num_iterations), "--save_every", str(args.num_iterations),
                    "--penalty_reward", str(args.penalty_reward), "--device", "cpu"]
     config = {"model": args.model, "max_new_tokens": args.max_new_tokens, "pairs": args.pairs,
-              "iterations": args.num_iterations, "seed": args.seed, "epochs": args.epochs,
+              "iterations": args.num_iterations, "seed": seed, "epochs": args.epochs,
               "temperature": args.temperature, "lr": args.lr, "adam_eps": 1e-5, "max_grad_norm": 1.0,
               "kl_coef": args.kl_coef, "penalty_reward": args.penalty_reward,
               "reward_function": "tasks.chat:brevity_reward",
@@ -188,15 +193,17 @@ def single_turn_sides(args: argparse.Namespace, work: str, repeat: int) -> dict:
 
 
 def multi_turn_sides(args: argparse.Namespace, work: str, repeat: int) -> dict:
-    """The two sides of (2): refuel.py and TRL's GRPO with a rollout function, at equal dialogues."""
+    """The two sides of (2): refuel.py and TRL's GRPO with a rollout function, at equal dialogues, with seed --seed +
+    the repeat."""
+    seed = args.seed + repeat
     task = os.path.join(common.REPO, "benchmarks", "peer_trl.py") + ":small_guessing_game"
-    refuel_flags = ["--model", args.model, "--task", task, "--seed", str(args.seed), "--num_iterations",
+    refuel_flags = ["--model", args.model, "--task", task, "--seed", str(seed), "--num_iterations",
                     str(args.multi_iterations), "--pairs_per_rank", str(args.multi_pairs), "--minibatch_pairs",
                     str(args.multi_pairs), "--micro_batch_pairs", str(args.multi_pairs), "--lr", str(args.multi_lr),
                     "--eval_every", str(args.multi_iterations), "--save_every", str(args.multi_iterations),
                     "--device", "cpu"]
     config = {"model": args.model, "max_new_tokens": 8, "pairs": args.multi_pairs, "iterations": args.multi_iterations,
-              "seed": args.seed, "temperature": 0.8, "lr": args.multi_lr, "max_grad_norm": 1.0, "kl_coef": 0.0}
+              "seed": seed, "temperature": 0.8, "lr": args.multi_lr, "max_grad_norm": 1.0, "kl_coef": 0.0}
     return {
         "refuel.py": lambda: script_side("refuel.py", refuel_flags, work, f"refuel_{repeat}", REFUEL_TIMES),
         "TRL GRPO, rollout_func": lambda: trl_side("grpo", config, work, f"grpo_{repeat}"),
@@ -258,11 +265,19 @@ def ratios(runs: dict, base: str, other: str) -> dict:
             "peak_rss": [o["peak_rss_gib"] / b["peak_rss_gib"] for b, o in pairs]}
 
 
-def learning_sign(run: dict) -> int:
-    """The sign of the mean score's change from the first to the last iteration."""
-    its = run["iterations"]
-    change = its[-1]["score"] - its[0]["score"]
-    return 0 if abs(change) < 1e-12 else (1 if change > 0 else -1)
+def score_slope(run: dict) -> float:
+    """The least-squares slope of the run's mean training score over its iterations (score per iteration)."""
+    return statistics.linear_regression(range(len(run["iterations"])), [i["score"] for i in run["iterations"]]).slope
+
+
+def learning(runs: list[dict]) -> dict:
+    """A side's learning over its repeats: each run's score slope, their mean and 95% interval (the repeats draw
+    their prompts and samples with seeds of their own), and the sign the interval shows: +1 or -1 when it excludes
+    0, else 0."""
+    slopes = [score_slope(r) for r in runs]
+    mean, half = common.interval95(slopes)
+    sign = 1 if mean - half > 0 else -1 if mean + half < 0 else 0
+    return {"slopes": slopes, "mean": mean, "half": None if math.isinf(half) else half, "sign": sign}
 
 
 def limits(results: dict) -> dict:
@@ -289,7 +304,8 @@ def limits(results: dict) -> dict:
 
     s = results["single"]
     rows = 2 * s["settings"]["pairs"]
-    prompt = statistics.mean(s["prompt_tokens_per_iteration"])  # the rows' prompts, every prompt twice
+    # the rows' prompts (every prompt twice), over every iteration of every repeat
+    prompt = statistics.mean(t for repeat in s["prompt_tokens_per_iteration"] for t in repeat)
     for name in SINGLE:
         runs = s["runs"].get(name, [])
         if runs and not runs[0].get("error"):
@@ -362,9 +378,18 @@ def report_single(results: dict) -> str:
     lines.append(f"Same work: prompt tokens per iteration (both sides' templates) {check['prompt_tokens']}; "
                  f"generated tokens per iteration, rebel.py / TRL over all runs and iterations: "
                  f"{check['generated_tokens_ratio']:.3f} (rebel.py {check['generated_tokens']['rebel.py']}, TRL "
-                 f"{check['generated_tokens']['TRL RLOO']}); mean score per iteration (first -> last) and the sign of "
-                 f"its change: {check['learning']}.\n")
+                 f"{check['generated_tokens']['TRL RLOO']}).\n")
+    slopes = "; ".join(f"{name} {fmt_slope(learned)}" for name, learned in check["learning"].items())
+    verdict = {True: "yes", False: "no", None: "not shown (an interval holds 0)"}[check["learning_agrees"]]
+    lines.append(f"Learning: the least-squares slope of the mean training score over each run's iterations, mean ± "
+                 f"95% interval over the repeats (each repeat its own seed, the same on every side), and the slopes "
+                 f"per repeat: {slopes}. Both sides learn in the same direction: {verdict}.\n")
     return "\n".join(lines)
+
+
+def fmt_slope(learned: dict) -> str:
+    half = "" if learned["half"] is None else f" ± {learned['half']:.4f}"
+    return f"{learned['mean']:+.4f}{half} ({', '.join(f'{v:+.4f}' for v in learned['slopes'])})"
 
 
 def report_multi(results: dict) -> str:
@@ -452,21 +477,21 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def work_check(runs: dict, prompt_tokens: list[int]) -> dict:
-    """Do both sides do the same work? Prompt tokens per iteration (rebel.py's templating against what TRL's own
-    templating gave), generated tokens per iteration, and the sign of the score's change over the iterations."""
-    trl = runs["TRL RLOO"]
-    trl_prompts = [i["prompt_tokens"] for r in trl if not r.get("error") for i in r["iterations"]]
-    same_prompts = all(t == prompt_tokens[k % len(prompt_tokens)] for k, t in enumerate(trl_prompts))
+def work_check(runs: dict, prompt_tokens: list[list[int]]) -> dict:
+    """Do both sides do the same work? Prompt tokens per iteration of each repeat (rebel.py's templating against
+    what TRL's own templating gave), generated tokens per iteration, and each side's learning over the repeats."""
+    trl_prompts = [[i["prompt_tokens"] for i in r["iterations"]] for r in runs["TRL RLOO"] if not r.get("error")]
+    same_prompts = trl_prompts == prompt_tokens[:len(trl_prompts)]
     tokens = {name: [[i["generated_tokens"] for i in r["iterations"]] for r in runs[name] if not r.get("error")]
               for name in ("rebel.py", "TRL RLOO")}
     total = {name: sum(map(sum, v)) for name, v in tokens.items()}
-    learning = {name: [[round(r["iterations"][0]["score"], 3), round(r["iterations"][-1]["score"], 3),
-                        learning_sign(r)] for r in runs[name] if not r.get("error")]
-                for name in SINGLE if runs.get(name)}
+    learned = {name: learning([r for r in runs[name] if not r.get("error")])
+               for name in SINGLE if runs.get(name) and not runs[name][0].get("error")}
+    signs = {learned[name]["sign"] for name in ("rebel.py", "TRL RLOO")}
     return {"prompt_tokens": "identical" if same_prompts else f"differ: rebel.py {prompt_tokens}, TRL {trl_prompts}",
             "prompt_tokens_identical": same_prompts, "generated_tokens": tokens,
-            "generated_tokens_ratio": total["rebel.py"] / max(total["TRL RLOO"], 1), "learning": learning}
+            "generated_tokens_ratio": total["rebel.py"] / max(total["TRL RLOO"], 1), "learning": learned,
+            "learning_agrees": None if 0 in signs else len(signs) == 1}
 
 
 def versions() -> dict:
@@ -513,7 +538,7 @@ if __name__ == "__main__":
         probes = [probe_machine()]
         sides = [n for n in SINGLE if not (args.skip_colocate and "colocate" in n)]
         single = alternate(lambda w, r: single_turn_sides(args, w, r), sides, args.repeats, work, probes)
-        prompt_tokens = rebel_prompt_tokens(args)
+        prompt_tokens = [rebel_prompt_tokens(args, args.seed + r) for r in range(args.repeats)]
         settings = {k: getattr(args, k) for k in ("pairs", "max_new_tokens", "num_iterations", "epochs",
                                                   "temperature", "lr", "kl_coef", "penalty_reward", "seed")}
         settings["torch_threads"] = torch.get_num_threads()

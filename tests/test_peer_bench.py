@@ -62,6 +62,9 @@ def test_peer_bench_at_toy_size(tmp_path, tiny_model, script_env):
     check = single["work_check"]
     assert check["prompt_tokens_identical"] and check["generated_tokens_ratio"] == 1.0
     assert check["generated_tokens"]["rebel.py"] == check["generated_tokens"]["TRL RLOO"]
+    # one repeat gives each side one slope and no interval, so no direction is shown
+    assert {name: len(v["slopes"]) for name, v in check["learning"].items()} == {"rebel.py": 1, "TRL RLOO": 1}
+    assert check["learning_agrees"] is None
 
     [ratio] = found["ratios"]["TRL RLOO"]["seconds_per_iteration"]
     assert positive(ratio)
@@ -83,6 +86,20 @@ def test_peer_bench_at_toy_size(tmp_path, tiny_model, script_env):
     assert "| TRL RLOO / rebel.py |" in out.stdout and "### (3) The machine's limit" in out.stdout
     report = run_bench("--output_dir", str(tmp_path), "--report", env=script_env).stdout
     assert "|---|" in report and report.strip() in out.stdout
+
+
+def test_learning_shows_a_direction_only_when_the_repeats_agree():
+    import peer_bench
+
+    def run(*scores):
+        return {"iterations": [{"score": v} for v in scores]}
+
+    rising = peer_bench.learning([run(0.1, 0.2, 0.3), run(0.2, 0.3, 0.5), run(0.0, 0.1, 0.2)])
+    assert rising["slopes"] == pytest.approx([0.1, 0.15, 0.1]) and rising["sign"] == 1
+    assert peer_bench.learning([run(0.3, 0.2), run(0.5, 0.35), run(0.4, 0.28)])["sign"] == -1
+    mixed = peer_bench.learning([run(0.1, 0.3), run(0.3, 0.1), run(0.2, 0.25)])
+    assert mixed["sign"] == 0 and mixed["half"] > abs(mixed["mean"])
+    assert peer_bench.learning([run(0.1, 0.9)])["half"] is None  # one repeat: no interval
 
 
 def committed():
