@@ -176,5 +176,32 @@ def table(head: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
 
 
+def score_turns(record: dict) -> list[int]:
+    """The turns h of a multi-turn run's `eval/score_turn{h}` metrics, in order."""
+    return sorted(int(k.rsplit("turn", 1)[1]) for k in record if k.startswith("eval/score_turn"))
+
+
+def plot_by_turn(bars: dict[str, list], turns: list[int], ylabel: str, path: str) -> None:
+    """Grouped bars, one group per turn h: `bars` maps a label to one value per turn, or one (mean, 95% half-width)
+    per turn, drawn with its interval (none where the half-width is inf)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(bars)
+    for i, (name, values) in enumerate(bars.items()):
+        means, halves = zip(*(v if isinstance(v, tuple) else (v, 0.0) for v in values))
+        ax.bar([t + (i - (len(bars) - 1) / 2) * width for t in turns], means, width, label=name,
+               yerr=[0.0 if math.isinf(h) else h for h in halves], capsize=2)
+    ax.set_xticks(turns, [f"by turn {t}" for t in turns])
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -31,14 +31,10 @@ SIDES = {"full fine-tuning": [], "LoRA r=8": ["--lora_rank", "8"]}
 REFERENCES = ("random consistent", "binary search (optimal)")
 
 
-def score_turns(record: dict) -> list[int]:
-    return sorted(int(k.rsplit("turn", 1)[1]) for k in record if k.startswith("eval/score_turn"))
-
-
 def final_score(run: dict, turn: int | None = None) -> float:
     """The run's final share of games solved by `turn` (default: the last turn)."""
     last = run["metrics"][-1]
-    return last[f"eval/score_turn{turn or score_turns(last)[-1]}"]
+    return last[f"eval/score_turn{turn or common.score_turns(last)[-1]}"]
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -68,7 +64,7 @@ def measure(args: argparse.Namespace) -> dict:
 def report(results: dict) -> str:
     runs, chosen = results["runs"], results["chosen"]
     first = next(iter(runs.values()))[0]["metrics"][0]
-    turns = score_turns(first)
+    turns = common.score_turns(first)
     lines = [common.header(results),
              f"Reported seeds {', '.join(map(str, results['seeds']))}, tuned on seed {results['tuning_seed']}; "
              f"{results['num_iterations']} iterations a run. Chosen learning rates: "
@@ -98,31 +94,15 @@ def report(results: dict) -> str:
 def plot(results: dict, path: str) -> None:
     """Grouped bars with 95% intervals: the share of games solved by turn h, for the initial policy, both trained
     sides and the task's references."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = results["runs"]
     first = next(iter(runs.values()))[0]["metrics"][0]
-    turns = score_turns(first)
+    turns = common.score_turns(first)
     bars = {"initial policy": [common.interval95([r["metrics"][0][f"eval/score_turn{t}"] for r in runs["LoRA r=8"]])
                                for t in turns]}
     bars.update({f"REFUEL, {side}": [common.interval95([final_score(r, t) for r in side_runs]) for t in turns]
                  for side, side_runs in runs.items()})
-    bars.update({name: [(first[f"reference/{name}_turn{t}"], 0.0) for t in turns] for name in REFERENCES})
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / len(bars)
-    for i, (name, values) in enumerate(bars.items()):
-        means, halves = zip(*values)
-        ax.bar([t + (i - (len(bars) - 1) / 2) * width for t in turns], means, width, label=name,
-               yerr=[h if h != float("inf") else 0 for h in halves], capsize=2)
-    ax.set_xticks(turns, [f"by turn {t}" for t in turns])
-    ax.set_ylabel("share of games solved")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    bars.update({name: [first[f"reference/{name}_turn{t}"] for t in turns] for name in REFERENCES})
+    common.plot_by_turn(bars, turns, "share of games solved", path)
 
 
 if __name__ == "__main__":

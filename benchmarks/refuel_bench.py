@@ -60,7 +60,7 @@ def measure(args: argparse.Namespace) -> dict:
                                                                      f"{sampling}_{seed}", args.nproc)})
     with open(os.path.join(runs_dir, f"{SAMPLINGS[0]}_{args.seeds[0]}", "args.json")) as f:
         run_args = json.load(f)
-    turns = score_turns(runs[SAMPLINGS[0]][0]["metrics"][0])
+    turns = common.score_turns(runs[SAMPLINGS[0]][0]["metrics"][0])
     game = GuessNumber(run_args["guess_max"], len(turns))
     initial = run_args["model"] or warm_start_policy(game, utils.resolve_model_path(utils.EMBEDDED_SMOLLM2),
                                                      run_args["warm_start_steps"])
@@ -75,15 +75,11 @@ def measure(args: argparse.Namespace) -> dict:
             "runs": runs, "first_guesses": guesses}
 
 
-def score_turns(record: dict) -> list[int]:
-    return sorted(int(k.rsplit("turn", 1)[1]) for k in record if k.startswith("eval/score_turn"))
-
-
 def report(results: dict) -> str:
     runs = results["runs"]
     initials = [r["metrics"][0] for r in runs[SAMPLINGS[0]]]
     finals = {s: [r["metrics"][-1] for r in runs[s]] for s in SAMPLINGS}
-    turns = score_turns(initials[0])
+    turns = common.score_turns(initials[0])
     lines = [common.header(results), "Runs (`--output_dir` and `--run_name` left out): " + ", ".join(
         f"`{r['command']}` ({r['seconds'] / 60:.1f} min)" for s in SAMPLINGS for r in runs[s]) + ".\n",
         "Per turn h: share of evaluation games solved by turn h, and in brackets the paired win rate against the "
@@ -133,14 +129,9 @@ def report(results: dict) -> str:
 def plot(results: dict, path: str) -> None:
     """Grouped bars: the share of games solved by turn h, for the initial policy, each trained one and the
     task's references (means over the seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = results["runs"]
     initial = runs[SAMPLINGS[0]][0]["metrics"][0]
-    turns = score_turns(initial)
+    turns = common.score_turns(initial)
 
     def mean_score(s: str, index: int, t: int) -> float:
         return statistics.mean(r["metrics"][index][f"eval/score_turn{t}"] for r in runs[s])
@@ -148,16 +139,7 @@ def plot(results: dict, path: str) -> None:
     bars = {"initial policy": [mean_score(SAMPLINGS[0], 0, t) for t in turns]}
     bars.update({f"REFUEL, {s} h": [mean_score(s, -1, t) for t in turns] for s in SAMPLINGS})
     bars.update({name: [initial[f"reference/{name}_turn{t}"] for t in turns] for name in REFERENCES})
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / len(bars)
-    for i, (name, values) in enumerate(bars.items()):
-        ax.bar([t + (i - (len(bars) - 1) / 2) * width for t in turns], values, width, label=name)
-    ax.set_xticks(turns, [f"by turn {t}" for t in turns])
-    ax.set_ylabel("share of games solved")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.plot_by_turn(bars, turns, "share of games solved", path)
 
 
 if __name__ == "__main__":
