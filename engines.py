@@ -10,6 +10,7 @@ compared with the trainer's (everything else: a wrong model, a missing tensor, a
 Copy it along with the script you fork; it is not a library.
 """
 
+import contextlib
 import dataclasses
 import gc
 import importlib.util
@@ -63,6 +64,7 @@ class VLLMEngine:
             enable_sleep_mode=sleep_mode,
         )
         self.asleep = False
+        self.enforce_eager = enforce_eager
         self.max_model_len = max_model_len
         self.tokenizer = self.llm.get_tokenizer()
         self.dtype = getattr(torch, dtype)
@@ -137,8 +139,13 @@ class VLLMEngine:
     def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         from vllm import SamplingParams
 
-        out = self.llm.generate([{"prompt_token_ids": token_ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                                use_tqdm=False)[0]
+        # vLLM ranks each prompt token among the vocabulary with a torch.compile'd kernel (batched_count_greater_than
+        # in vllm/v1/sample/ops/logprobs.py). On an eager engine (the CPU build) compiling it would be the run's only
+        # inductor compile, seconds per process for one short probe, so it runs eagerly; the log-probs are the same
+        eager = torch.compiler.set_stance("force_eager") if self.enforce_eager else contextlib.nullcontext()
+        with eager:
+            out = self.llm.generate([{"prompt_token_ids": token_ids}],
+                                    SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
         return torch.tensor([entry[tok].logprob for tok, entry in zip(token_ids[1:], out.prompt_logprobs[1:])])
 
     def close(self) -> None:
