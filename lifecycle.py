@@ -181,20 +181,20 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_ratio: 
 
 def quiet_third_party(verbose: bool) -> None:
     """Keeps vLLM's, transformers' and datasets' warnings and progress bars off the console unless `verbose`.
-    Call before the first engine starts (vLLM reads its log level when imported)."""
+    Call before the first engine starts and the task loads (vLLM and datasets read their settings when imported;
+    datasets is told by environment variables, as most runs never import it)."""
     import warnings
 
-    import datasets
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # one bar per checkpoint write otherwise
-    datasets.disable_progress_bars()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if verbose:
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     logging.getLogger("vllm").setLevel(logging.ERROR)  # some vLLM modules warn before its logging is set up
     transformers.utils.logging.set_verbosity_error()
-    datasets.logging.set_verbosity_error()
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
 
