@@ -181,6 +181,19 @@ def references(results: dict) -> dict[str, list[float]]:
     return {n: [first[f"{n}_turn{t}"] for t in turns(results)] for n in names}
 
 
+def comparisons(results: dict) -> dict[str, dict[str, list[float]]]:
+    """REFUEL minus each other row, paired by seed: {row: {turn: [difference per shared seed]}}."""
+    refuel = {r["seed"]: r for r in results["runs"].get("REFUEL", [])}
+    return {method: {t: [refuel[r["seed"]]["final"][t] - r["final"][t] for r in by_seed if r["seed"] in refuel]
+                     for t in turns(results)}
+            for method, by_seed in results["runs"].items() if method != "REFUEL" and refuel}
+
+
+def with_p(differences: list[float]) -> str:
+    """`mean ± half-width (p ...)` of paired differences: the 95% interval and the paired t-test's p."""
+    return f"{common.with_interval(differences)} (p {common.paired_p(differences):.2g})"
+
+
 def report(results: dict) -> str:
     runs, ts, what = results["runs"], turns(results), MEASURES[results["measure"]]
     budget = results["token_budget"]
@@ -198,14 +211,22 @@ def report(results: dict) -> str:
     if results["measure"] == "score":
         main += [[name, *(f"{v:.3f}" for v in values), "", "", "", ""]
                  for name, values in references(results).items()]
-    refuel = {r["seed"]: r for r in runs.get("REFUEL", [])}
-    paired = []
-    for method, by_seed in runs.items():
-        if method == "REFUEL" or not refuel:
-            continue
-        shared = [(refuel[r["seed"]], r) for r in by_seed if r["seed"] in refuel]
-        paired.append([f"REFUEL − {method}", *(common.with_interval([a["final"][t] - b["final"][t] for a, b in shared])
-                                                 for t in ts)])
+    against_initial = [[f"{method} − π₀", *(with_p([r["final"][t] - r["initial"][t] for r in by_seed])
+                                            for t in ts)] for method, by_seed in runs.items()]
+    paired, last = comparisons(results), ts[-1]
+    family = [name for name in paired if not name.startswith("REFUEL,")]  # the baselines
+    adjusted = {t: dict(zip(family, common.holm([common.paired_p(paired[name][t]) for name in family]))) for t in ts}
+    level = 0.05 / max(len(family), 1)  # Holm's strictest step: the level its smallest p must pass
+    rows = []
+    for name, by_turn in paired.items():
+        if name in family:
+            cells = [f"{common.with_interval(by_turn[t])} (p {adjusted[t][name]:.2g})" for t in ts]
+            needed = common.seeds_to_detect(by_turn[last], alpha=level) if adjusted[last][name] >= 0.05 else 0
+            tail = [f"{common.detectable_difference(by_turn[last], alpha=level):.3f}",
+                    "resolved" if needed == 0 else "–" if needed is None else f"{needed}"]
+        else:  # a variant of REFUEL, outside the family: its p is not adjusted
+            cells, tail = [with_p(by_turn[t]) + " unadjusted" for t in ts], ["", ""]
+        rows.append([f"REFUEL − {name}", *cells, *tail])
     grid = []
     for method, cells in results["grid"].items():
         name = METHODS[method][1]
@@ -222,8 +243,17 @@ def report(results: dict) -> str:
         common.table(["method", *(f"turn {t}" for t in ts), "generated tokens (overshoot)", "reward calls",
                       "iterations", "budget stopped it"], main),
         "",
-        f"Paired differences (same seed), REFUEL minus each method, {what} by turn, mean ± 95% interval:\n",
-        common.table(["difference", *(f"turn {t}" for t in ts)], paired),
+        f"Each method against the initial policy π₀ on the same seed (its final minus its initial {what}), by "
+        "turn, mean ± 95% interval (p: two-sided paired t-test):\n",
+        common.table(["difference", *(f"turn {t}" for t in ts)], against_initial),
+        "",
+        f"Paired differences (same seed), REFUEL minus each method, {what} by turn, mean ± 95% interval (p: paired "
+        f"t-test, Holm-adjusted over the {len(family)} baselines at each turn). At turn {last}, the smallest "
+        f"difference {n} seeds detect with 80% power at level {level:.3g} (0.05 over the baselines: Holm's strictest "
+        "step), and, where the adjusted p is 0.05 or more, the seeds that would detect the observed difference "
+        "(–: none up to 1,000, or fewer than 2 seeds):\n",
+        common.table(["difference", *(f"turn {t}" for t in ts), f"detectable, turn {last}", "seeds to resolve"],
+                     rows),
         "",
         f"Tuning grid on seed {results['tuning_seed']} (chosen: the best final {what} at turn {ts[-1]}):\n",
         common.table(["method", "lr", "coefficient", *(f"turn {t}" for t in ts), "generated tokens"], grid)])

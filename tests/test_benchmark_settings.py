@@ -6,6 +6,8 @@ import math
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import common  # noqa: E402
@@ -51,6 +53,30 @@ def test_interval95_uses_students_t():
     assert common.with_interval([5.0]) == "5.000"
 
 
+def test_paired_tests_match_students_t_tables_and_holm_steps_down():
+    # t(0.975) and t(0.8) with 4 and 29 degrees of freedom, from printed tables
+    assert math.isclose(common.t_quantile(0.975, 4), 2.776, abs_tol=1e-3)
+    assert math.isclose(common.t_quantile(0.8, 4), 0.941, abs_tol=1e-3)
+    assert math.isclose(common.t_quantile(0.975, 29), 2.045, abs_tol=1e-3)
+    assert math.isclose(common.t_two_sided_p(12.706, 1), 0.05, abs_tol=1e-4)
+    assert math.isclose(common.t_two_sided_p(4.604, 4), 0.01, abs_tol=1e-4)
+    # mean 0.1, sd 0.1 / sqrt(1.5) over 4 pairs: t = sqrt(6) with 3 degrees of freedom, p = 0.0917 (between the
+    # tables' 0.10 at 2.353 and 0.05 at 3.182)
+    assert math.isclose(common.paired_p([0.0, 0.1, 0.1, 0.2]), 0.0917, abs_tol=1e-4)
+    assert common.paired_p([0.3]) == 1.0 and common.paired_p([0.0, 0.0]) == 1.0
+    # sorted 0.01, 0.03, 0.04, 0.2 times 4, 3, 2, 1, each at least the one before
+    assert common.holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    # (t(0.975, 4) + t(0.8, 4)) * sd / sqrt(5)
+    spread = [0.0, 0.1, 0.2, 0.1, 0.1]
+    assert math.isclose(common.detectable_difference(spread), (2.776 + 0.941) * 0.0707107 / math.sqrt(5),
+                        rel_tol=1e-3)
+    assert common.detectable_difference([0.1]) == math.inf
+    # a mean of 0.01 at sd 0.0707: the detectable difference first falls below it at n = 395, about (2.8 sd / 0.01)^2
+    needed = common.seeds_to_detect([x - 0.09 for x in spread])
+    assert 380 < needed < 410 and common.detectable_difference([0.01] * 2 + [x - 0.09 for x in spread]) > 0.01
+    assert common.seeds_to_detect([0.1, -0.1]) is None and common.seeds_to_detect([0.1]) is None
+
+
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 
 
@@ -72,7 +98,7 @@ def test_the_docs_tables_are_the_committed_results_report():
     """docs/dpo_multiturn.md quotes `--report` on each committed multiturn_comparison JSON, table for table."""
     found = sorted(f for f in os.listdir(DOCS) if f.startswith("multiturn_comparison_") and f.endswith(".json"))
     assert found, "no committed comparison results"
-    assert_docs_quote("dpo_multiturn.md", multiturn_comparison.report, {name: 3 for name in found})
+    assert_docs_quote("dpo_multiturn.md", multiturn_comparison.report, {name: 4 for name in found})
 
 
 def test_the_ma_ppo_docs_quote_the_committed_results_report():
