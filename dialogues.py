@@ -244,14 +244,27 @@ def openings_that_fit(openings: list[Episode], tokenizer, max_tokens: int) -> tu
     return [e for e, _ in kept], len(openings) - len(kept), max((n for _, n in kept), default=0)
 
 
+class UserReply(str):
+    """A simulated user's reply (the text the policy reads) that cost more generated tokens than that text: an LLM
+    user writes a hidden justification before its question. `generated_tokens` counts everything it generated, for
+    the budget; a plain `str` reply (a scripted user, a dataset's turn) is counted as its text."""
+
+    def __new__(cls, text: str, generated_tokens: int = 0):
+        reply = super().__new__(cls, text)
+        reply.generated_tokens = generated_tokens
+        return reply
+
+
 def generated_tokens(episodes: list[Episode], tokenizer, first_turns: list[int]) -> tuple[int, int]:
     """Tokens generated in `episodes` from assistant turn `first_turns[i]` on: the policy's sampled tokens, and the
-    user's replies after those turns (counted in the policy's tokenizer). What a method's data cost."""
+    user's replies after those turns (a `UserReply`'s own count, hidden text included; any other reply's text in
+    the policy's tokenizer). What a method's data cost."""
     policy = sum(len(r) for e, first in zip(episodes, first_turns) for r in e.responses[first:])
     replies = [m["content"] for e, first in zip(episodes, first_turns)
                for m in [m for m in e.messages if m["role"] == "user"][first + 1 :]]
-    user = sum(map(len, tokenizer(replies, add_special_tokens=False).input_ids)) if replies else 0
-    return policy, user
+    texts = [r for r in replies if not isinstance(r, UserReply)]
+    user = sum(r.generated_tokens for r in replies if isinstance(r, UserReply))
+    return policy, user + (sum(map(len, tokenizer(texts, add_special_tokens=False).input_ids)) if texts else 0)
 
 
 def play_turn(players: list[tuple[Episode, int, tuple]], engine, tokenizer, user, max_tokens: int,

@@ -300,9 +300,10 @@ if __name__ == "__main__":
         if args.run.engine_sleep:  # its device memory goes to the trainer until the next weight sync wakes it
             engine.sleep()
         run.lap("rollout")
-        run.count_generated(with_y, [0] * len(with_y))
-        run.count_generated(with_y_prime, branch_turns)  # the branches' tokens from turn h on
-        run.spent["reward_calls"] += 2 * len(with_y)
+        # the budget charges the pairs trained on; the held-out ones (phase 5) are free, like every evaluation
+        run.count_generated(with_y[:num_train], [0] * num_train)
+        run.count_generated(with_y_prime[:num_train], branch_turns[:num_train])  # the branches from turn h on
+        run.spent["reward_calls"] += 2 * num_train
         if args.run.schedule_over == "token_budget":
             scheduler.start_iteration(*run.tokens_this_iteration(), steps_per_iteration)
 

@@ -89,7 +89,9 @@ class LLMUser:
         asked = [(p, utils.sample_seed(self.seed, t)) for p, t, fit in zip(prompts, texts, fits) if fit]
         completions = iter(self.engine.generate([p for p, _ in asked], self.max_tokens, self.temperature,
                                                 [s for _, s in asked]) if asked else [])
-        return [parse_user_reply(next(completions).text) if fit else None for fit in fits]
+        # each reply carries the count of all the user generated, its hidden justification too, for the budget
+        return [dialogues.UserReply(parse_user_reply(c.text), len(c.token_ids)) if c else None
+                for c in (next(completions) if fit else None for fit in fits)]
 
 
 class UserServerError(RuntimeError):
@@ -109,7 +111,7 @@ class ServerUser:
         self.url, self.model, self.max_tokens, self.temperature = url.rstrip("/"), model, max_tokens, temperature
         self.seed, self.timeout, self.retries, self.concurrency = seed, timeout, retries, concurrency
 
-    def _ask(self, prompt: str, seed: int) -> str:
+    def _ask(self, prompt: str, seed: int) -> dialogues.UserReply:
         import urllib.error
         import urllib.request
 
@@ -121,7 +123,10 @@ class ServerUser:
                 request = urllib.request.Request(f"{self.url}/v1/chat/completions", body,
                                                  {"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.load(response)["choices"][0]["message"]["content"]
+                    answer = json.load(response)
+                # the budget counts all the user generated, its hidden justification too (the server's count)
+                return dialogues.UserReply(parse_user_reply(answer["choices"][0]["message"]["content"]),
+                                           answer["usage"]["completion_tokens"])
             except urllib.error.HTTPError as e:
                 # keep the server's own words (vLLM explains a 400 or a 404 in the body)
                 error = f"HTTP {e.code} {e.reason}: {e.read().decode(errors='replace')[:500]}"
@@ -140,7 +145,7 @@ class ServerUser:
         prompts = [user_simulator_prompt(e.messages) for e in episodes]
         seeds = [utils.sample_seed(self.seed, p) for p in prompts]
         with ThreadPoolExecutor(self.concurrency) as pool:
-            return [parse_user_reply(text) for text in pool.map(self._ask, prompts, seeds)]
+            return list(pool.map(self._ask, prompts, seeds))
 
 
 class DatasetUser:

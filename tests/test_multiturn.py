@@ -97,6 +97,18 @@ def test_llm_user_with_a_tiny_model(vllm_engine, tiny_model):
     assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
     # a reply depends on the conversation, not on the call or the batch position: resumed runs replay it
     assert user([opening("Hi."), opening()]) == replies[::-1]
+    # the budget counts what the user generated (at most the 8 tokens asked for), not the question it parsed
+    assert all(1 <= r.generated_tokens <= 8 for r in replies)
+
+
+def test_the_budget_counts_a_users_hidden_text():
+    question = dialogues.UserReply("Why 4?", generated_tokens=30)
+    dialogue = dialogues.Episode([{"role": "user", "content": "Pick a number."}, {"role": "assistant", "content": "4"},
+                                  {"role": "user", "content": question}, {"role": "assistant", "content": "5"}],
+                                 responses=[[5, 6], [7]])
+    # the policy's 3 sampled tokens, and the 30 the user generated for its 2-word question (justification included)
+    assert dialogues.generated_tokens([dialogue], None, [0]) == (3, 30)
+    assert dialogues.generated_tokens([dialogue], None, [1]) == (1, 0)  # from turn 2 on: no reply after it
 
 
 @pytest.mark.slow
@@ -114,6 +126,7 @@ def test_server_user_answers_every_dialogue(user_server, tiny_model):
     user = ServerUser(user_server, tiny_model, max_tokens=8, temperature=0.8, seed=0)
     replies = user([opening(f"Question number {i}?") for i in range(5)])
     assert len(replies) == 5 and all(isinstance(r, str) for r in replies)
+    assert all(1 <= r.generated_tokens <= 8 for r in replies)  # the server's count of what it generated
 
 
 def test_server_down_is_a_clear_error_after_bounded_retries(tiny_model):
