@@ -113,13 +113,17 @@ class RunArgs:
     # bookkeeping
     eval_every: int = 2
     """evaluate every this many iterations (and before the first and after the last)"""
+    eval_budget_points: int = 0
+    """with `--token_budget`, evaluate also after each iteration that crosses one of this many evenly spaced shares
+    of the budget (4: a quarter, a half, three quarters, and the end), so that a run's curve can be read against the
+    tokens spent, whatever its iterations cost"""
     save_every: int = 2
     """checkpoint every this many iterations (and after the last)"""
 
 
 # flags that may change on `--resume`: they do not touch what is trained nor its schedule
-RESUMABLE_CHANGES = {"resume", "track", "wandb_project", "wandb_entity", "verbose", "eval_every", "save_every",
-                     "collective_timeout_minutes", "export_merged",
+RESUMABLE_CHANGES = {"resume", "track", "wandb_project", "wandb_entity", "verbose", "eval_every", "eval_budget_points",
+                     "save_every", "collective_timeout_minutes", "export_merged",
                      "user_url", "user_timeout", "user_retries"}
 
 
@@ -166,6 +170,8 @@ def check_run_args(flags: RunArgs, lora: LoraArgs | None = None) -> None:
          "--schedule_over token_budget needs --token_budget"),
         (flags.resume and flags.run_name is None, "--resume needs --run_name of the run to continue"),
         (min(flags.eval_every, flags.save_every) < 1, "--eval_every and --save_every must be at least 1"),
+        (flags.eval_budget_points < 0 or (flags.eval_budget_points > 0 and flags.token_budget is None),
+         "--eval_budget_points must be at least 0, and needs --token_budget"),
     ] if bad]
     if problems:
         raise SystemExit("\n".join(problems))
@@ -594,6 +600,14 @@ class Run:
         return engines.sync_weights(self.engine, model, *self.probe, self.device, self.flags.sync_tolerance,
                                     self.flags.sync_bucket_mb)
 
+    def crossed_budget_point(self) -> bool:
+        """Whether this iteration's tokens crossed one of the `--eval_budget_points` shares of the budget."""
+        points, budget = self.flags.eval_budget_points, self.flags.token_budget
+        if not points or budget is None:
+            return False
+        before, after = self.tokens_this_iteration()
+        return int(after * points / budget) > int(before * points / budget)
+
     def end_iteration(self, iteration: int, metrics: dict[str, float], shown: dict[str, float], trained: dict,
                       schedulers: dict, state: dict | None = None) -> None:
         """Adds the budget (`budget/*`, all ranks), the time of each phase (`time/*`, mean over ranks) and, every
@@ -606,7 +620,7 @@ class Run:
         metrics["budget/generated_tokens"] = metrics["budget/policy_tokens"] + metrics["budget/user_tokens"]
         self.budget_spent = flags.token_budget is not None and metrics["budget/generated_tokens"] >= flags.token_budget
         final = iteration == self.args.num_iterations or self.budget_spent
-        if iteration % flags.eval_every == 0 or final:
+        if iteration % flags.eval_every == 0 or final or self.crossed_budget_point():
             metrics.update(dialogues.eval_metrics(self.evaluate(), self.initial_scores))
         self.logger.log(metrics, iteration=iteration)
         if f"eval/score_turn{horizon}" in metrics:

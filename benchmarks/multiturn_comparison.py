@@ -9,15 +9,22 @@ the share of the budget it has spent (`--schedule_over token_budget`): warmup, t
 end, whatever its iterations cost. Methods that sample the turn h (REFUEL, the MT baselines) draw it uniformly over
 the H turns; REFUEL with the paper's h is an extra row, at REFUEL's chosen setting.
 
-1. Tuning, on `--tuning_seed` only: each method runs every cell of its grid, `--lrs` times its own coefficient
-   (`--etas` for REFUEL and REBEL, `--betas` for DPO), and keeps the cell with the best final evaluation at turn H.
-2. The reported runs: each method's chosen cell on every seed of `--seeds` (none of them the tuning seed). A seed
+1. Tuning, on `--tuning_seeds` (two by default, never reported): each method runs every cell of its grid, `--lrs`
+   times its own coefficient (`--etas` for REFUEL and REBEL, `--betas` for DPO) times `--epochs` (optimizer steps
+   per generated token), on each tuning seed, and keeps the cell with the best mean final measure at turn H. While
+   that cell is on an edge of the grid, the grid grows one step past it along that dimension and the best is taken
+   again, until it is inside, at the dimension's bound (`BOUNDS`) or grown `--max_extensions` times; the report
+   names where it stopped.
+2. The reported runs: each method's chosen cell on every seed of `--seeds` (none of them a tuning seed). A seed
    fixes the task's training draws, its recorded dialogues and the sampling, and the evaluation set is the task's
-   own, so two methods' runs on one seed are paired.
+   own, so two methods' runs on one seed are paired. Every run is also evaluated after the iterations that cross a
+   quarter, a half and three quarters of its budget: its curve against the tokens spent.
 3. The report: per turn, each method's final measure (the evaluation score, or for the chat task the win rate
    against the initial policy judged by the reward, as the paper reports) as the mean and the 95% interval over
-   the seeds; the paired difference REFUEL minus each method with its 95% interval; the tokens spent (and the last
-   iteration's overshoot of the budget), the reward calls and iterations; the tuning grid, every cell.
+   the seeds; each method's paired difference from its seed's initial policy; the paired difference REFUEL minus
+   each method with its paired t-test p, Holm-adjusted over the baselines at each turn, and at turn H the smallest
+   difference the seeds detect with 80% power; the tokens spent (and the last iteration's overshoot of the
+   budget), the reward calls and iterations; the curves; the tuning grid, every cell.
 
 Tasks (`--task`): `guess_number`, `harvest` and `chat` (embedded SmolLM2 as the policy and as the LLM user, the
 target-length reward, horizon 3) come with their sizes; any other plug-in runs with the scripts' defaults and the flags
@@ -25,12 +32,14 @@ after `--`. Writes multiturn_comparison_<task>.json and .png to --output_dir (a 
 non-word characters as `_`); the flags all benchmarks share are
 described in benchmarks/common.py (its --num_iterations is unused here: the budget stops the runs).
 
-    .venv/bin/python benchmarks/multiturn_comparison.py --task harvest [--seeds 1 2 3 4 5] [--tuning_seed 0]
-        [--token_budget T] [--lrs ...] [--etas ...] [--betas ...] [--methods ...] [--output_dir docs] [--runs_dir DIR]
+    .venv/bin/python benchmarks/multiturn_comparison.py --task harvest [--seeds 1 2 3 4 5] [--tuning_seeds 0 99]
+        [--token_budget T] [--lrs ...] [--etas ...] [--betas ...] [--epochs ...] [--max_extensions 4] [--methods ...]
+        [--output_dir docs] [--runs_dir DIR]
     .venv/bin/python benchmarks/multiturn_comparison.py --task harvest --report   # the tables again, from the JSON
 """
 
 import argparse
+import itertools
 import os
 import re
 import statistics
@@ -78,6 +87,9 @@ class Setting(NamedTuple):
     the regression's gradient is about that difference times eta, which Adam's normalisation undoes (REFUEL's harvest
     runs at eta 2 and 5 were the same to three decimals)"""
     betas: tuple[float, ...] = (0.1, 0.3)
+    epochs: tuple[int, ...] = (1,)
+    """passes over an iteration's pairs (`--num_epochs`): more optimizer steps for the same generated tokens, and for
+    REFUEL steps at which its log-ratio has moved, so that eta acts (the official code takes 4)"""
     methods: tuple[str, ...] = ("REFUEL", "DPO-LT", "DPO-MT", "REBEL-LT", "REBEL-MT")
 
 
@@ -98,6 +110,11 @@ TASKS = {
                     "winrate_vs_initial", 4_000, pairs=8, refuel_pairs=4, recorded=8, lrs=(1e-4, 3e-4), etas=(0.5,),
                     betas=(0.1,), methods=("REFUEL", "DPO-LT", "REBEL-LT")),
 }
+BOUNDS = {"lr": (1e-6, 1e-2), "eta": (1e-2, 1e2), "beta": (1e-2, 10.0), "epochs": (1, 8)}
+"""how far tuning may extend each dimension of a grid"""
+CURVE_POINTS = 4
+"""each run is evaluated after the iterations that cross a quarter, a half and three quarters of its budget, and at
+its end: its curve against the tokens spent"""
 MEASURES = {"score": "evaluation score", "winrate_vs_initial": "win rate against the initial policy"}
 """what each logged measure (eval/<measure>_turn<h>) is called in the report"""
 
@@ -108,26 +125,32 @@ def by_turn(record: dict, measure: str) -> dict[str, float]:
     return {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
 
 
-def run(method: str, lr: float, coefficient: float, seed: int, args: argparse.Namespace, setting: Setting,
-        runs_dir: str, flags: list[str] | None = None) -> dict:
-    """One run: its final measure by turn and what it spent."""
+def run(method: str, cell: dict, seed: int, args: argparse.Namespace, setting: Setting, runs_dir: str,
+        flags: list[str] | None = None) -> dict:
+    """One run of `method` at `cell` (its lr, coefficient and epochs): its final measure by turn and what it
+    spent."""
     script, name, own = METHODS[method]
     pairs = setting.refuel_pairs if script == "refuel.py" else setting.pairs
     cap = str(args.max_iterations)
+    lr, coefficient, epochs = cell["lr"], cell[name], cell["epochs"]
     command = [*setting.flags, "--seed", str(seed), "--token_budget", str(setting.token_budget), "--schedule_over",
-               "token_budget", "--num_iterations", cap, "--eval_every", cap, "--save_every", cap,
-               "--pairs_per_rank", str(pairs), "--lr", str(lr), f"--{name}", str(coefficient), *(flags or own),
+               "token_budget", "--num_iterations", cap, "--eval_every", cap, "--eval_budget_points", str(CURVE_POINTS),
+               "--save_every", cap, "--pairs_per_rank", str(pairs), "--lr", str(lr), f"--{name}", str(coefficient),
+               "--num_epochs", str(epochs), *(flags or own),
                *([] if script == "refuel.py" else ["--num_recorded_dialogues", str(setting.recorded)]),
                *args.script_flags]
     label = "".join(c for c in (method if flags is None else f"{method}+") if c.isalnum() or c in "-+")
     done = common.run_script(script, command, runs_dir,
-                             f"{task_label(args)}_{label}_lr{lr:g}_{name}{coefficient:g}_s{seed}",
+                             f"{task_label(args)}_{label}_lr{lr:g}_{name}{coefficient:g}_e{epochs}_s{seed}",
                              keep_checkpoints=False)
     first, last = done["metrics"][0], done["metrics"][-1]
-    return {"seed": seed, "lr": lr, name: coefficient, "command": done["command"], "seconds": done["seconds"],
+    return {"seed": seed, "lr": lr, name: coefficient, "epochs": epochs, "command": done["command"],
+            "seconds": done["seconds"],
             "initial": by_turn(first, setting.measure), "final": by_turn(last, setting.measure),
             "generated_tokens": last["budget/generated_tokens"], "reward_calls": last["budget/reward_calls"],
             "iterations": last["iteration"],
+            "curve": [{"tokens": m.get("budget/generated_tokens", 0), "measure": by_turn(m, setting.measure)}
+                      for m in done["metrics"] if by_turn(m, setting.measure)],
             "stopped_by_budget": last["budget/generated_tokens"] >= setting.token_budget,
             "references": {k[len("reference/"):]: v for k, v in first.items() if k.startswith("reference/")}}
 
@@ -142,32 +165,72 @@ def task_settings(args: argparse.Namespace) -> Setting:
     setting = TASKS.get(args.task, Setting(["--task", args.task]))
     given = {"token_budget": args.token_budget, "pairs": args.pairs_per_rank, "refuel_pairs": args.pairs_per_rank,
              "recorded": args.num_recorded_dialogues, "lrs": args.lrs, "etas": args.etas, "betas": args.betas,
-             "methods": args.methods}
+             "epochs": args.epochs, "methods": args.methods}
     return setting._replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
+
+
+def extend(scores: dict[tuple, float], dimensions: list[str], grown: dict[str, int], max_extensions: int
+           ) -> tuple[list[tuple], list[str]]:
+    """Where tuning goes next, from the cells run so far ({cell: score}, a cell a tuple of values in `dimensions`'
+    order): for each dimension with more than one value explored, if the best cell holds its smallest or largest
+    value, the best cell with that value one step further out (the step: the ratio of the edge to its neighbour;
+    whole numbers for epochs), clipped to the dimension's `BOUNDS`. A dimension already at its bound, or grown
+    `max_extensions` times (`grown`, updated), is not extended and is named in the second list."""
+    best = max(scores, key=scores.get)
+    cells, stopped = [], []
+    for i, dimension in enumerate(dimensions):
+        explored = sorted({cell[i] for cell in scores})
+        if len(explored) < 2 or best[i] not in (explored[0], explored[-1]):
+            continue
+        neighbour = explored[1] if best[i] == explored[0] else explored[-2]
+        low, high = BOUNDS[dimension]
+        value = min(max(best[i] * best[i] / neighbour, low), high)
+        value = round(value) if dimension == "epochs" else float(f"{value:.3g}")
+        if value in explored or grown.get(dimension, 0) >= max_extensions:
+            stopped.append(f"{dimension} {best[i]:g} ({'its bound' if value in explored else 'the extension limit'})")
+            continue
+        grown[dimension] = grown.get(dimension, 0) + 1
+        cells.append(best[:i] + (value,) + best[i + 1 :])
+    return cells, stopped
+
+
+def tune(method: str, args: argparse.Namespace, setting: Setting, runs_dir: str) -> tuple[list[dict], dict, list]:
+    """`method`'s grid (learning rate x its coefficient x epochs) on every tuning seed, each cell scored by its mean
+    final measure at turn H over them; while the best cell is on an edge of the grid, the grid grows past it
+    (`extend`) and the best is taken again. Returns every cell (its mean results, and each seed's run), the chosen
+    cell, and the dimensions where the choice stopped at a bound."""
+    name = METHODS[method][1]
+    dimensions = ["lr", name, "epochs"]
+    todo = list(itertools.product(setting.lrs, getattr(setting, f"{name}s"), setting.epochs))
+    results, grown, horizon = {}, {}, None
+    while todo:
+        for cell in todo:
+            done = [run(method, dict(zip(dimensions, cell)), seed, args, setting, runs_dir)
+                    for seed in args.tuning_seeds]
+            horizon = horizon or max(done[0]["final"], key=int)
+            results[cell] = {**dict(zip(dimensions, cell)), "seeds": [r["seed"] for r in done],
+                             "final": {t: statistics.mean(r["final"][t] for r in done) for t in done[0]["final"]},
+                             "generated_tokens": statistics.mean(r["generated_tokens"] for r in done),
+                             "seconds": sum(r["seconds"] for r in done)}
+        todo, stopped = extend({cell: r["final"][horizon] for cell, r in results.items()}, dimensions, grown,
+                               args.max_extensions)
+    best = max(results.values(), key=lambda r: r["final"][horizon])
+    return list(results.values()), {d: best[d] for d in dimensions}, stopped
 
 
 def measure(args: argparse.Namespace, setting: Setting) -> dict:
     runs_dir = common.runs_dir(args, "multiturn_comparison")
-    grid, chosen, runs = {}, {}, {}
-    horizon = None
+    grid, chosen, bounds, runs = {}, {}, {}, {}
     for method in setting.methods:
-        name = METHODS[method][1]
-        cells = [run(method, lr, c, args.tuning_seed, args, setting, runs_dir)
-                 for lr in setting.lrs for c in getattr(setting, f"{name}s")]
-        horizon = horizon or max(cells[0]["final"], key=int)
-        best = max(cells, key=lambda r: r["final"][horizon])
-        grid[method], chosen[method] = cells, {"lr": best["lr"], name: best[name]}
+        grid[method], chosen[method], bounds[method] = tune(method, args, setting, runs_dir)
     for method in setting.methods:
-        name = METHODS[method][1]
-        runs[method] = [run(method, chosen[method]["lr"], chosen[method][name], seed, args, setting, runs_dir)
-                        for seed in args.seeds]
+        runs[method] = [run(method, chosen[method], seed, args, setting, runs_dir) for seed in args.seeds]
     for row, (method, flags) in EXTRA_ROWS.items():
         if method in chosen:
-            name = METHODS[method][1]
-            runs[row] = [run(method, chosen[method]["lr"], chosen[method][name], seed, args, setting, runs_dir, flags)
-                         for seed in args.seeds]
+            runs[row] = [run(method, chosen[method], seed, args, setting, runs_dir, flags) for seed in args.seeds]
     return {"task": args.task, "measure": setting.measure, "token_budget": setting.token_budget,
-            "tuning_seed": args.tuning_seed, "seeds": args.seeds, "grid": grid, "chosen": chosen, "runs": runs}
+            "tuning_seeds": args.tuning_seeds, "seeds": args.seeds, "grid": grid, "chosen": chosen,
+            "stopped_at_bounds": bounds, "runs": runs}
 
 
 def turns(results: dict) -> list[str]:
@@ -187,6 +250,27 @@ def comparisons(results: dict) -> dict[str, dict[str, list[float]]]:
     return {method: {t: [refuel[r["seed"]]["final"][t] - r["final"][t] for r in by_seed if r["seed"] in refuel]
                      for t in turns(results)}
             for method, by_seed in results["runs"].items() if method != "REFUEL" and refuel}
+
+
+def curve_points(run: dict, budget: int) -> dict[int, dict]:
+    """A run's evaluations by the share of the budget they follow, in `CURVE_POINTS`ths (0: the start)."""
+    return {min(int(p["tokens"] * CURVE_POINTS / budget), CURVE_POINTS): p for p in run["curve"]}
+
+
+def curve_table(results: dict) -> str:
+    last, budget = turns(results)[-1], results["token_budget"]
+    rows = []
+    for method, by_seed in results["runs"].items():
+        points = [curve_points(r, budget) for r in by_seed]
+        cells = []
+        for k in range(CURVE_POINTS + 1):
+            reached = [p[k] for p in points if k in p]
+            cells.append("" if not reached else
+                         f"{common.with_interval([p['measure'][last] for p in reached])} "
+                         f"[{statistics.mean(p['tokens'] for p in reached):,.0f}]"
+                         + ("" if len(reached) == len(points) else f" (n {len(reached)})"))
+        rows.append([method, *cells])
+    return common.table(["method", "start", *(f"{k}/{CURVE_POINTS}" for k in range(1, CURVE_POINTS)), "end"], rows)
 
 
 def with_p(differences: list[float]) -> str:
@@ -227,18 +311,27 @@ def report(results: dict) -> str:
         else:  # a variant of REFUEL, outside the family: its p is not adjusted
             cells, tail = [with_p(by_turn[t]) + " unadjusted" for t in ts], ["", ""]
         rows.append([f"REFUEL − {name}", *cells, *tail])
+    curves = curve_table(results) if all("curve" in r for by_seed in runs.values() for r in by_seed) else None
     grid = []
     for method, cells in results["grid"].items():
         name = METHODS[method][1]
         for r in cells:
-            mark = " (chosen)" if results["chosen"][method] == {"lr": r["lr"], name: r[name]} else ""
-            grid.append([method + mark, f"{r['lr']:g}", f"{name} {r[name]:g}",
+            mark = " (chosen)" if all(r.get(k) == v for k, v in results["chosen"][method].items()) else ""
+            epochs = f", {r['epochs']} epochs" if "epochs" in r else ""
+            grid.append([method + mark, f"{r['lr']:g}", f"{name} {r[name]:g}{epochs}",
                          *(f"{r['final'][t]:.3f}" for t in ts), f"{r['generated_tokens']:,.0f}"])
+    tuning = results.get("tuning_seeds", [results.get("tuning_seed")])
+    tuned_on = f"seed {tuning[0]}" if len(tuning) == 1 else \
+        f"seeds {', '.join(map(str, tuning))} (a cell's results: the mean over them)"
+    stopped = "; ".join(f"{m}: {', '.join(b)}" for m, b in results.get("stopped_at_bounds", {}).items() if b)
+    grown = "" if "stopped_at_bounds" not in results else (
+        "; a chosen cell on an edge of the grid grew it one step further, until inside or at a bound "
+        f"({stopped or 'none reached'})")
     n = len(results["seeds"])
     return "\n".join([
         common.header(results),
         f"Task `{results['task']}`; token budget {budget:,} per run; the {len(every)} runs took {minutes:.0f} min. "
-        f"Reported seeds {', '.join(map(str, results['seeds']))}, tuned on seed {results['tuning_seed']}. "
+        f"Reported seeds {', '.join(map(str, results['seeds']))}, tuned on {tuned_on}. "
         f"Cells: the final {what} by turn h, mean ± the half-width of its 95% interval over the {n} seeds.\n",
         common.table(["method", *(f"turn {t}" for t in ts), "generated tokens (overshoot)", "reward calls",
                       "iterations", "budget stopped it"], main),
@@ -254,8 +347,13 @@ def report(results: dict) -> str:
         "(–: none up to 1,000, or fewer than 2 seeds):\n",
         common.table(["difference", *(f"turn {t}" for t in ts), f"detectable, turn {last}", "seeds to resolve"],
                      rows),
+        *([] if curves is None else [
+            "",
+            f"Curves: the {what} at turn {last} at the start, after the iterations that crossed each {CURVE_POINTS}th "
+            f"of the budget, and at the end; mean ± 95% interval over the seeds, the mean tokens spent by then in "
+            "brackets (n: the seeds with that point, where an iteration crossed two at once):\n", curves]),
         "",
-        f"Tuning grid on seed {results['tuning_seed']} (chosen: the best final {what} at turn {ts[-1]}):\n",
+        f"Tuning grid on {tuned_on} (chosen: the best final {what} at turn {ts[-1]}{grown}):\n",
         common.table(["method", "lr", "coefficient", *(f"turn {t}" for t in ts), "generated tokens"], grid)])
 
 
@@ -267,7 +365,9 @@ def plot(results: dict, path: str) -> None:
 
     runs, ts = results["runs"], turns(results)
     x = [int(t) for t in ts]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    with_curves = all("curve" in r for by_seed in runs.values() for r in by_seed)
+    fig, axes = plt.subplots(1, 2 if with_curves else 1, figsize=(13 if with_curves else 8, 3.8), squeeze=False)
+    ax = axes[0][0]
     width = 0.8 / (len(runs) + 1)
     for i, (method, by_seed) in enumerate(runs.items()):
         finals = [common.interval95([r["final"][t] for r in by_seed]) for t in ts]
@@ -283,9 +383,29 @@ def plot(results: dict, path: str) -> None:
     ax.set_title(f"{results['task']}: {len(results['seeds'])} seeds, {results['token_budget']:,} tokens a run",
                  fontsize=9)
     ax.legend(fontsize=6, ncol=3)
+    if with_curves:
+        plot_curves(axes[0][1], results)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_curves(ax, results: dict) -> None:
+    """Each method's measure at turn H against the tokens spent: the mean over seeds at each budget point, with its
+    95% band."""
+    last, budget = turns(results)[-1], results["token_budget"]
+    for method, by_seed in results["runs"].items():
+        points = [curve_points(r, budget) for r in by_seed]
+        shares = [k for k in range(CURVE_POINTS + 1) if any(k in p for p in points)]
+        tokens = [statistics.mean(p[k]["tokens"] for p in points if k in p) for k in shares]
+        means, halves = zip(*(common.interval95([p[k]["measure"][last] for p in points if k in p]) for k in shares))
+        halves = [0.0 if h == float("inf") else h for h in halves]
+        line, = ax.plot(tokens, means, marker="o", markersize=3, label=method)
+        ax.fill_between(tokens, [m - h for m, h in zip(means, halves)], [m + h for m, h in zip(means, halves)],
+                        color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("generated tokens spent")
+    ax.set_ylabel(f"{MEASURES[results['measure']]} at turn {last}\n(mean, 95% band)", fontsize=8)
+    ax.legend(fontsize=6)
 
 
 if __name__ == "__main__":
@@ -294,7 +414,12 @@ if __name__ == "__main__":
     parser.add_argument("--task", default="guess_number", help="a built-in task or a plug-in, as the scripts take")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS),
                         help="default: the task's (REFUEL and the four paper baselines; chat: the last-turn ones)")
-    parser.add_argument("--tuning_seed", type=int, default=0, help="the seed the grids run on, never reported")
+    parser.add_argument("--tuning_seeds", type=int, nargs="+", default=[0, 99],
+                        help="the seeds the grids run on (a cell scores its mean over them), never reported")
+    parser.add_argument("--epochs", type=int, nargs="+", help="passes over an iteration's pairs (default: the "
+                        "task's, 1)")
+    parser.add_argument("--max_extensions", type=int, default=4,
+                        help="how many times tuning may grow each dimension of a grid past a chosen edge cell")
     parser.add_argument("--lrs", type=float, nargs="+", help="the grid's learning rates (default: the task's; "
                         "1e-4 3e-4 1e-3, chat 1e-4 3e-4)")
     parser.add_argument("--etas", type=float, nargs="+", help="REFUEL's and REBEL's eta (default: 0.5 5, chat 0.5)")
@@ -310,10 +435,10 @@ if __name__ == "__main__":
     if not args.report:
         if setting.token_budget is None:
             parser.error(f"task {args.task!r} has no default budget: give --token_budget")
-        if args.tuning_seed in args.seeds:
-            parser.error("--tuning_seed must not be one of the reported --seeds")
-        if any(len(getattr(setting, f"{g}s")) * len(setting.lrs) > 6 for g in ("eta", "beta")):
-            parser.error("a method's grid has at most 6 cells (--lrs times --etas or --betas)")
+        if set(args.tuning_seeds) & set(args.seeds):
+            parser.error("--tuning_seeds must not be among the reported --seeds")
+        if any(len(getattr(setting, f"{g}s")) * len(setting.lrs) * len(setting.epochs) > 12 for g in ("eta", "beta")):
+            parser.error("a method's starting grid has at most 12 cells (--lrs times --etas or --betas times --epochs)")
     name = f"multiturn_comparison_{task_label(args)}"
     path = os.path.join(args.output_dir, f"{name}.json")
     if not args.report:

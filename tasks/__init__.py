@@ -2,7 +2,9 @@
 and a horizon H; every multi-turn script gets one from `load_task` and never builds one itself.
 
 Built in: `guess_number` (tasks/guess_number.py: the verifiable game), `chat` (tasks/chat.py: dataset openings,
-a simulated user, a reward model) and `digits` (tasks/digits.py: one turn of 48 digits scored as a whole). A fork's
+a simulated user, a reward model), `digits` (tasks/digits.py: one turn of 48 digits scored as a whole), `harvest`
+(tasks/harvest.py: a game whose score at every turn is informative but myopic) and `allowance` (tasks/allowance.py:
+the harvest game's rules for a chat model, in words). A fork's
 own task is `--task module:function` or `--task path/file.py:function`: a function with keyword parameters (any
 of the `TaskArgs` fields and of the run's own values that `load_task` passes: seed, rank, device, bf16, model,
 max_prompt_tokens, max_new_tokens, ...) that returns a `Task`. It is called exactly as the built-in ones are.
@@ -24,7 +26,8 @@ import dialogues
 import utils
 
 BUILT_IN = {"guess_number": "tasks.guess_number:make_task", "chat": "tasks.chat:make_task",
-            "digits": "tasks.digits:make_task", "harvest": "tasks.harvest:make_task"}
+            "digits": "tasks.digits:make_task", "harvest": "tasks.harvest:make_task",
+            "allowance": "tasks.allowance:make_task"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -60,7 +63,9 @@ class TaskArgs:
     task: str = "guess_number"
     """`guess_number` (verifiable: code user and reward), `chat` (dataset openings, a simulated user, a reward
     model or function), `digits` (one long answer, verifiable score), `harvest` (verifiable, an informative but
-    myopic score at every turn), or `module:function` / `file.py:function` returning a `Task`"""
+    myopic score at every turn), `allowance` (a chat model under a word allowance that grows when saved: every
+    answer scored, every turn depending on the ones before), or `module:function` / `file.py:function` returning a
+    `Task`"""
     task_arg: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     """`name=value` for a parameter of a plug-in task's own factory, converted to its annotated type, one flag per
     parameter (`--task_arg difficulty=5 --task_arg mode=hard`)"""

@@ -30,10 +30,11 @@ MAX_FIELD = 9
 
 
 class Harvest:
-    """The game's rules, its user, its score and its reference policies."""
+    """The game's rules, its user, its score and its reference policies. `most` is the field's cap and `starts`
+    the fields a game starts from (tasks/allowance.py plays the same rules in words)."""
 
-    def __init__(self, horizon: int = 3):
-        self.horizon = horizon
+    def __init__(self, horizon: int = 3, most: int = MAX_FIELD, starts: range = range(1, MAX_FIELD + 1)):
+        self.horizon, self.most, self.starts = horizon, most, starts
 
     def say(self, turn: int, field: int) -> str:
         return f"Turn {turn} of {self.horizon}. The field has {field} apples."
@@ -45,9 +46,8 @@ class Harvest:
         return dialogues.Episode([{"role": "system", "content": "Harvest game."},
                                   {"role": "user", "content": opening}], {"field": field})
 
-    @staticmethod
-    def grow(field: int, pick: int) -> int:
-        return min(MAX_FIELD, 2 * (field - pick))
+    def grow(self, field: int, pick: int) -> int:
+        return min(self.most, 2 * (field - pick))
 
     @staticmethod
     def parse(text: str, field: int) -> int | None:
@@ -99,7 +99,7 @@ class Harvest:
                      if k + self.best(self.grow(field, k), left) == self.best(field, left + 1)), 1.0)]
 
     def score_by_turn(self, strategy: str) -> list[float]:
-        """The expected score after each turn of `optimal`, `greedy` or `random` play, over the starts 1-9."""
+        """The expected score after each turn of `optimal`, `greedy` or `random` play, over the starts."""
         by_turn = [0.0] * self.horizon
 
         def walk(start: int, field: int, turn: int, picked: int, weight: float) -> None:
@@ -108,8 +108,8 @@ class Harvest:
                 if turn < self.horizon:
                     walk(start, self.grow(field, k), turn + 1, picked + k, weight * p)
 
-        for start in range(1, MAX_FIELD + 1):
-            walk(start, start, 1, 0, 1 / MAX_FIELD)
+        for start in self.starts:
+            walk(start, start, 1, 0, 1 / len(self.starts))
         return by_turn
 
     def random_game(self, rng: random.Random) -> dialogues.Episode:

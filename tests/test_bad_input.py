@@ -27,6 +27,7 @@ REFUEL_CASES = [
     (["--weight_decay", "-1"], "--weight_decay must be >= 0"),
     (["--max_grad_norm", "0"], "--max_grad_norm must be > 0"),
     (["--resume"], "--resume needs --run_name"),
+    (["--eval_budget_points", "4"], "--eval_budget_points must be at least 0, and needs --token_budget"),
 ]
 REBEL_CASES = [
     (["--temperature", "0"], "--temperature must be > 0"),
@@ -87,7 +88,7 @@ def test_ma_ppo_refuses_bad_flags(flags, message):
 
 
 @pytest.mark.parametrize("task,message", [
-    ("guess", "unknown task 'guess': use one of \\['chat', 'digits', 'guess_number', 'harvest'\\]"),
+    ("guess", "unknown task 'guess': use one of \\['allowance', 'chat', 'digits', 'guess_number', 'harvest'\\]"),
     ("no_such_module:make_task", "cannot import no_such_module"),
     ("missing_file.py:make_task", "no file missing_file.py"),
     (os.path.join(REPO, "tests", "custom_task.py") + ":missing", "has no 'missing'"),

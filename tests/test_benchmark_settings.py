@@ -19,7 +19,7 @@ import multiturn_comparison  # noqa: E402
 
 def settings(task, **given):
     flags = {"token_budget": None, "pairs_per_rank": None, "num_recorded_dialogues": None, "lrs": None, "etas": None,
-             "betas": None, "methods": None}
+             "betas": None, "epochs": None, "methods": None}
     return multiturn_comparison.task_settings(argparse.Namespace(task=task, **{**flags, **given}))
 
 
@@ -44,6 +44,23 @@ def test_each_task_has_its_grid_of_at_most_six_cells_and_the_flags_replace_it():
     assert settings("harvest").lrs == (1e-4, 3e-4, 1e-3)
     given = settings("chat", lrs=[1e-3], methods=["DPO-MT"], token_budget=100)
     assert (given.lrs, given.methods, given.token_budget, given.etas) == ((1e-3,), ("DPO-MT",), 100, (0.5,))
+
+
+def test_tuning_grows_the_grid_past_a_chosen_edge_until_inside_or_at_a_bound():
+    extend = multiturn_comparison.extend
+    dims = ["lr", "eta", "epochs"]
+    grid = {(lr, eta, 1): 0.5 for lr in (1e-4, 3e-4, 1e-3) for eta in (0.5, 5.0)}
+    # the best at the largest lr and the smallest eta: one step further along each (epochs has one value: fixed)
+    assert extend({**grid, (1e-3, 0.5, 1): 0.7}, dims, {}, 4) == ([(0.00333, 0.5, 1), (1e-3, 0.05, 1)], [])
+    assert extend({**grid, (3e-4, 0.5, 1): 0.7}, dims, {}, 4) == ([(3e-4, 0.05, 1)], [])  # lr inside: eta alone
+    # at a bound, or grown as often as allowed, it stops and says where
+    assert extend({(3e-3, 0.5, 1): 0.1, (1e-2, 0.5, 1): 0.9}, dims, {}, 4) == ([], ["lr 0.01 (its bound)"])
+    assert extend({**grid, (1e-3, 5.0, 1): 0.7}, dims, {"lr": 4}, 4) == (
+        [(1e-3, 50.0, 1)], ["lr 0.001 (the extension limit)"])
+    # epochs step in whole numbers, clipped to their bound of 8
+    grown = {}
+    assert extend({(1e-4, 0.5, 1): 0.1, (1e-4, 0.5, 4): 0.2}, dims, grown, 4) == ([(1e-4, 0.5, 8)], [])
+    assert grown == {"epochs": 1}
 
 
 def test_interval95_uses_students_t():

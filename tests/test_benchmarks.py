@@ -64,10 +64,11 @@ def chat_flags(tiny_model):
 
 
 def harvest_comparison_flags(output_dir, tiny_model):
-    """The harvest game at toy size: two methods (REFUEL with a grid of two etas, DPO-MT with one cell) on the
-    tuning seed, one reported seed (six runs with REFUEL's extra row)."""
+    """The harvest game at toy size: two methods (REFUEL with a grid of two etas, grown once past its chosen edge;
+    DPO-MT with one cell) on one tuning seed, one reported seed (seven runs with REFUEL's extra row)."""
     return ["--task", SMALL_HARVEST, "--methods", "REFUEL", "DPO-MT", "--lrs", "1e-3", "--etas", "2", "5",
-            "--betas", "0.1", "--tuning_seed", "0", "--seeds", "1", "--token_budget", "150", "--pairs_per_rank", "8",
+            "--betas", "0.1", "--tuning_seeds", "0", "--max_extensions", "1", "--seeds", "1", "--token_budget", "150",
+            "--pairs_per_rank", "8",
             "--num_recorded_dialogues", "8", "--output_dir", str(output_dir), "--runs_dir",
             str(output_dir / "runs"), "--", "--model", tiny_model, "--minibatch_pairs", "4", "--micro_batch_pairs",
             "4"]
@@ -94,7 +95,8 @@ def bench_runs(tmp_path_factory, tiny_model, script_env):
         "ma_ppo_bench": ["--seeds", "1", "--num_iterations", "1", "--variants", "ppo", "randomized", "--",
                          "--model", tiny_model, "--dialogues_per_rank", "8", "--minibatch_dialogues", "4",
                          "--micro_batch_dialogues", "4"],
-        "chat_comparison": ["--task", "chat", "--methods", "DPO-LT", "--lrs", "1e-3", "--betas", "0.1", "--seeds", "1",
+        "chat_comparison": ["--task", "chat", "--methods", "DPO-LT", "--lrs", "1e-3", "--betas", "0.1",
+                            "--tuning_seeds", "0", "--seeds", "1",
                             "--token_budget", "200", "--pairs_per_rank", "4", "--num_recorded_dialogues", "4", *chat,
                             "--minibatch_pairs", "4", "--micro_batch_pairs", "4"],
         "refuel_bench": ["--seeds", "1", "--num_iterations", "1", "--first_guess_games", "16", "--", "--model",
@@ -169,25 +171,37 @@ def test_multiturn_comparison_tunes_then_reports_paired_seeds_at_an_equal_budget
     """The harvest game at toy size: two methods (REFUEL with a grid of two etas, DPO-MT with one cell) on the
     tuning seed, one reported seed, REFUEL's extra row with the paper's h; then the same command again reads every
     finished run."""
-    tmp_path, stdout = bench_run(bench_runs, "multiturn_comparison")  # six runs
+    tmp_path, stdout = bench_run(bench_runs, "multiturn_comparison")  # seven runs
     flags = harvest_comparison_flags(tmp_path, tiny_model)
     runs_dir = str(tmp_path / "runs")
     name = "multiturn_comparison_test_benchmarks_py_small_harvest_game"
     found = results(tmp_path, name)
-    assert found["seeds"] == [1] and found["tuning_seed"] == 0 and found["token_budget"] == 150
-    assert [(r["eta"], r["seed"]) for r in found["grid"]["REFUEL"]] == [(2.0, 0), (5.0, 0)]
+    assert found["seeds"] == [1] and found["tuning_seeds"] == [0] and found["token_budget"] == 150
+    # eta 2 and 5, then one step past the better one (0.8 or 12.5), where the extension limit of 1 stops it
+    refuel_grid = found["grid"]["REFUEL"]
+    assert [(r["eta"], r["seeds"], r["epochs"]) for r in refuel_grid[:2]] == [(2.0, [0], 1), (5.0, [0], 1)]
+    assert len(refuel_grid) == 3 and refuel_grid[2]["eta"] == (0.8 if refuel_grid[0]["final"]["3"] >=
+                                                               refuel_grid[1]["final"]["3"] else 12.5)
     assert [(r["lr"], r["beta"]) for r in found["grid"]["DPO-MT"]] == [(1e-3, 0.1)]
-    best = max(found["grid"]["REFUEL"], key=lambda r: r["final"]["3"])  # the grid's best at the last turn
-    assert found["chosen"]["REFUEL"] == {"lr": 1e-3, "eta": best["eta"]}
+    best = max(refuel_grid, key=lambda r: r["final"]["3"])  # the grid's best at the last turn
+    assert found["chosen"]["REFUEL"] == {"lr": 1e-3, "eta": best["eta"], "epochs": 1}
+    assert found["stopped_at_bounds"]["DPO-MT"] == [] and (
+        found["stopped_at_bounds"]["REFUEL"] in ([], [f"eta {best['eta']:g} (the extension limit)"]))
     assert list(found["runs"]) == ["REFUEL", "DPO-MT", "REFUEL, the paper's h"]
     for method, [run] in found["runs"].items():
         # every run stops at the budget: the iteration that reaches it is the last, whatever the method's tokens
         assert run["seed"] == 1 and run["stopped_by_budget"] and run["generated_tokens"] >= 150
         chosen = found["chosen"][method.split(",")[0]]
         assert "--schedule_over token_budget" in run["command"] and f"--lr {chosen['lr']}" in run["command"]
+        assert "--num_epochs 1" in run["command"] and "--eval_budget_points 4" in run["command"]
         assert all(0 <= run[when][t] <= 1 for when in ("initial", "final") for t in ("1", "2", "3"))
         assert "--horizon_sampling paper" in run["command"] if "paper" in method else "uniform" in run["command"]
-    assert "| REFUEL − DPO-MT |" in stdout and "| DPO-MT (chosen) |" in stdout
+        # the curve: the initial evaluation, any budget quarter an iteration crossed, and the final one
+        curve = run["curve"]
+        assert curve[0]["tokens"] < 150 <= curve[-1]["tokens"] and curve[-1]["measure"] == run["final"]
+        assert [p["tokens"] for p in curve] == sorted(p["tokens"] for p in curve)
+    assert "| REFUEL − DPO-MT |" in stdout and "| DPO-MT (chosen) |" in stdout and "| DPO-MT − π₀ |" in stdout
+    assert "Curves: the evaluation score at turn 3" in stdout
     assert_report_reprints("multiturn_comparison", tmp_path, stdout, script_env, "--task", SMALL_HARVEST)
     # a finished run keeps its metrics, not its checkpoints
     assert all(not os.path.exists(os.path.join(runs_dir, d, "checkpoints")) and
