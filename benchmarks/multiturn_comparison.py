@@ -40,6 +40,7 @@ described in benchmarks/common.py (its --num_iterations is unused here: the budg
 
 import argparse
 import itertools
+import math
 import os
 import re
 import statistics
@@ -115,6 +116,11 @@ BOUNDS = {"lr": (1e-6, 1e-2), "eta": (1e-2, 1e2), "beta": (1e-2, 10.0), "epochs"
 CURVE_POINTS = 4
 """each run is evaluated after the iterations that cross a quarter, a half and three quarters of its budget, and at
 its end: its curve against the tokens spent"""
+DIAGNOSTICS = {"reward/score": "training reward", "dpo/rewards_chosen": "DPO: beta log-ratio of the chosen",
+               "dpo/rewards_rejected": "DPO: of the rejected", "dpo/accuracy": "DPO: accuracy",
+               "val/sign_align": "REFUEL: held-out sign agreement"}
+"""each run's own diagnostics, at its first and its last iteration: why a method ends where it does (a DPO whose
+chosen and rejected log-ratios to pi_0 both fall below 0 lowered both answers' probabilities)"""
 MEASURES = {"score": "evaluation score", "winrate_vs_initial": "win rate against the initial policy"}
 """what each logged measure (eval/<measure>_turn<h>) is called in the report"""
 
@@ -151,6 +157,7 @@ def run(method: str, cell: dict, seed: int, args: argparse.Namespace, setting: S
             "iterations": last["iteration"],
             "curve": [{"tokens": m.get("budget/generated_tokens", 0), "measure": by_turn(m, setting.measure)}
                       for m in done["metrics"] if by_turn(m, setting.measure)],
+            "diagnostics": {key: [m.get(key, math.nan) for m in (done["metrics"][1], last)] for key in DIAGNOSTICS},
             "stopped_by_budget": last["budget/generated_tokens"] >= setting.token_budget,
             "references": {k[len("reference/"):]: v for k, v in first.items() if k.startswith("reference/")}}
 
@@ -273,6 +280,18 @@ def curve_table(results: dict) -> str:
     return common.table(["method", "start", *(f"{k}/{CURVE_POINTS}" for k in range(1, CURVE_POINTS)), "end"], rows)
 
 
+def diagnostics_table(results: dict) -> str:
+    rows = []
+    for method, by_seed in results["runs"].items():
+        cells = []
+        for key in DIAGNOSTICS:
+            ends = [[r["diagnostics"][key][i] for r in by_seed if math.isfinite(r["diagnostics"][key][i])]
+                    for i in (0, 1)]
+            cells.append(" → ".join(f"{statistics.mean(v):.3f}" for v in ends) if all(ends) else "")
+        rows.append([method, *cells])
+    return common.table(["method", *DIAGNOSTICS.values()], rows)
+
+
 def with_p(differences: list[float]) -> str:
     """`mean ± half-width (p ...)` of paired differences: the 95% interval and the paired t-test's p."""
     return f"{common.with_interval(differences)} (p {common.paired_p(differences):.2g})"
@@ -312,12 +331,14 @@ def report(results: dict) -> str:
             cells, tail = [with_p(by_turn[t]) + " unadjusted" for t in ts], ["", ""]
         rows.append([f"REFUEL − {name}", *cells, *tail])
     curves = curve_table(results) if all("curve" in r for by_seed in runs.values() for r in by_seed) else None
+    diagnostics = diagnostics_table(results) \
+        if all("diagnostics" in r for by_seed in runs.values() for r in by_seed) else None
     grid = []
     for method, cells in results["grid"].items():
         name = METHODS[method][1]
         for r in cells:
             mark = " (chosen)" if all(r.get(k) == v for k, v in results["chosen"][method].items()) else ""
-            epochs = f", {r['epochs']} epochs" if "epochs" in r else ""
+            epochs = f", {r['epochs']} epoch{'s' * (r['epochs'] != 1)}" if "epochs" in r else ""
             grid.append([method + mark, f"{r['lr']:g}", f"{name} {r[name]:g}{epochs}",
                          *(f"{r['final'][t]:.3f}" for t in ts), f"{r['generated_tokens']:,.0f}"])
     tuning = results.get("tuning_seeds", [results.get("tuning_seed")])
@@ -341,10 +362,10 @@ def report(results: dict) -> str:
         common.table(["difference", *(f"turn {t}" for t in ts)], against_initial),
         "",
         f"Paired differences (same seed), REFUEL minus each method, {what} by turn, mean ± 95% interval (p: paired "
-        f"t-test, Holm-adjusted over the {len(family)} baselines at each turn). At turn {last}, the smallest "
-        f"difference {n} seeds detect with 80% power at level {level:.3g} (0.05 over the baselines: Holm's strictest "
-        "step), and, where the adjusted p is 0.05 or more, the seeds that would detect the observed difference "
-        "(–: none up to 1,000, or fewer than 2 seeds):\n",
+        f"t-test, Holm-adjusted over the {len(family)} baseline{'s' * (len(family) != 1)} at each turn). At turn "
+        f"{last}, the smallest difference {n} seed{'s' * (n != 1)} detect with 80% power at level {level:.3g} (0.05 "
+        "over the baselines: Holm's strictest step), and, where the adjusted p is 0.05 or more, the seeds that would "
+        "detect the observed difference (–: none up to 1,000, or fewer than 2 seeds):\n",
         common.table(["difference", *(f"turn {t}" for t in ts), f"detectable, turn {last}", "seeds to resolve"],
                      rows),
         *([] if curves is None else [
@@ -352,6 +373,10 @@ def report(results: dict) -> str:
             f"Curves: the {what} at turn {last} at the start, after the iterations that crossed each {CURVE_POINTS}th "
             f"of the budget, and at the end; mean ± 95% interval over the seeds, the mean tokens spent by then in "
             "brackets (n: the seeds with that point, where an iteration crossed two at once):\n", curves]),
+        *([] if diagnostics is None else [
+            "",
+            "Each method's own diagnostics at its first and its last iteration (first → last; the mean over the "
+            "seeds of the values logged, blank where the method logs none):\n", diagnostics]),
         "",
         f"Tuning grid on {tuned_on} (chosen: the best final {what} at turn {ts[-1]}{grown}):\n",
         common.table(["method", "lr", "coefficient", *(f"turn {t}" for t in ts), "generated tokens"], grid)])

@@ -201,7 +201,12 @@ def test_multiturn_comparison_tunes_then_reports_paired_seeds_at_an_equal_budget
         assert curve[0]["tokens"] < 150 <= curve[-1]["tokens"] and curve[-1]["measure"] == run["final"]
         assert [p["tokens"] for p in curve] == sorted(p["tokens"] for p in curve)
     assert "| REFUEL − DPO-MT |" in stdout and "| DPO-MT (chosen) |" in stdout and "| DPO-MT − π₀ |" in stdout
-    assert "Curves: the evaluation score at turn 3" in stdout
+    assert "Curves: the evaluation score at turn 3" in stdout and "Each method's own diagnostics" in stdout
+    refuel_run = found["runs"]["REFUEL"][0]
+    assert set(refuel_run["diagnostics"]) == {"reward/score", "dpo/rewards_chosen", "dpo/rewards_rejected",
+                                              "dpo/accuracy", "val/sign_align"}
+    assert all(math.isfinite(v) for v in refuel_run["diagnostics"]["reward/score"])
+    assert all(math.isnan(v) for v in refuel_run["diagnostics"]["dpo/accuracy"])  # REFUEL logs no DPO diagnostics
     assert_report_reprints("multiturn_comparison", tmp_path, stdout, script_env, "--task", SMALL_HARVEST)
     # a finished run keeps its metrics, not its checkpoints
     assert all(not os.path.exists(os.path.join(runs_dir, d, "checkpoints")) and
