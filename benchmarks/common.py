@@ -142,27 +142,6 @@ def header(results: dict) -> str:
             f"({results['machine']}).\n")
 
 
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-"""Student's t 0.975 quantiles for 1-30 degrees of freedom (beyond 30, 1.96 is within 4%)"""
-
-
-def interval95(values: list[float]) -> tuple[float, float]:
-    """The mean and the half-width of its 95% confidence interval (Student's t over the values, which are taken as
-    independent draws: one per seed); the half-width is inf for a single value."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return mean, math.inf
-    quantile = T_975[len(values) - 2] if len(values) <= 31 else 1.96
-    return mean, quantile * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def with_interval(values: list[float], digits: int = 3) -> str:
-    """`mean ± half-width` of the 95% interval (the mean alone for a single value)."""
-    mean, half = interval95(values)
-    return f"{mean:.{digits}f}" if math.isinf(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
-
-
 def _incomplete_beta(a: float, b: float, x: float) -> float:
     """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz), for the
     Student t distribution below; accurate to about 1e-12 on the degrees of freedom the benchmarks have."""
@@ -201,6 +180,21 @@ def t_quantile(p: float, dof: int) -> float:
         mid = (low + high) / 2
         low, high = (mid, high) if 1 - t_two_sided_p(mid, dof) / 2 < p else (low, mid)
     return (low + high) / 2
+
+
+def interval95(values: list[float]) -> tuple[float, float]:
+    """The mean and the half-width of its 95% confidence interval (Student's t over the values, which are taken as
+    independent draws: one per seed); the half-width is inf for a single value."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, math.inf
+    return mean, t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def with_interval(values: list[float], digits: int = 3) -> str:
+    """`mean ± half-width` of the 95% interval (the mean alone for a single value)."""
+    mean, half = interval95(values)
+    return f"{mean:.{digits}f}" if math.isinf(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
 def paired_p(differences: list[float]) -> float:

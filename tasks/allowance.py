@@ -14,7 +14,7 @@ starts (`reference_scores`), show it. Greedy play (the whole allowance every tur
 below the best plan, which holds words back while the allowance is small.
 
 The policy is the embedded SmolLM2-135M-Instruct (or `--model`); the user and the score are code, so a dialogue
-costs the policy's tokens alone. The questions are split in two: the first half opens and continues the training
+needs no model but the policy (a token budget still counts the user's replies as text, as in the games). The questions are split in two: the first half opens and continues the training
 dialogues, the second half the evaluation's (`num_eval`, 64 by default, each question with several starts).
 """
 
@@ -78,7 +78,7 @@ def make_task(seed: int, horizon: int | None = None, num_train: int = 4096, num_
     return Task(
         train=[draw(rng, train_questions) for _ in range(num_train)],
         eval=[draw(eval_rng, eval_questions) for _ in range(num_eval)],
-        user=lambda episodes: [game.reply(e) for e in episodes], reward=game.rewards, horizon=game.horizon,
+        user=game.users, reward=game.rewards, horizon=game.horizon,
         reference_scores={name: game.score_by_turn(strategy) for name, strategy in
                           (("best plan", "optimal"), ("random within the allowance", "random"),
                            ("greedy (the whole allowance)", "greedy"))},
