@@ -1,5 +1,5 @@
 """Each benchmark at toy size, as a subprocess (two at a time, started by one module fixture): the tiny random model,
-one seed, one iteration, a few dialogues, and the guessing game evaluated on 64 games instead of 1024. Checks the
+one seed, one iteration, a few dialogues, and the games evaluated on 16 games instead of 1024. Checks the
 results JSON and the plot, and that `--report` prints the tables the run printed, from the JSON alone. The numbers
 mean nothing at this size; the code paths are the benchmarks' own."""
 
@@ -18,20 +18,20 @@ SMALL_GAME = f"{os.path.abspath(__file__)}:small_guessing_game"
 
 
 def small_guessing_game(seed: int, model: str | None = None):
-    """The guessing game with 64 evaluation games (an evaluation of 1024 takes most of a toy run's time)."""
+    """The guessing game with 16 evaluation games (an evaluation of 1024 takes most of a toy run's time)."""
     from tasks.guess_number import make_task
 
-    return make_task(seed, model=model, num_train=256, num_eval=64, num_recorded=64)
+    return make_task(seed, model=model, num_train=256, num_eval=16, num_recorded=64)
 
 
 SMALL_HARVEST = f"{os.path.abspath(__file__)}:small_harvest_game"
 
 
 def small_harvest_game(seed: int, model: str | None = None):
-    """The harvest game with 64 evaluation games."""
+    """The harvest game with 16 evaluation games."""
     from tasks.harvest import make_task
 
-    return make_task(seed, model=model, num_train=256, num_eval=64, num_recorded=64)
+    return make_task(seed, model=model, num_train=256, num_eval=16, num_recorded=64)
 
 
 def bench(name, *flags, env, timeout=600):

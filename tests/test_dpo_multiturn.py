@@ -122,13 +122,13 @@ def test_on_the_guessing_game_only_the_future_target_prefers_the_midpoint():
 
 
 def command(output_dir, run_name, *extra):
-    # 64 evaluation games instead of the game's 1,024: an evaluation of 1,024 took most of a run's time, and what
-    # these runs check (the schedule, the budget, the resume) is the same on 64
+    # 16 evaluation games instead of the game's 1,024: an evaluation of 1,024 took most of a run's time, and what
+    # these runs check (the schedule, the budget, the resume) is the same on 16
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             os.path.join(REPO, "dpo_multiturn.py"), "--output_dir", output_dir, "--run_name", run_name,
             "--num_iterations", "3", "--pairs_per_rank", "8", "--minibatch_pairs", "4", "--micro_batch_pairs", "4",
             "--num_recorded_dialogues", "16", "--eval_every", "2", "--save_every", "1", "--warm_start_steps", "50",
-            "--task_arg", "num_eval=64", *extra]
+            "--task_arg", "num_eval=16", *extra]
 
 
 DPO_DIAGNOSTICS = ("dpo/logps_chosen", "dpo/logps_rejected", "dpo/rewards_chosen", "dpo/rewards_rejected",

@@ -520,9 +520,9 @@ def test_the_official_tldr_preset_at_toy_scale(tmp_path, script_env, tiny_model,
     assert 1 <= metrics[1]["macro/per_dialogue"] <= 2 and "eval/score_turn1" in metrics[1]
 
 
-# the guessing game with 64 evaluation games instead of 1,024 (an evaluation of 1,024 took most of a run's time; the
-# resume is checked the same way on 64)
-SMALL_EVAL = ["--task_arg", "num_eval=64"]
+# the guessing game with 16 evaluation games instead of 1,024 (an evaluation of 1,024 took most of a run's time; the
+# resume is checked the same way on 16)
+SMALL_EVAL = ["--task_arg", "num_eval=16"]
 
 
 @pytest.mark.slow
