@@ -11,10 +11,10 @@ the H turns; REFUEL with the paper's h is an extra row, at REFUEL's chosen setti
 
 1. Tuning, on `--tuning_seeds` (two by default, never reported): each method runs every cell of its grid, `--lrs`
    times its own coefficient (`--etas` for REFUEL and REBEL, `--betas` for DPO) times `--epochs` (optimizer steps
-   per generated token), on each tuning seed, and keeps the cell with the best mean final measure at turn H. While
-   that cell is on an edge of the grid, the grid grows one step past it along that dimension and the best is taken
-   again, until it is inside, at the dimension's bound (`BOUNDS`) or grown `--max_extensions` times; the report
-   names where it stopped.
+   per generated token), on each tuning seed (evaluated at its start and end only), and keeps the cell with the
+   best mean final measure at turn H. While that cell is on an edge of the grid, the grid grows one step past it
+   along that dimension and the best is taken again, until it is inside, at the dimension's bound (`BOUNDS`) or
+   grown `--max_extensions` times; the report names where it stopped.
 2. The reported runs: each method's chosen cell on every seed of `--seeds` (none of them a tuning seed). A seed
    fixes the task's training draws, its recorded dialogues and the sampling, and the evaluation set is the task's
    own, so two methods' runs on one seed are paired. Every run is also evaluated after the iterations that cross a
@@ -132,17 +132,18 @@ def by_turn(record: dict, measure: str) -> dict[str, float]:
 
 
 def run(method: str, cell: dict, seed: int, args: argparse.Namespace, setting: Setting, runs_dir: str,
-        flags: list[str] | None = None) -> dict:
+        flags: list[str] | None = None, curve: bool = True) -> dict:
     """One run of `method` at `cell` (its lr, coefficient and epochs): its final measure by turn and what it
-    spent."""
+    spent; with `curve`, its evaluations at each `CURVE_POINTS`th of the budget too (a tuning run is scored by its
+    end alone, and an evaluation of the task's held-out set can cost as much as several iterations)."""
     script, name, own = METHODS[method]
     pairs = setting.refuel_pairs if script == "refuel.py" else setting.pairs
     cap = str(args.max_iterations)
     lr, coefficient, epochs = cell["lr"], cell[name], cell["epochs"]
     command = [*setting.flags, "--seed", str(seed), "--token_budget", str(setting.token_budget), "--schedule_over",
-               "token_budget", "--num_iterations", cap, "--eval_every", cap, "--eval_budget_points", str(CURVE_POINTS),
-               "--save_every", cap, "--pairs_per_rank", str(pairs), "--lr", str(lr), f"--{name}", str(coefficient),
-               "--num_epochs", str(epochs), *(flags or own),
+               "token_budget", "--num_iterations", cap, "--eval_every", cap,
+               "--eval_budget_points", str(CURVE_POINTS if curve else 0), "--save_every", cap, "--pairs_per_rank",
+               str(pairs), "--lr", str(lr), f"--{name}", str(coefficient), "--num_epochs", str(epochs), *(flags or own),
                *([] if script == "refuel.py" else ["--num_recorded_dialogues", str(setting.recorded)]),
                *args.script_flags]
     label = "".join(c for c in (method if flags is None else f"{method}+") if c.isalnum() or c in "-+")
@@ -153,6 +154,7 @@ def run(method: str, cell: dict, seed: int, args: argparse.Namespace, setting: S
     return {"seed": seed, "lr": lr, name: coefficient, "epochs": epochs, "command": done["command"],
             "seconds": done["seconds"],
             "initial": by_turn(first, setting.measure), "final": by_turn(last, setting.measure),
+            "final_by_measure": {m: by_turn(last, m) for m in MEASURES if by_turn(last, m)},
             "generated_tokens": last["budget/generated_tokens"], "reward_calls": last["budget/reward_calls"],
             "iterations": last["iteration"],
             "curve": [{"tokens": m.get("budget/generated_tokens", 0), "measure": by_turn(m, setting.measure)}
@@ -212,7 +214,7 @@ def tune(method: str, args: argparse.Namespace, setting: Setting, runs_dir: str)
     results, grown, horizon = {}, {}, None
     while todo:
         for cell in todo:
-            done = [run(method, dict(zip(dimensions, cell)), seed, args, setting, runs_dir)
+            done = [run(method, dict(zip(dimensions, cell)), seed, args, setting, runs_dir, curve=False)
                     for seed in args.tuning_seeds]
             horizon = horizon or max(done[0]["final"], key=int)
             results[cell] = {**dict(zip(dimensions, cell)), "seeds": [r["seed"] for r in done],
@@ -292,6 +294,21 @@ def diagnostics_table(results: dict) -> str:
     return common.table(["method", *DIAGNOSTICS.values()], rows)
 
 
+def other_measures(results: dict) -> list[str]:
+    """The report's lines for every logged measure but the one reported (the chat tasks: the win rate against pi_0
+    beside the score): each method's final value by turn, mean and 95% interval; none for results without them."""
+    every = [r for by_seed in results["runs"].values() for r in by_seed]
+    lines = []
+    for measure in MEASURES:
+        if measure == results["measure"] or not all(measure in r.get("final_by_measure", {}) for r in every):
+            continue
+        rows = [[method, *(common.with_interval([r["final_by_measure"][measure][t] for r in by_seed])
+                           for t in turns(results))] for method, by_seed in results["runs"].items()]
+        lines += ["", f"The final {MEASURES[measure]} by turn, mean ± 95% interval over the seeds:\n",
+                  common.table(["method", *(f"turn {t}" for t in turns(results))], rows)]
+    return lines
+
+
 def with_p(differences: list[float]) -> str:
     """`mean ± half-width (p ...)` of paired differences: the 95% interval and the paired t-test's p."""
     return f"{common.with_interval(differences)} (p {common.paired_p(differences):.2g})"
@@ -356,6 +373,7 @@ def report(results: dict) -> str:
         f"Cells: the final {what} by turn h, mean ± the half-width of its 95% interval over the {n} seeds.\n",
         common.table(["method", *(f"turn {t}" for t in ts), "generated tokens (overshoot)", "reward calls",
                       "iterations", "budget stopped it"], main),
+        *other_measures(results),
         "",
         f"Each method against the initial policy π₀ on the same seed (its final minus its initial {what}), by "
         "turn, mean ± 95% interval (p: two-sided paired t-test):\n",

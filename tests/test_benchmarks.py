@@ -194,6 +194,9 @@ def test_multiturn_comparison_tunes_then_reports_paired_seeds_at_an_equal_budget
         chosen = found["chosen"][method.split(",")[0]]
         assert "--schedule_over token_budget" in run["command"] and f"--lr {chosen['lr']}" in run["command"]
         assert "--num_epochs 1" in run["command"] and "--eval_budget_points 4" in run["command"]
+        # both logged measures are kept: the score reported, and the win rate against pi_0 beside it
+        assert run["final_by_measure"]["score"] == run["final"] and set(run["final_by_measure"]) == {
+            "score", "winrate_vs_initial"}
         assert all(0 <= run[when][t] <= 1 for when in ("initial", "final") for t in ("1", "2", "3"))
         assert "--horizon_sampling paper" in run["command"] if "paper" in method else "uniform" in run["command"]
         # the curve: the initial evaluation, any budget quarter an iteration crossed, and the final one
@@ -202,6 +205,10 @@ def test_multiturn_comparison_tunes_then_reports_paired_seeds_at_an_equal_budget
         assert [p["tokens"] for p in curve] == sorted(p["tokens"] for p in curve)
     assert "| REFUEL − DPO-MT |" in stdout and "| DPO-MT (chosen) |" in stdout and "| DPO-MT − π₀ |" in stdout
     assert "Curves: the evaluation score at turn 3" in stdout and "Each method's own diagnostics" in stdout
+    assert "The final win rate against the initial policy by turn" in stdout
+    # a tuning run (seed 0) is evaluated at its start and end only: its curve is not reported
+    tuning = [json.loads(done.read_text())["command"] for done in (tmp_path / "runs").glob("*_s0.done.json")]
+    assert len(tuning) == 4 and all("--eval_budget_points 0" in command for command in tuning)
     refuel_run = found["runs"]["REFUEL"][0]
     assert set(refuel_run["diagnostics"]) == {"reward/score", "dpo/rewards_chosen", "dpo/rewards_rejected",
                                               "dpo/accuracy", "val/sign_align"}
