@@ -78,7 +78,7 @@ class Args:
     """dialogues per iteration per rank, each giving one pair (its turn-h answer and its branch's); the guessing
     task's one-bit reward needs hundreds"""
     num_epochs: int = 1
-    """passes over an iteration's pairs (paper: 1)"""
+    """passes over an iteration's pairs (paper: 1 in setting one; the official setting-two runs take 4)"""
     minibatch_pairs: int = 64
     """pairs per optimizer step per rank (paper: 128 over 8 GPUs)"""
     micro_batch_pairs: int = 16
