@@ -14,8 +14,9 @@ starts (`reference_scores`), show it. Greedy play (the whole allowance every tur
 below the best plan, which holds words back while the allowance is small.
 
 The policy is the embedded SmolLM2-135M-Instruct (or `--model`); the user and the score are code, so a dialogue
-needs no model but the policy (a token budget still counts the user's replies as text, as in the games). The questions are split in two: the first half opens and continues the training
-dialogues, the second half the evaluation's (`num_eval`, 64 by default, each question with several starts).
+needs no model but the policy (a token budget still counts the user's replies as text, as in the games). The
+questions are split in two: the first half opens and continues the training dialogues, the second half the
+evaluation's (`num_eval`, 64 by default, each question with several starts).
 """
 
 import os

@@ -1,5 +1,5 @@
 """Each benchmark at toy size, as a subprocess (two at a time, started by one module fixture): the tiny random model,
-one seed, one iteration, a few dialogues, and the games evaluated on 16 games instead of 1024. Checks the
+one seed, one iteration, a few dialogues, and the games' evaluations cut to 16 games instead of 1024. Checks the
 results JSON and the plot, and that `--report` prints the tables the run printed, from the JSON alone. The numbers
 mean nothing at this size; the code paths are the benchmarks' own."""
 
