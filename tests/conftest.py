@@ -23,6 +23,41 @@ import utils  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The suite runs on two pytest-xdist workers (pytest.ini), each taking whole groups of tests. A group is a test file,
+# except that files sharing a costly session fixture form one group, so that it starts once, in one worker, and not
+# once in each: the vLLM server, and the two plug-in task runs.
+SHARED_SESSION_FIXTURE = {"test_multiturn": "user_server", "test_presets": "user_server",
+                          "test_console": "plugin_task_runs", "test_refuel_tasks": "plugin_task_runs"}
+# Groups go out costliest first (CPU seconds of a fresh clone's suite on 2 cores: the benchmarks about 600, the
+# dpo_multiturn and ma_ppo files about 250 each, down to about 50 for the plug-in task runs), then the rest in file
+# order: the suite then ends on short files, not on a long one with the other core idle.
+COSTLIEST_FIRST = ("test_benchmarks", "test_dpo_multiturn", "test_ma_ppo", "test_lora", "user_server",
+                   "test_rebel_e2e", "test_refuel_e2e", "test_peer_bench", "test_gpu_check", "test_pinned",
+                   "test_bad_input", "test_digits", "plugin_task_runs", "test_fsdp")
+
+
+def group_of(nodeid: str) -> str:
+    """The group of the test `nodeid` ("tests/test_x.py::test_y[z]")."""
+    stem = os.path.splitext(os.path.basename(nodeid.split("::")[0]))[0]
+    return SHARED_SESSION_FIXTURE.get(stem, stem)
+
+
+def pytest_collection_modifyitems(items):
+    order = {name: i for i, name in enumerate(COSTLIEST_FIRST)}
+    items.sort(key=lambda item: order.get(group_of(item.nodeid), len(order)))  # stable: the rest keep their order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's whole-file scheduling (`--dist loadscope`), on the groups above, in collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return ByGroup(config, log)
+
 # A Llama-3-Instruct style chat template, written for these tests (headers, <|eot_id|> ends each turn).
 LLAMA3_TEMPLATE = (
     "{{ '<|begin_of_text|>' }}{% for m in messages %}"
