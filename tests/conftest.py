@@ -28,9 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # once in each: the vLLM server, and the two plug-in task runs.
 SHARED_SESSION_FIXTURE = {"test_multiturn": "user_server", "test_presets": "user_server",
                           "test_console": "plugin_task_runs", "test_refuel_tasks": "plugin_task_runs"}
-# Groups go out costliest first (CPU seconds of a fresh clone's suite on 2 cores: the benchmarks about 600, the
-# dpo_multiturn and ma_ppo files about 250 each, down to about 50 for the plug-in task runs), then the rest in file
-# order: the suite then ends on short files, not on a long one with the other core idle.
+# Groups go out costliest first (by the CPU time of their scripts in a fresh clone's suite on 2 cores), then the
+# rest in file order: the suite then ends on short files, not on a long one with the other core idle.
 COSTLIEST_FIRST = ("test_benchmarks", "test_dpo_multiturn", "test_ma_ppo", "test_lora", "user_server",
                    "test_rebel_e2e", "test_refuel_e2e", "test_peer_bench", "test_gpu_check", "test_pinned",
                    "test_bad_input", "test_digits", "plugin_task_runs", "test_fsdp")
