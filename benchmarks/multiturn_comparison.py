@@ -30,15 +30,19 @@ Tasks (`--task`): `guess_number`, `harvest` and `chat` (embedded SmolLM2 as the 
 target-length reward, horizon 3) come with their sizes; any other plug-in runs with the scripts' defaults and the flags
 after `--`. Writes multiturn_comparison_<task>.json and .png to --output_dir (a plug-in's name with its
 non-word characters as `_`); the flags all benchmarks share are
-described in benchmarks/common.py (its --num_iterations is unused here: the budget stops the runs).
+described in benchmarks/common.py (its --num_iterations is unused here: the budget stops the runs). `--jobs 2` runs
+two runs at a time, each on one intra-op thread (the games' runs are one process with a tiny model each, which a
+second thread does not speed up). A run is a process of its own with its own seed: what runs beside it changes its
+seconds, not its results.
 
     .venv/bin/python benchmarks/multiturn_comparison.py --task harvest [--seeds 1 2 3 4 5] [--tuning_seeds 0 99]
         [--token_budget T] [--lrs ...] [--etas ...] [--betas ...] [--epochs ...] [--max_extensions 4] [--methods ...]
-        [--output_dir docs] [--runs_dir DIR]
+        [--jobs 2] [--output_dir docs] [--runs_dir DIR]
     .venv/bin/python benchmarks/multiturn_comparison.py --task harvest --report   # the tables again, from the JSON
 """
 
 import argparse
+import concurrent.futures
 import itertools
 import math
 import os
@@ -203,19 +207,21 @@ def extend(scores: dict[tuple, float], dimensions: list[str], grown: dict[str, i
     return cells, stopped
 
 
-def tune(method: str, args: argparse.Namespace, setting: Setting, runs_dir: str) -> tuple[list[dict], dict, list]:
+def tune(method: str, args: argparse.Namespace, setting: Setting, runs_dir: str,
+         pool: concurrent.futures.Executor) -> tuple[list[dict], dict, list]:
     """`method`'s grid (learning rate x its coefficient x epochs) on every tuning seed, each cell scored by its mean
     final measure at turn H over them; while the best cell is on an edge of the grid, the grid grows past it
-    (`extend`) and the best is taken again. Returns every cell (its mean results, and each seed's run), the chosen
-    cell, and the dimensions where the choice stopped at a bound."""
+    (`extend`) and the best is taken again. The runs of a round go to `pool` together. Returns every cell (its mean
+    results, and each seed's run), the chosen cell, and the dimensions where the choice stopped at a bound."""
     name = METHODS[method][1]
     dimensions = ["lr", name, "epochs"]
     todo = list(itertools.product(setting.lrs, getattr(setting, f"{name}s"), setting.epochs))
     results, grown, horizon = {}, {}, None
     while todo:
-        for cell in todo:
-            done = [run(method, dict(zip(dimensions, cell)), seed, args, setting, runs_dir, curve=False)
-                    for seed in args.tuning_seeds]
+        queued = {cell: [pool.submit(run, method, dict(zip(dimensions, cell)), seed, args, setting, runs_dir,
+                                     curve=False) for seed in args.tuning_seeds] for cell in todo}
+        for cell, runs in queued.items():
+            done = [r.result() for r in runs]
             horizon = horizon or max(done[0]["final"], key=int)
             results[cell] = {**dict(zip(dimensions, cell)), "seeds": [r["seed"] for r in done],
                              "final": {t: statistics.mean(r["final"][t] for r in done) for t in done[0]["final"]},
@@ -228,15 +234,20 @@ def tune(method: str, args: argparse.Namespace, setting: Setting, runs_dir: str)
 
 
 def measure(args: argparse.Namespace, setting: Setting) -> dict:
+    """Every method tuned, then every row on every reported seed: `--jobs` runs at a time, the methods' tuning
+    side by side (a method's next round waits for its last)."""
     runs_dir = common.runs_dir(args, "multiturn_comparison")
-    grid, chosen, bounds, runs = {}, {}, {}, {}
-    for method in setting.methods:
-        grid[method], chosen[method], bounds[method] = tune(method, args, setting, runs_dir)
-    for method in setting.methods:
-        runs[method] = [run(method, chosen[method], seed, args, setting, runs_dir) for seed in args.seeds]
-    for row, (method, flags) in EXTRA_ROWS.items():
-        if method in chosen:
-            runs[row] = [run(method, chosen[method], seed, args, setting, runs_dir, flags) for seed in args.seeds]
+    grid, chosen, bounds = {}, {}, {}
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool, \
+            concurrent.futures.ThreadPoolExecutor(len(setting.methods)) as tuners:
+        tuned = {method: tuners.submit(tune, method, args, setting, runs_dir, pool) for method in setting.methods}
+        for method in setting.methods:
+            grid[method], chosen[method], bounds[method] = tuned[method].result()
+        rows = {method: (method, None) for method in setting.methods}
+        rows.update({row: (method, flags) for row, (method, flags) in EXTRA_ROWS.items() if method in chosen})
+        queued = {row: [pool.submit(run, method, chosen[method], seed, args, setting, runs_dir, flags)
+                        for seed in args.seeds] for row, (method, flags) in rows.items()}
+        runs = {row: [r.result() for r in by_seed] for row, by_seed in queued.items()}
     return {"task": args.task, "measure": setting.measure, "token_budget": setting.token_budget,
             "tuning_seeds": args.tuning_seeds, "seeds": args.seeds, "grid": grid, "chosen": chosen,
             "stopped_at_bounds": bounds, "runs": runs}
@@ -473,6 +484,7 @@ if __name__ == "__main__":
                         help="the dialogues pi_0 plays once for the baselines, in their budget (default: the task's)")
     parser.add_argument("--max_iterations", type=int, default=1000,
                         help="the iteration cap, far beyond the budget: it stops no run that the budget should")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each on one intra-op thread when > 1")
     args = common.parse_args(parser)
     setting = task_settings(args)
     if not args.report:
@@ -485,6 +497,8 @@ if __name__ == "__main__":
     name = f"multiturn_comparison_{task_label(args)}"
     path = os.path.join(args.output_dir, f"{name}.json")
     if not args.report:
+        if args.jobs > 1:
+            os.environ["OMP_NUM_THREADS"] = "1"
         common.save_results(path, measure(args, setting))
         plot(common.load_results(path), os.path.join(args.output_dir, f"{name}.png"))
     print(report(common.load_results(path)))
