@@ -48,7 +48,10 @@ def pytest_collection_modifyitems(items):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's whole-file scheduling (`--dist loadscope`), on the groups above, in collection order."""
+    """pytest-xdist's whole-file scheduling (`--dist loadscope`, the suite's), on the groups above, in collection
+    order; another `--dist` given on the command line keeps its own scheduler."""
+    if config.getvalue("dist") != "loadscope":
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class ByGroup(LoadScopeScheduling):
@@ -56,6 +59,7 @@ def pytest_xdist_make_scheduler(config, log):
             return group_of(nodeid)
 
     return ByGroup(config, log)
+
 
 # A Llama-3-Instruct style chat template, written for these tests (headers, <|eot_id|> ends each turn).
 LLAMA3_TEMPLATE = (
