@@ -9,12 +9,12 @@ the share of the budget it has spent (`--schedule_over token_budget`): warmup, t
 end, whatever its iterations cost. Methods that sample the turn h (REFUEL, the MT baselines) draw it uniformly over
 the H turns; REFUEL with the paper's h is an extra row, at REFUEL's chosen setting.
 
-1. Tuning, on `--tuning_seeds` (two by default, never reported): each method runs every cell of its grid, `--lrs`
-   times its own coefficient (`--etas` for REFUEL and REBEL, `--betas` for DPO) times `--epochs` (optimizer steps
-   per generated token), on each tuning seed (evaluated at its start and end only), and keeps the cell with the
-   best mean final measure at turn H. While that cell is on an edge of the grid, the grid grows one step past it
-   along that dimension and the best is taken again, until it is inside, at the dimension's bound (`BOUNDS`) or
-   grown `--max_extensions` times; the report names where it stopped.
+1. Tuning, on `--tuning_seeds` (two by default, never reported): each method runs every cell of its grid, `--lrs` times
+   its own coefficient (`--etas` for REFUEL and REBEL, `--betas` for DPO) times `--steps` (optimizer steps per generated
+   token, `Setting.steps`), on each tuning seed (evaluated at its start and end only), and keeps the cell with the best
+   mean final measure at turn H. While that cell is on an edge of the grid, the grid grows one step past it along that
+   dimension and the best is taken again, until it is inside, at the dimension's bound (`BOUNDS`) or grown
+   `--max_extensions` times; the report names where it stopped.
 2. The reported runs: each method's chosen cell on every seed of `--seeds` (none of them a tuning seed). A seed
    fixes the task's training draws, its recorded dialogues and the sampling, and the evaluation set is the task's
    own, so two methods' runs on one seed are paired. Every run is also evaluated after the iterations that cross a
@@ -36,7 +36,7 @@ second thread does not speed up). A run is a process of its own with its own see
 seconds, not its results.
 
     .venv/bin/python benchmarks/multiturn_comparison.py --task harvest [--seeds 1 2 3 4 5] [--tuning_seeds 0 99]
-        [--token_budget T] [--lrs ...] [--etas ...] [--betas ...] [--epochs ...] [--max_extensions 4] [--methods ...]
+        [--token_budget T] [--lrs ...] [--etas ...] [--betas ...] [--steps ...] [--max_extensions 4] [--methods ...]
         [--jobs 2] [--output_dir docs] [--runs_dir DIR]
     .venv/bin/python benchmarks/multiturn_comparison.py --task harvest --report   # the tables again, from the JSON
 """
@@ -81,9 +81,9 @@ class Setting(NamedTuple):
     pairs: int = 256
     """pairs per iteration of the baselines"""
     refuel_pairs: int = 64
-    """pairs per iteration of REFUEL. A REFUEL pair plays two dialogues on from turn h (about 70 tokens in the
-    games, a baseline pair about 4): at 256 pairs its last iteration could overshoot the budget by 60%, at 64 (one
-    minibatch, the baselines' too) by 15%"""
+    """pairs per iteration of REFUEL. A REFUEL pair plays two dialogues on from turn h (about 60 tokens in the
+    harvest game, a baseline pair about 4): its iterations are kept to about an eighth of the budget, so that the
+    last one overshoots it little and a run has iterations enough for its curve"""
     recorded: int = 256
     """the dialogues pi_0 plays once for the baselines, in their budget"""
     lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
@@ -92,16 +92,29 @@ class Setting(NamedTuple):
     the regression's gradient is about that difference times eta, which Adam's normalisation undoes (REFUEL's harvest
     runs at eta 2 and 5 were the same to three decimals)"""
     betas: tuple[float, ...] = (0.1, 0.3)
-    epochs: tuple[int, ...] = (1,)
-    """passes over an iteration's pairs (`--num_epochs`): more optimizer steps for the same generated tokens, and for
-    REFUEL steps at which its log-ratio has moved, so that eta acts (the official code takes 4)"""
+    steps: tuple[int, ...] = (1,)
+    """k, the optimizer steps per generated token as a multiple of one pass over an iteration's pairs in minibatches
+    of `minibatch`: REFUEL passes k times over its pairs (`--num_epochs k`; the official code takes 4), so that its
+    later steps see a log-ratio that has moved and eta acts; a baseline takes k times smaller minibatches
+    (`--minibatch_pairs minibatch / k`). A baseline's pairs are most of its cost (each trains on a whole context for
+    one turn's answer), so that more passes over them would multiply a run's time, where a smaller minibatch takes
+    more steps for the same compute"""
+    minibatch: int = 64
+    """the baselines' minibatch at k = 1 (REFUEL's is the script's or the flags')"""
     methods: tuple[str, ...] = ("REFUEL", "DPO-LT", "DPO-MT", "REBEL-LT", "REBEL-MT")
 
 
 TASKS = {
-    # the games' 60 runs: the harvest game's took 132 min on 2 CPU cores
-    "guess_number": Setting(["--task", "guess_number"], token_budget=30_000),
-    "harvest": Setting(["--task", "harvest"], token_budget=30_000),
+    # The games, sized for about 2.5 hours on 2 CPU cores, two runs at a time. A baseline's cost is its pairs, about
+    # 17 ms of one core per generated token (each pair trains on a whole context for a few tokens' answer) against
+    # about 1 ms for REFUEL: a harvest DPO-LT run took 256 s of 15,000 tokens, two at a time. At 8,000 tokens the
+    # grids (8 cells a method on 2 seeds), their extensions and the 30 reported runs fit, with about 8 REFUEL
+    # iterations of 16 pairs (harvest; 32 in the guessing game, whose dialogues are half as long). pi_0 records 32
+    # dialogues for the baselines, about a quarter of the budget
+    "guess_number": Setting(["--task", "guess_number"], token_budget=8_000, pairs=128, refuel_pairs=32, recorded=32,
+                            lrs=(3e-4, 1e-3), steps=(1, 4)),
+    "harvest": Setting(["--task", "harvest"], token_budget=8_000, pairs=128, refuel_pairs=16, recorded=32,
+                       lrs=(3e-4, 1e-3), steps=(1, 4)),
     # A SmolLM2 (135M) token costs far more than a tiny model's, and a baseline's token about 6 times REFUEL's (it
     # trains on a whole dialogue's context for one turn's answer): at 40,000 tokens a REFUEL run took 17 min, and a
     # baseline's first iterations put it at about an hour. So chat runs at 4,000 tokens, tunes the learning rate
@@ -113,9 +126,9 @@ TASKS = {
                      "--reward_function", "tasks.chat:target_length_reward",
                      "--minibatch_pairs", "4", "--micro_batch_pairs", "4", "--num_eval_prompts", "16"],
                     "winrate_vs_initial", 4_000, pairs=8, refuel_pairs=4, recorded=8, lrs=(1e-4, 3e-4), etas=(0.5,),
-                    betas=(0.1,), methods=("REFUEL", "DPO-LT", "REBEL-LT")),
+                    betas=(0.1,), minibatch=4, methods=("REFUEL", "DPO-LT", "REBEL-LT")),
 }
-BOUNDS = {"lr": (1e-6, 1e-2), "eta": (1e-2, 1e2), "beta": (1e-2, 10.0), "epochs": (1, 8)}
+BOUNDS = {"lr": (1e-6, 1e-2), "eta": (1e-2, 1e2), "beta": (1e-2, 10.0), "steps": (1, 8)}
 """how far tuning may extend each dimension of a grid"""
 CURVE_POINTS = 4
 """each run is evaluated after the iterations that cross a quarter, a half and three quarters of its budget, and at
@@ -137,25 +150,27 @@ def by_turn(record: dict, measure: str) -> dict[str, float]:
 
 def run(method: str, cell: dict, seed: int, args: argparse.Namespace, setting: Setting, runs_dir: str,
         flags: list[str] | None = None, curve: bool = True) -> dict:
-    """One run of `method` at `cell` (its lr, coefficient and epochs): its final measure by turn and what it
+    """One run of `method` at `cell` (its lr, coefficient and steps k): its final measure by turn and what it
     spent; with `curve`, its evaluations at each `CURVE_POINTS`th of the budget too (a tuning run is scored by its
     end alone, and an evaluation of the task's held-out set can cost as much as several iterations)."""
     script, name, own = METHODS[method]
     pairs = setting.refuel_pairs if script == "refuel.py" else setting.pairs
     cap = str(args.max_iterations)
-    lr, coefficient, epochs = cell["lr"], cell[name], cell["epochs"]
+    lr, coefficient, steps = cell["lr"], cell[name], cell["steps"]
+    more_steps = ["--num_epochs", str(steps)] if script == "refuel.py" else [
+        "--minibatch_pairs", str(max(setting.minibatch // steps, 1))]  # k times the steps: `Setting.steps`
     command = [*setting.flags, "--seed", str(seed), "--token_budget", str(setting.token_budget), "--schedule_over",
                "token_budget", "--num_iterations", cap, "--eval_every", cap,
                "--eval_budget_points", str(CURVE_POINTS if curve else 0), "--save_every", cap, "--pairs_per_rank",
-               str(pairs), "--lr", str(lr), f"--{name}", str(coefficient), "--num_epochs", str(epochs), *(flags or own),
+               str(pairs), "--lr", str(lr), f"--{name}", str(coefficient), *more_steps, *(flags or own),
                *([] if script == "refuel.py" else ["--num_recorded_dialogues", str(setting.recorded)]),
                *args.script_flags]
     label = "".join(c for c in (method if flags is None else f"{method}+") if c.isalnum() or c in "-+")
     done = common.run_script(script, command, runs_dir,
-                             f"{task_label(args)}_{label}_lr{lr:g}_{name}{coefficient:g}_e{epochs}_s{seed}",
+                             f"{task_label(args)}_{label}_lr{lr:g}_{name}{coefficient:g}_k{steps}_s{seed}",
                              keep_checkpoints=False)
     first, last = done["metrics"][0], done["metrics"][-1]
-    return {"seed": seed, "lr": lr, name: coefficient, "epochs": epochs, "command": done["command"],
+    return {"seed": seed, "lr": lr, name: coefficient, "steps": steps, "command": done["command"],
             "seconds": done["seconds"],
             "initial": by_turn(first, setting.measure), "final": by_turn(last, setting.measure),
             "final_by_measure": {m: by_turn(last, m) for m in MEASURES if by_turn(last, m)},
@@ -178,7 +193,7 @@ def task_settings(args: argparse.Namespace) -> Setting:
     setting = TASKS.get(args.task, Setting(["--task", args.task]))
     given = {"token_budget": args.token_budget, "pairs": args.pairs_per_rank, "refuel_pairs": args.pairs_per_rank,
              "recorded": args.num_recorded_dialogues, "lrs": args.lrs, "etas": args.etas, "betas": args.betas,
-             "epochs": args.epochs, "methods": args.methods}
+             "steps": args.steps, "methods": args.methods}
     return setting._replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
 
 
@@ -187,7 +202,7 @@ def extend(scores: dict[tuple, float], dimensions: list[str], grown: dict[str, i
     """Where tuning goes next, from the cells run so far ({cell: score}, a cell a tuple of values in `dimensions`'
     order): for each dimension with more than one value explored, if the best cell holds its smallest or largest
     value, the best cell with that value one step further out (the step: the ratio of the edge to its neighbour;
-    whole numbers for epochs), clipped to the dimension's `BOUNDS`. A dimension already at its bound, or grown
+    whole numbers for steps), clipped to the dimension's `BOUNDS`. A dimension already at its bound, or grown
     `max_extensions` times (`grown`, updated), is not extended and is named in the second list."""
     best = max(scores, key=scores.get)
     cells, stopped = [], []
@@ -198,7 +213,7 @@ def extend(scores: dict[tuple, float], dimensions: list[str], grown: dict[str, i
         neighbour = explored[1] if best[i] == explored[0] else explored[-2]
         low, high = BOUNDS[dimension]
         value = min(max(best[i] * best[i] / neighbour, low), high)
-        value = round(value) if dimension == "epochs" else float(f"{value:.3g}")
+        value = round(value) if dimension == "steps" else float(f"{value:.3g}")
         if value in explored or grown.get(dimension, 0) >= max_extensions:
             stopped.append(f"{dimension} {best[i]:g} ({'its bound' if value in explored else 'the extension limit'})")
             continue
@@ -209,13 +224,13 @@ def extend(scores: dict[tuple, float], dimensions: list[str], grown: dict[str, i
 
 def tune(method: str, args: argparse.Namespace, setting: Setting, runs_dir: str,
          pool: concurrent.futures.Executor) -> tuple[list[dict], dict, list]:
-    """`method`'s grid (learning rate x its coefficient x epochs) on every tuning seed, each cell scored by its mean
+    """`method`'s grid (learning rate x its coefficient x steps) on every tuning seed, each cell scored by its mean
     final measure at turn H over them; while the best cell is on an edge of the grid, the grid grows past it
     (`extend`) and the best is taken again. The runs of a round go to `pool` together. Returns every cell (its mean
     results, and each seed's run), the chosen cell, and the dimensions where the choice stopped at a bound."""
     name = METHODS[method][1]
-    dimensions = ["lr", name, "epochs"]
-    todo = list(itertools.product(setting.lrs, getattr(setting, f"{name}s"), setting.epochs))
+    dimensions = ["lr", name, "steps"]
+    todo = list(itertools.product(setting.lrs, getattr(setting, f"{name}s"), setting.steps))
     results, grown, horizon = {}, {}, None
     while todo:
         queued = {cell: [pool.submit(run, method, dict(zip(dimensions, cell)), seed, args, setting, runs_dir,
@@ -366,8 +381,8 @@ def report(results: dict) -> str:
         name = METHODS[method][1]
         for r in cells:
             mark = " (chosen)" if all(r.get(k) == v for k, v in results["chosen"][method].items()) else ""
-            epochs = f", {r['epochs']} epoch{'s' * (r['epochs'] != 1)}" if "epochs" in r else ""
-            grid.append([method + mark, f"{r['lr']:g}", f"{name} {r[name]:g}{epochs}",
+            steps = f", {r['steps']}x steps" if "steps" in r else ""
+            grid.append([method + mark, f"{r['lr']:g}", f"{name} {r[name]:g}{steps}",
                          *(f"{r['final'][t]:.3f}" for t in ts), f"{r['generated_tokens']:,.0f}"])
     tuning = results.get("tuning_seeds", [results.get("tuning_seed")])
     tuned_on = f"seed {tuning[0]}" if len(tuning) == 1 else \
@@ -470,8 +485,8 @@ if __name__ == "__main__":
                         help="default: the task's (REFUEL and the four paper baselines; chat: the last-turn ones)")
     parser.add_argument("--tuning_seeds", type=int, nargs="+", default=[0, 99],
                         help="the seeds the grids run on (a cell scores its mean over them), never reported")
-    parser.add_argument("--epochs", type=int, nargs="+", help="passes over an iteration's pairs (default: the "
-                        "task's, 1)")
+    parser.add_argument("--steps", type=int, nargs="+", help="k, the optimizer steps per generated token as a "
+                        "multiple of one pass: REFUEL's passes, a baseline's minibatch 64/k (default: the task's)")
     parser.add_argument("--max_extensions", type=int, default=4,
                         help="how many times tuning may grow each dimension of a grid past a chosen edge cell")
     parser.add_argument("--lrs", type=float, nargs="+", help="the grid's learning rates (default: the task's; "
@@ -492,8 +507,8 @@ if __name__ == "__main__":
             parser.error(f"task {args.task!r} has no default budget: give --token_budget")
         if set(args.tuning_seeds) & set(args.seeds):
             parser.error("--tuning_seeds must not be among the reported --seeds")
-        if any(len(getattr(setting, f"{g}s")) * len(setting.lrs) * len(setting.epochs) > 12 for g in ("eta", "beta")):
-            parser.error("a method's starting grid has at most 12 cells (--lrs times --etas or --betas times --epochs)")
+        if any(len(getattr(setting, f"{g}s")) * len(setting.lrs) * len(setting.steps) > 12 for g in ("eta", "beta")):
+            parser.error("a method's starting grid has at most 12 cells (--lrs times --etas or --betas times --steps)")
     name = f"multiturn_comparison_{task_label(args)}"
     path = os.path.join(args.output_dir, f"{name}.json")
     if not args.report:

@@ -19,48 +19,50 @@ import multiturn_comparison  # noqa: E402
 
 def settings(task, **given):
     flags = {"token_budget": None, "pairs_per_rank": None, "num_recorded_dialogues": None, "lrs": None, "etas": None,
-             "betas": None, "epochs": None, "methods": None}
+             "betas": None, "steps": None, "methods": None}
     return multiturn_comparison.task_settings(argparse.Namespace(task=task, **{**flags, **given}))
 
 
 def test_refuel_iterations_are_smaller_so_its_last_one_overshoots_the_budget_less():
     harvest = settings("harvest")
     assert (harvest.measure, harvest.token_budget, harvest.pairs, harvest.refuel_pairs, harvest.recorded) == (
-        "score", 30_000, 256, 64, 256)
-    # a REFUEL pair costs about 70 tokens in the games: an iteration is about 15% of the budget, not 60%
-    assert harvest.refuel_pairs * 70 / harvest.token_budget < 0.16 < harvest.pairs * 70 / harvest.token_budget
+        "score", 8_000, 128, 16, 32)
+    # a REFUEL pair costs about 60 tokens in the harvest game: an iteration is about an eighth of the budget, where
+    # the baselines' 128 pairs would be most of it
+    assert harvest.refuel_pairs * 60 / harvest.token_budget < 0.13 < 0.9 < harvest.pairs * 60 / harvest.token_budget
     small = settings("harvest", pairs_per_rank=8, num_recorded_dialogues=4)
     assert (small.pairs, small.refuel_pairs, small.recorded) == (8, 8, 4)  # the flag sizes every method alike
     plug_in = settings("tests/custom_task.py:make_task")  # a plug-in has no budget of its own: --token_budget
     assert plug_in.token_budget is None and plug_in.flags == ["--task", "tests/custom_task.py:make_task"]
 
 
-def test_each_task_has_its_grid_of_at_most_six_cells_and_the_flags_replace_it():
+def test_each_task_has_its_grid_of_at_most_twelve_cells_and_the_flags_replace_it():
     for task, setting in multiturn_comparison.TASKS.items():
         assert set(setting.methods) <= set(multiturn_comparison.METHODS), task
-        assert all(len(setting.lrs) * len(c) <= 6 for c in (setting.etas, setting.betas)), task
+        assert all(len(setting.lrs) * len(c) * len(setting.steps) <= 12 for c in (setting.etas, setting.betas)), task
     chat = settings("chat")
     assert chat.methods == ("REFUEL", "DPO-LT", "REBEL-LT") and len(chat.lrs) * len(chat.etas) == 2
-    assert settings("harvest").lrs == (1e-4, 3e-4, 1e-3)
+    # the games tune the optimizer steps per token too: REFUEL's passes (the official 4 included), the baselines'
+    assert (settings("harvest").lrs, settings("harvest").steps) == ((3e-4, 1e-3), (1, 4))
     given = settings("chat", lrs=[1e-3], methods=["DPO-MT"], token_budget=100)
     assert (given.lrs, given.methods, given.token_budget, given.etas) == ((1e-3,), ("DPO-MT",), 100, (0.5,))
 
 
 def test_tuning_grows_the_grid_past_a_chosen_edge_until_inside_or_at_a_bound():
     extend = multiturn_comparison.extend
-    dims = ["lr", "eta", "epochs"]
+    dims = ["lr", "eta", "steps"]
     grid = {(lr, eta, 1): 0.5 for lr in (1e-4, 3e-4, 1e-3) for eta in (0.5, 5.0)}
-    # the best at the largest lr and the smallest eta: one step further along each (epochs has one value: fixed)
+    # the best at the largest lr and the smallest eta: one step further along each (steps has one value: fixed)
     assert extend({**grid, (1e-3, 0.5, 1): 0.7}, dims, {}, 4) == ([(0.00333, 0.5, 1), (1e-3, 0.05, 1)], [])
     assert extend({**grid, (3e-4, 0.5, 1): 0.7}, dims, {}, 4) == ([(3e-4, 0.05, 1)], [])  # lr inside: eta alone
     # at a bound, or grown as often as allowed, it stops and says where
     assert extend({(3e-3, 0.5, 1): 0.1, (1e-2, 0.5, 1): 0.9}, dims, {}, 4) == ([], ["lr 0.01 (its bound)"])
     assert extend({**grid, (1e-3, 5.0, 1): 0.7}, dims, {"lr": 4}, 4) == (
         [(1e-3, 50.0, 1)], ["lr 0.001 (the extension limit)"])
-    # epochs step in whole numbers, clipped to their bound of 8
+    # steps grow in whole numbers, clipped to their bound of 8
     grown = {}
     assert extend({(1e-4, 0.5, 1): 0.1, (1e-4, 0.5, 4): 0.2}, dims, grown, 4) == ([(1e-4, 0.5, 8)], [])
-    assert grown == {"epochs": 1}
+    assert grown == {"steps": 1}
 
 
 def test_interval95_uses_students_t():

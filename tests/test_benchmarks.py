@@ -179,12 +179,12 @@ def test_multiturn_comparison_tunes_then_reports_paired_seeds_at_an_equal_budget
     assert found["seeds"] == [1] and found["tuning_seeds"] == [0] and found["token_budget"] == 150
     # eta 2 and 5, then one step past the better one (0.8 or 12.5), where the extension limit of 1 stops it
     refuel_grid = found["grid"]["REFUEL"]
-    assert [(r["eta"], r["seeds"], r["epochs"]) for r in refuel_grid[:2]] == [(2.0, [0], 1), (5.0, [0], 1)]
+    assert [(r["eta"], r["seeds"], r["steps"]) for r in refuel_grid[:2]] == [(2.0, [0], 1), (5.0, [0], 1)]
     assert len(refuel_grid) == 3 and refuel_grid[2]["eta"] == (0.8 if refuel_grid[0]["final"]["3"] >=
                                                                refuel_grid[1]["final"]["3"] else 12.5)
     assert [(r["lr"], r["beta"]) for r in found["grid"]["DPO-MT"]] == [(1e-3, 0.1)]
     best = max(refuel_grid, key=lambda r: r["final"]["3"])  # the grid's best at the last turn
-    assert found["chosen"]["REFUEL"] == {"lr": 1e-3, "eta": best["eta"], "epochs": 1}
+    assert found["chosen"]["REFUEL"] == {"lr": 1e-3, "eta": best["eta"], "steps": 1}
     assert found["stopped_at_bounds"]["DPO-MT"] == [] and (
         found["stopped_at_bounds"]["REFUEL"] in ([], [f"eta {best['eta']:g} (the extension limit)"]))
     assert list(found["runs"]) == ["REFUEL", "DPO-MT", "REFUEL, the paper's h"]
@@ -193,7 +193,10 @@ def test_multiturn_comparison_tunes_then_reports_paired_seeds_at_an_equal_budget
         assert run["seed"] == 1 and run["stopped_by_budget"] and run["generated_tokens"] >= 150
         chosen = found["chosen"][method.split(",")[0]]
         assert "--schedule_over token_budget" in run["command"] and f"--lr {chosen['lr']}" in run["command"]
-        assert "--num_epochs 1" in run["command"] and "--eval_budget_points 4" in run["command"]
+        # one optimizer step per pass: REFUEL passes once, a baseline takes the setting's minibatch (the flags after
+        # `--` give both 4 pairs)
+        assert ("--num_epochs 1" if "REFUEL" in method else "--minibatch_pairs 64") in run["command"]
+        assert "--eval_budget_points 4" in run["command"]
         # both logged measures are kept: the score reported, and the win rate against pi_0 beside it
         assert run["final_by_measure"]["score"] == run["final"] and set(run["final_by_measure"]) == {
             "score", "winrate_vs_initial"}

@@ -295,3 +295,14 @@ def test_offline_contexts_without_recorded_dialogues_are_a_clear_error(tmp_path,
                            "dataset", "--contexts", "offline", "--output_dir", str(tmp_path)], capture_output=True,
                           text=True, timeout=300, env=script_env)
     assert done.returncode != 0 and "task 'chat' has no recorded dialogues" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_budget_the_recording_spends_is_a_clear_error(tmp_path, script_env):
+    """A budget that pi_0's recorded dialogues use up would leave every step at learning rate 0: the run refuses."""
+    done = subprocess.run([sys.executable, os.path.join(REPO, "dpo_multiturn.py"), "--output_dir", str(tmp_path),
+                           "--warm_start_steps", "50", "--num_recorded_dialogues", "16", "--token_budget", "20",
+                           "--schedule_over", "token_budget", "--task_arg", "num_eval=16"],
+                          capture_output=True, text=True, timeout=300, env=script_env)
+    assert done.returncode != 0 and "16 recorded dialogues a rank spent" in done.stderr
+    assert "all of --token_budget 20: no step would train" in done.stderr
