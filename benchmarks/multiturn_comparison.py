@@ -107,14 +107,14 @@ class Setting(NamedTuple):
 TASKS = {
     # The games, sized for about 2.5 hours on 2 CPU cores, two runs at a time. A baseline's cost is its pairs, about
     # 17 ms of one core per generated token (each pair trains on a whole context for a few tokens' answer) against
-    # about 1 ms for REFUEL: a harvest DPO-LT run took 256 s of 15,000 tokens, two at a time. At 8,000 tokens the
-    # grids (8 cells a method on 2 seeds), their extensions and the 30 reported runs fit, with about 8 REFUEL
-    # iterations of 16 pairs (harvest; 32 in the guessing game, whose dialogues are half as long). pi_0 records 32
-    # dialogues for the baselines, about a quarter of the budget
-    "guess_number": Setting(["--task", "guess_number"], token_budget=8_000, pairs=128, refuel_pairs=32, recorded=32,
-                            lrs=(3e-4, 1e-3), steps=(1, 4)),
-    "harvest": Setting(["--task", "harvest"], token_budget=8_000, pairs=128, refuel_pairs=16, recorded=32,
-                       lrs=(3e-4, 1e-3), steps=(1, 4)),
+    # about 1 ms for REFUEL; and every run starts (about 20 s) and evaluates, at its start and end at least (about 40 s
+    # for 1,024 games). At 6,000 tokens and 256 evaluation games, the grids (8 cells a method on 2 seeds), their
+    # extensions and the 30 reported runs fit, with about 8 REFUEL iterations of 12 pairs (harvest; 24 in the guessing
+    # game, whose dialogues are half as long). pi_0 records 32 dialogues for the baselines, about a third of the budget
+    "guess_number": Setting(["--task", "guess_number", "--task_arg", "num_eval=256"], token_budget=6_000, pairs=128,
+                            refuel_pairs=24, recorded=32, lrs=(3e-4, 1e-3), steps=(1, 4)),
+    "harvest": Setting(["--task", "harvest", "--task_arg", "num_eval=256"], token_budget=6_000, pairs=128,
+                       refuel_pairs=12, recorded=32, lrs=(3e-4, 1e-3), steps=(1, 4)),
     # A SmolLM2 (135M) token costs far more than a tiny model's, and a baseline's token about 6 times REFUEL's (it
     # trains on a whole dialogue's context for one turn's answer): at 40,000 tokens a REFUEL run took 17 min, and a
     # baseline's first iterations put it at about an hour. So chat runs at 4,000 tokens, tunes the learning rate
