@@ -109,8 +109,9 @@ TASKS = {
     # 17 ms of one core per generated token (each pair trains on a whole context for a few tokens' answer) against
     # about 1 ms for REFUEL; and every run starts (about 20 s) and evaluates, at its start and end at least (about 40 s
     # for 1,024 games). At 6,000 tokens and 256 evaluation games, the grids (8 cells a method on 2 seeds), their
-    # extensions and the 30 reported runs fit, with about 8 REFUEL iterations of 12 pairs (harvest; 24 in the guessing
-    # game, whose dialogues are half as long). pi_0 records 32 dialogues for the baselines, about a third of the budget
+    # extensions and the 30 reported runs come to about 2.5 hours by these timings, with about 8 REFUEL iterations of
+    # 12 pairs (harvest; 24 in the guessing game, whose dialogues are half as long). pi_0 records 32 dialogues for the
+    # baselines, a quarter of the budget
     "guess_number": Setting(["--task", "guess_number", "--task_arg", "num_eval=256"], token_budget=6_000, pairs=128,
                             refuel_pairs=24, recorded=32, lrs=(3e-4, 1e-3), steps=(1, 4)),
     "harvest": Setting(["--task", "harvest", "--task_arg", "num_eval=256"], token_budget=6_000, pairs=128,
