@@ -46,7 +46,8 @@ class GuessNumber:
 
     def parse(self, text: str) -> int | None:
         text = text.strip().rstrip(".")
-        return int(text) if text.isdigit() and 1 <= int(text) <= self.n else None
+        # ASCII digits only: str.isdigit accepts characters int() cannot read, such as "₂"
+        return int(text) if text.isascii() and text.isdigit() and 1 <= int(text) <= self.n else None
 
     def answer(self, guess: int, secret: int, low: int, high: int) -> tuple[str, int, int]:
         """The user's reply to a wrong guess, and the interval still possible after it."""

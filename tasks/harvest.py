@@ -52,7 +52,8 @@ class Harvest:
     @staticmethod
     def parse(text: str, field: int) -> int | None:
         text = text.strip().rstrip(".")
-        return int(text) if text.isdigit() and int(text) <= field else None
+        # ASCII digits only: str.isdigit accepts characters int() cannot read, such as "₂"
+        return int(text) if text.isascii() and text.isdigit() and int(text) <= field else None
 
     def play(self, start: int, answers: list[str]) -> tuple[int, int]:
         """The apples picked over `answers` (the assistant's turns, in order) from a field of `start`, and the
