@@ -349,11 +349,6 @@ if __name__ == "__main__":
         openings = [task.train[i] for i in rng.choice(len(task.train), args.num_recorded_dialogues)]
         recorded = play([copy.deepcopy(e) for e in openings], [horizon] * len(openings), (seed, "initial", rank))
         run.count_generated(recorded, [0] * len(recorded))
-        recording = utils.sum_over_ranks({"t": run.spent["policy_tokens"] + run.spent["user_tokens"]})["t"]
-        if args.run.token_budget is not None and recording >= args.run.token_budget:
-            raise SystemExit(f"pi_0's {args.num_recorded_dialogues} recorded dialogues a rank spent {recording:.0f} "
-                             f"tokens, all of --token_budget {args.run.token_budget}: no step would train; give a "
-                             "larger budget or fewer --num_recorded_dialogues")
 
     for iteration in run.iterations():
         rng = np.random.default_rng([seed, iteration, rank])

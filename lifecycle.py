@@ -567,7 +567,15 @@ class Run:
 
     def iterations(self):
         """The iterations left, from the first after the checkpoint to `--num_iterations`, ending early after the
-        one in which the token budget was spent."""
+        one in which the token budget was spent. A new run whose budget was spent before its first iteration (by
+        what the script generates before training: dpo_multiturn.py's recorded dialogues) stops: every step would
+        come after the budget's end, at learning rate 0."""
+        if self.start_iteration == 1 and self.flags.token_budget is not None:
+            before = utils.sum_over_ranks({"t": self.spent["policy_tokens"] + self.spent["user_tokens"]})["t"]
+            if before >= self.flags.token_budget:
+                raise SystemExit(f"{before:.0f} tokens generated before the first iteration spent all of "
+                                 f"--token_budget {self.flags.token_budget}: no step would train; give a larger "
+                                 "budget or generate less before training")
         self.started = time.time()
         for iteration in range(self.start_iteration, self.args.num_iterations + 1):
             self.tokens_before = self.spent["policy_tokens"] + self.spent["user_tokens"]

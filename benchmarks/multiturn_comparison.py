@@ -487,7 +487,7 @@ if __name__ == "__main__":
     parser.add_argument("--tuning_seeds", type=int, nargs="+", default=[0, 99],
                         help="the seeds the grids run on (a cell scores its mean over them), never reported")
     parser.add_argument("--steps", type=int, nargs="+", help="k, the optimizer steps per generated token as a "
-                        "multiple of one pass: REFUEL's passes, a baseline's minibatch 64/k (default: the task's)")
+                        "multiple of one pass: REFUEL's passes, a baseline's minibatch over k (default: the task's)")
     parser.add_argument("--max_extensions", type=int, default=4,
                         help="how many times tuning may grow each dimension of a grid past a chosen edge cell")
     parser.add_argument("--lrs", type=float, nargs="+", help="the grid's learning rates (default: the task's; "
