@@ -346,6 +346,7 @@ def report(results: dict) -> str:
     budget = results["token_budget"]
     every = [r for by_seed in runs.values() for r in by_seed] + [r for cells in results["grid"].values() for r in cells]
     minutes = sum(r["seconds"] for r in every) / 60
+    count = sum(len(r.get("seeds", [r.get("seed")])) for r in every)  # a tuning cell holds a run per tuning seed
     main = [["initial policy", *(common.with_interval([r["initial"][t] for r in next(iter(runs.values()))])
                                  for t in ts), "", "", "", ""]]
     for method, by_seed in runs.items():
@@ -395,7 +396,7 @@ def report(results: dict) -> str:
     n = len(results["seeds"])
     return "\n".join([
         common.header(results),
-        f"Task `{results['task']}`; token budget {budget:,} per run; the {len(every)} runs took {minutes:.0f} min. "
+        f"Task `{results['task']}`; token budget {budget:,} per run; the {count} runs took {minutes:.0f} min. "
         f"Reported seeds {', '.join(map(str, results['seeds']))}, tuned on {tuned_on}. "
         f"Cells: the final {what} by turn h, mean ± the half-width of its 95% interval over the {n} seeds.\n",
         common.table(["method", *(f"turn {t}" for t in ts), "generated tokens (overshoot)", "reward calls",
