@@ -571,14 +571,14 @@ class Run:
         what the script generates before training: dpo_multiturn.py's recorded dialogues) stops: every step would
         come after the budget's end, at learning rate 0."""
         if self.start_iteration == 1 and self.flags.token_budget is not None:
-            before = utils.sum_over_ranks({"t": self.spent["policy_tokens"] + self.spent["user_tokens"]})["t"]
+            before = utils.sum_over_ranks({"t": self.generated_here()})["t"]
             if before >= self.flags.token_budget:
                 raise SystemExit(f"{before:.0f} tokens generated before the first iteration spent all of "
                                  f"--token_budget {self.flags.token_budget}: no step would train; give a larger "
                                  "budget or generate less before training")
         self.started = time.time()
         for iteration in range(self.start_iteration, self.args.num_iterations + 1):
-            self.tokens_before = self.spent["policy_tokens"] + self.spent["user_tokens"]
+            self.tokens_before = self.generated_here()
             self.timings, self.lap_started = {}, time.time()
             yield iteration
             if self.budget_spent:
@@ -596,11 +596,14 @@ class Run:
         self.spent["policy_tokens"] += policy_tokens
         self.spent["user_tokens"] += user_tokens
 
+    def generated_here(self) -> float:
+        """The tokens this rank has generated so far (policy and user), all of which the budget counts."""
+        return self.spent["policy_tokens"] + self.spent["user_tokens"]
+
     def tokens_this_iteration(self) -> tuple[float, float]:
         """Generated tokens, all ranks, before this iteration and now: the stretch of the budget this iteration's
         optimizer steps are scheduled over (`utils.BudgetSchedule.start_iteration`)."""
-        tokens = utils.sum_over_ranks({"before": self.tokens_before,
-                                       "after": self.spent["policy_tokens"] + self.spent["user_tokens"]})
+        tokens = utils.sum_over_ranks({"before": self.tokens_before, "after": self.generated_here()})
         return tokens["before"], tokens["after"]
 
     def sync_weights(self, model: torch.nn.Module) -> dict[str, float]:

@@ -7,7 +7,6 @@ import torch
 
 import utils
 from tasks import TaskArgs, harvest, load_task
-from tasks.guess_number import GuessNumber
 
 
 def game_with(start, answers, horizon=3):
@@ -42,9 +41,8 @@ def test_an_answer_that_is_not_a_valid_pick_picks_nothing_and_the_field_does_not
     assert episode.messages[3]["content"] == ("You picked nothing: answer a number from 0 to 3. You have 0. "
                                               "Turn 2 of 3. The field has 3 apples.")
     # digits int() cannot read (str.isdigit accepts "₂"; a diverged policy wrote "6898887₂") and non-ASCII ones
-    # pick nothing, in both games, instead of stopping the run
+    # pick nothing instead of stopping the run
     assert [game.parse(a, 9) for a in ("3", " 2.", "6898887₂", "₂", "٣", "²")] == [3, 2, None, None, None, None]
-    assert [GuessNumber().parse(a) for a in ("3", "₂", "٣")] == [3, None, None]
 
 
 def test_the_reference_policies_by_turn():

@@ -210,6 +210,8 @@ def test_guess_number_user_and_reward():
     e.messages += [{"role": "user", "content": "..."}, {"role": "assistant", "content": "20"}]
     assert game.reply(e) is None and game.rewards([e]) == [1.0]
     assert game.rewards([game.new_episode(3)]) == [0.0]
+    # a guess int() cannot read (str.isdigit accepts "₂") or in non-ASCII digits is not a guess, as in the harvest game
+    assert [game.parse(a) for a in ("3", "₂", "٣", "6898887₂")] == [3, None, None, None]
 
 
 def test_warm_start_games_are_consistent_play():
