@@ -26,10 +26,10 @@ the H turns; REFUEL with the paper's h is an extra row, at REFUEL's chosen setti
    difference the seeds detect with 80% power; the tokens spent (and the last iteration's overshoot of the
    budget), the reward calls and iterations; the curves; the tuning grid, every cell.
 
-Tasks (`--task`): `guess_number`, `harvest` and `chat` (embedded SmolLM2 as the policy and as the LLM user, the
-target-length reward, horizon 3) come with their sizes; any other plug-in runs with the scripts' defaults and the flags
-after `--`. Writes multiturn_comparison_<task>.json and .png to --output_dir (a plug-in's name with its
-non-word characters as `_`); the flags all benchmarks share are
+Tasks (`--task`): `guess_number`, `harvest`, `chat` (embedded SmolLM2 as the policy and as the LLM user, the
+target-length reward, horizon 3) and `allowance` (SmolLM2 answering within a word allowance) come with their sizes;
+any other plug-in runs with the scripts' defaults and the flags after `--`. Writes multiturn_comparison_<task>.json
+and .png to --output_dir (a plug-in's name with its non-word characters as `_`); the flags all benchmarks share are
 described in benchmarks/common.py (its --num_iterations is unused here: the budget stops the runs). `--jobs 2` runs
 two runs at a time, each on one intra-op thread (the games' runs are one process with a tiny model each, which a
 second thread does not speed up). A run is a process of its own with its own seed: what runs beside it changes its
@@ -128,6 +128,16 @@ TASKS = {
                      "--minibatch_pairs", "4", "--micro_batch_pairs", "4", "--num_eval_prompts", "16"],
                     "winrate_vs_initial", 4_000, pairs=8, refuel_pairs=4, recorded=8, lrs=(1e-4, 3e-4), etas=(0.5,),
                     betas=(0.1,), minibatch=4, methods=("REFUEL", "DPO-LT", "REBEL-LT")),
+    # The word allowance (tasks.allowance), the chat task in which every answer is scored and every turn depends on
+    # the ones before: SmolLM2 answers, code plays the user. Measured two runs at a time at 2,500 tokens: a REFUEL
+    # iteration of 4 pairs about 30 s at one pass (a third of it training), a DPO-LT iteration of 8 pairs about 70 s,
+    # an evaluation of the 64 dialogues about 80 s (a reported run evaluates 5 times, a tuning run twice). So REFUEL
+    # takes the official 4 passes, so that eta acts, and tunes the learning rate and eta; DPO-LT, with the same k (4
+    # steps of 1 pair where one pass takes 1 of 4), tunes the learning rate at beta 0.1; the other baselines run with
+    # --methods. 12 tuning runs before extensions and 15 reported: about 3 hours
+    "allowance": Setting(["--task", "allowance", "--max_new_tokens", "32", "--micro_batch_pairs", "4"], "score",
+                         2_500, pairs=8, refuel_pairs=4, recorded=8, lrs=(3e-5, 1e-4), etas=(0.5, 5.0),
+                         betas=(0.1,), steps=(4,), minibatch=4, methods=("REFUEL", "DPO-LT")),
 }
 BOUNDS = {"lr": (1e-6, 1e-2), "eta": (1e-2, 1e2), "beta": (1e-2, 10.0), "steps": (1, 8)}
 """how far tuning may extend each dimension of a grid"""
@@ -484,7 +494,8 @@ if __name__ == "__main__":
     common.add_run_flags(parser, seeds=[1, 2, 3, 4, 5], num_iterations=0, token_budget=None)
     parser.add_argument("--task", default="guess_number", help="a built-in task or a plug-in, as the scripts take")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS),
-                        help="default: the task's (REFUEL and the four paper baselines; chat: the last-turn ones)")
+                        help="default: the task's (REFUEL and the four paper baselines in the games; chat: the "
+                        "last-turn ones; allowance: DPO-LT)")
     parser.add_argument("--tuning_seeds", type=int, nargs="+", default=[0, 99],
                         help="the seeds the grids run on (a cell scores its mean over them), never reported")
     parser.add_argument("--steps", type=int, nargs="+", help="k, the optimizer steps per generated token as a "
@@ -492,9 +503,9 @@ if __name__ == "__main__":
     parser.add_argument("--max_extensions", type=int, default=4,
                         help="how many times tuning may grow each dimension of a grid past a chosen edge cell")
     parser.add_argument("--lrs", type=float, nargs="+", help="the grid's learning rates (default: the task's; "
-                        "1e-4 3e-4 1e-3, chat 1e-4 3e-4)")
-    parser.add_argument("--etas", type=float, nargs="+", help="REFUEL's and REBEL's eta (default: 0.5 5, chat 0.5)")
-    parser.add_argument("--betas", type=float, nargs="+", help="DPO's beta (default: 0.1 0.3, chat 0.1)")
+                        "the games 3e-4 1e-3, chat 1e-4 3e-4, allowance 3e-5 1e-4)")
+    parser.add_argument("--etas", type=float, nargs="+", help="REFUEL's and REBEL's eta (default: 0.5 5; chat 0.5)")
+    parser.add_argument("--betas", type=float, nargs="+", help="DPO's beta (default: 0.1 0.3; chat, allowance 0.1)")
     parser.add_argument("--pairs_per_rank", type=int, help="pairs per iteration of every method (default: the task's, "
                         "64 for REFUEL and 256 for the baselines in the games)")
     parser.add_argument("--num_recorded_dialogues", type=int,

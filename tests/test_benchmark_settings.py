@@ -44,6 +44,11 @@ def test_each_task_has_its_grid_of_at_most_twelve_cells_and_the_flags_replace_it
     assert chat.methods == ("REFUEL", "DPO-LT", "REBEL-LT") and len(chat.lrs) * len(chat.etas) == 2
     # the games tune the optimizer steps per token too: REFUEL's passes (the official 4 included), the baselines'
     assert (settings("harvest").lrs, settings("harvest").steps) == ((3e-4, 1e-3), (1, 4))
+    # the word allowance: REFUEL at the official 4 passes, where eta acts, tunes it; DPO-LT takes as many steps
+    allowance = settings("allowance")
+    assert (allowance.methods, allowance.steps, allowance.etas, allowance.betas, allowance.measure) == (
+        ("REFUEL", "DPO-LT"), (4,), (0.5, 5.0), (0.1,), "score")
+    assert allowance.minibatch // allowance.steps[0] == 1 and allowance.refuel_pairs < allowance.pairs
     given = settings("chat", lrs=[1e-3], methods=["DPO-MT"], token_budget=100)
     assert (given.lrs, given.methods, given.token_budget, given.etas) == ((1e-3,), ("DPO-MT",), 100, (0.5,))
 
