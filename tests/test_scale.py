@@ -270,6 +270,10 @@ def test_streamed_vllm_sync_has_parity_and_no_rotary_warning(process_group, tiny
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
     vllm_logger = logging.getLogger("vllm")
+    # a run's quiet console (lifecycle.quiet_third_party), started in this process by an earlier test, raises vLLM's
+    # level to ERROR: the capture needs its warnings whatever ran before
+    level = vllm_logger.level
+    vllm_logger.setLevel(logging.WARNING)
     vllm_logger.addHandler(handler)
     try:
         # the plain reload RPC of a whole state dict logs the warning: the capture sees vLLM's records
@@ -284,6 +288,7 @@ def test_streamed_vllm_sync_has_parity_and_no_rotary_warning(process_group, tiny
         assert not [r.getMessage() for r in records if "Failed to load weights" in r.getMessage()]
     finally:
         vllm_logger.removeHandler(handler)
+        vllm_logger.setLevel(level)
     # the rotary cache set aside during the reload is back, and the engine keeps sampling
     assert vllm_engine.generate([probe], 4, 0.0, [0])[0].token_ids
     vllm_engine.load_weights(helpers.full_state_dict(utils.load_causal_lm(tiny_model)))
