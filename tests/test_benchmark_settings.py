@@ -49,6 +49,7 @@ def test_each_task_has_its_grid_of_at_most_twelve_cells_and_the_flags_replace_it
     assert (allowance.methods, allowance.steps, allowance.etas, allowance.betas, allowance.measure) == (
         ("REFUEL", "DPO-LT"), (4,), (0.5, 5.0), (0.1,), "score")
     assert allowance.minibatch // allowance.steps[0] == 1 and allowance.refuel_pairs < allowance.pairs
+    assert allowance.extra_rows == () and settings("harvest").extra_rows == ("REFUEL, the paper's h",)
     given = settings("chat", lrs=[1e-3], methods=["DPO-MT"], token_budget=100)
     assert (given.lrs, given.methods, given.token_budget, given.etas) == ((1e-3,), ("DPO-MT",), 100, (0.5,))
 
