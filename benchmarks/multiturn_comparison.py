@@ -275,8 +275,7 @@ def measure(args: argparse.Namespace, setting: Setting) -> dict:
         for method in setting.methods:
             grid[method], chosen[method], bounds[method] = tuned[method].result()
         rows = {method: (method, None) for method in setting.methods}
-        rows.update({row: (method, flags) for row, (method, flags) in EXTRA_ROWS.items()
-                     if method in chosen and row in setting.extra_rows})
+        rows.update({row: EXTRA_ROWS[row] for row in setting.extra_rows if EXTRA_ROWS[row][0] in chosen})
         queued = {row: [pool.submit(run, method, chosen[method], seed, args, setting, runs_dir, flags)
                         for seed in args.seeds] for row, (method, flags) in rows.items()}
         runs = {row: [r.result() for r in by_seed] for row, by_seed in queued.items()}
